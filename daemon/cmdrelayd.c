@@ -1,0 +1,170 @@
+/* cmdrelayd: relays MQTT device commands into an SQLite history. */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <mosquitto.h>
+#include <systemd/sd-daemon.h>
+
+#include "config.h"
+#include "event.h"
+#include "log.h"
+#include "mqtt.h"
+#include "relay.h"
+#include "version.h"
+
+#define DEFAULT_CONFIG "/etc/cmdrelay/cmdrelay.yaml"
+
+static volatile sig_atomic_t quit_signal;
+
+static void
+on_quit_signal(int sig)
+{
+	quit_signal = sig;
+}
+
+static void __attribute__((noreturn))
+usage(int status)
+{
+	fprintf(status ? stderr : stdout,
+	    "usage: cmdrelayd [-c FILE] [-t] [-v] [--version]\n"
+	    "  -c FILE    configuration (default " DEFAULT_CONFIG ")\n"
+	    "  -t         check the configuration and exit (0 valid, 78 invalid)\n"
+	    "  -v         log debug messages\n");
+	exit(status);
+}
+
+struct daemon_state {
+	struct event_loop *loop;
+	struct relay *relay;
+	struct event_timer watchdog;
+	uint64_t watchdog_ms;
+};
+
+static void
+notify_status(void *arg)
+{
+	struct daemon_state *d = arg;
+	char status[512];
+
+	relay_status(d->relay, status, sizeof(status));
+	sd_notifyf(0, "STATUS=%s", status);
+}
+
+static void
+on_watchdog(void *arg)
+{
+	struct daemon_state *d = arg;
+
+	sd_notify(0, "WATCHDOG=1");
+	event_timer_arm(d->loop, &d->watchdog, d->watchdog_ms);
+}
+
+/* Blocks the quit signals except while the loop sleeps, so no wake-up is lost. */
+static void
+setup_signals(sigset_t *sleep_mask)
+{
+	struct sigaction sa = { .sa_handler = on_quit_signal };
+	sigset_t block;
+
+	signal(SIGPIPE, SIG_IGN);
+	sigemptyset(&block);
+	sigaddset(&block, SIGTERM);
+	sigaddset(&block, SIGINT);
+	sigprocmask(SIG_BLOCK, &block, sleep_mask);
+	sigdelset(sleep_mask, SIGTERM);
+	sigdelset(sleep_mask, SIGINT);
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+}
+
+int
+main(int argc, char *argv[])
+{
+	static const struct option longopts[] = {
+		{ "version", no_argument, NULL, 'V' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *config_file = DEFAULT_CONFIG;
+	char err[CONFIG_ERR_MAX];
+	struct daemon_state d = { 0 };
+	struct config *cfg;
+	bool check_only = false, verbose = false;
+	sigset_t sleep_mask;
+	uint64_t usec;
+	int ch;
+
+	log_init("cmdrelayd");
+	while ((ch = getopt_long(argc, argv, "c:tvh", longopts, NULL)) != -1) {
+		switch (ch) {
+		case 'c':
+			config_file = optarg;
+			break;
+		case 't':
+			check_only = true;
+			break;
+		case 'v':
+			verbose = true;
+			break;
+		case 'V':
+			printf("cmdrelayd %s\n", CMDRELAY_VERSION);
+			return 0;
+		case 'h':
+			usage(0);
+		default:
+			usage(64);
+		}
+	}
+	if (optind != argc)
+		usage(64);
+
+	if (config_load(config_file, &cfg, err, sizeof(err)) == -1) {
+		log_errx("%s", err);
+		return EX_CONFIG_STATUS;
+	}
+	if (check_only) {
+		printf("%s: configuration OK\n", config_file);
+		config_free(cfg);
+		return 0;
+	}
+	log_set_level(verbose ? LOG_LEVEL_DEBUG : (enum log_level)cfg->log_level);
+	if (mqtt_library_check(err, sizeof(err)) == -1)
+		fatalx("%s", err);
+	mosquitto_lib_init();
+	setup_signals(&sleep_mask);
+	if ((d.loop = event_loop_new()) == NULL)
+		fatalx("out of memory");
+	if ((d.relay = relay_new(d.loop, cfg, err, sizeof(err))) == NULL)
+		fatalx("%s", err);
+	relay_on_status_change(d.relay, notify_status, &d);
+	relay_start(d.relay);
+
+	if (sd_watchdog_enabled(0, &usec) > 0) {
+		d.watchdog_ms = usec / 2000;
+		event_timer_init(&d.watchdog, on_watchdog, &d);
+		event_timer_arm(d.loop, &d.watchdog, d.watchdog_ms);
+	}
+	log_info("started %s, history %s", CMDRELAY_VERSION, cfg->store.path);
+	sd_notify(0, "READY=1");
+	notify_status(&d);
+
+	while (!quit_signal) {
+		if (event_loop_once(d.loop, &sleep_mask) == -1)
+			fatalx("poll: %s", strerror(errno));
+	}
+
+	log_info("received %s, shutting down", strsignal(quit_signal));
+	sd_notify(0, "STOPPING=1");
+	relay_stop(d.relay);
+	relay_free(d.relay);
+	event_loop_free(d.loop);
+	config_free(cfg);
+	mosquitto_lib_cleanup();
+	return 0;
+}

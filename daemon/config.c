@@ -1,0 +1,535 @@
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <mosquitto.h>
+#include <yaml.h>
+
+#include "topic.h"
+
+enum key_type {
+	KEY_SECTION,
+	KEY_STRING,
+	KEY_INT,
+	KEY_DURATION,
+	KEY_MODE,
+	KEY_LOG_LEVEL,
+	KEY_SUBSCRIPTIONS,
+};
+
+struct config_key {
+	const char *path;	/* dotted; "subscriptions[]." for list items */
+	enum key_type type;
+	int64_t min, max;	/* value bounds; length bounds for strings */
+	const char *def;	/* default, in config syntax; NULL: unset */
+	size_t offset;
+};
+
+#define CFG(field) offsetof(struct config, field)
+#define SUB(field) offsetof(struct config_subscription, field)
+#define DAY_MS (24LL * 3600 * 1000)
+
+static const struct config_key config_keys[] = {
+	{ "broker", KEY_SECTION, 0, 0, NULL, 0 },
+	{ "broker.host", KEY_STRING, 1, 253, "127.0.0.1", CFG(broker.host) },
+	{ "broker.port", KEY_INT, 1, 65535, "1883", CFG(broker.port) },
+	{ "broker.client_id", KEY_STRING, 1, 256, NULL, CFG(broker.client_id) },
+	{ "broker.keepalive", KEY_INT, 5, 65535, "60", CFG(broker.keepalive) },
+	{ "broker.username", KEY_STRING, 1, 256, NULL, CFG(broker.username) },
+	{ "broker.password_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.password_file) },
+	{ "broker.tls", KEY_SECTION, 0, 0, NULL, 0 },
+	{ "broker.tls.ca_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.tls_ca_file) },
+	{ "broker.tls.cert_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.tls_cert_file) },
+	{ "broker.tls.key_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.tls_key_file) },
+	{ "broker.reconnect", KEY_SECTION, 0, 0, NULL, 0 },
+	{ "broker.reconnect.min_delay", KEY_DURATION, 100, 3600 * 1000, "1s", CFG(broker.reconnect_min_ms) },
+	{ "broker.reconnect.max_delay", KEY_DURATION, 1000, DAY_MS, "60s", CFG(broker.reconnect_max_ms) },
+	{ "subscriptions", KEY_SUBSCRIPTIONS, 1, CONFIG_MAX_SUBSCRIPTIONS, NULL, 0 },
+	{ "subscriptions[].topic", KEY_STRING, 1, 1024, NULL, SUB(topic) },
+	{ "subscriptions[].qos", KEY_INT, 0, 1, "1", SUB(qos) },
+	{ "topic_fields", KEY_STRING, 1, 1024, "/cf/v1/{product}/{model}/{device}/{action}", CFG(topic_fields) },
+	{ "dedup", KEY_SECTION, 0, 0, NULL, 0 },
+	{ "dedup.redelivery_window", KEY_DURATION, 1000, 30 * DAY_MS, "1h", CFG(redelivery_window_ms) },
+	{ "store", KEY_SECTION, 0, 0, NULL, 0 },
+	{ "store.path", KEY_STRING, 1, PATH_MAX, "/var/lib/cmdrelay/history.db", CFG(store.path) },
+	{ "store.retention", KEY_SECTION, 0, 0, NULL, 0 },
+	{ "store.retention.max_age", KEY_DURATION, 3600 * 1000, 3650 * DAY_MS, "90d", CFG(store.max_age_ms) },
+	{ "store.retention.max_rows", KEY_INT, 1000, 1000000000, "10000000", CFG(store.max_rows) },
+	{ "socket", KEY_SECTION, 0, 0, NULL, 0 },
+	{ "socket.path", KEY_STRING, 1, sizeof(((struct sockaddr_un *)0)->sun_path) - 1,
+	  "/run/cmdrelay/cmdrelay.sock", CFG(socket.path) },
+	{ "socket.mode", KEY_MODE, 0, 0777, "0660", CFG(socket.mode) },
+	{ "socket.max_consumers", KEY_INT, 1, 1024, "64", CFG(socket.max_consumers) },
+	{ "socket.window", KEY_INT, 1, 65536, "256", CFG(socket.window) },
+	{ "log", KEY_SECTION, 0, 0, NULL, 0 },
+	{ "log.level", KEY_LOG_LEVEL, 0, 0, "info", CFG(log_level) },
+};
+#define NKEYS (sizeof(config_keys) / sizeof(config_keys[0]))
+
+#define ITEM_PREFIX "subscriptions[]"
+
+struct parser {
+	const char *file;
+	char *err;
+	size_t errlen;
+	yaml_document_t doc;
+	struct config *cfg;
+};
+
+static int __attribute__((format(printf, 3, 4)))
+fail_at(struct parser *p, const yaml_node_t *node, const char *fmt, ...)
+{
+	char msg[CONFIG_ERR_MAX];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (node)
+		snprintf(p->err, p->errlen, "%s:%zu:%zu: %s", p->file,
+		    node->start_mark.line + 1, node->start_mark.column + 1, msg);
+	else
+		snprintf(p->err, p->errlen, "%s: %s", p->file, msg);
+	return -1;
+}
+
+int
+parse_duration_ms(const char *text, int64_t *out_ms)
+{
+	static const struct {
+		const char *suffix;
+		int64_t ms;
+	} units[] = {
+		{ "ms", 1 }, { "s", 1000 }, { "m", 60 * 1000 }, { "h", 3600 * 1000 }, { "d", DAY_MS },
+	};
+	char *end;
+	long long n;
+
+	if (text[0] < '0' || text[0] > '9')
+		return -1;
+	errno = 0;
+	n = strtoll(text, &end, 10);
+	if (errno != 0 || end == text)
+		return -1;
+	for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+		if (strcmp(end, units[i].suffix) == 0) {
+			if (n > INT64_MAX / units[i].ms)
+				return -1;
+			*out_ms = n * units[i].ms;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+static int
+parse_int(const char *text, int64_t *out)
+{
+	char *end;
+	long long n;
+
+	errno = 0;
+	n = strtoll(text, &end, 10);
+	if (errno != 0 || end == text || *end != '\0')
+		return -1;
+	*out = n;
+	return 0;
+}
+
+static int
+parse_mode(const char *text, int64_t *out)
+{
+	char *end;
+	long n;
+
+	if (strlen(text) < 3 || strlen(text) > 4 || strspn(text, "01234567") != strlen(text))
+		return -1;
+	n = strtol(text, &end, 8);
+	*out = n;
+	return 0;
+}
+
+static const char *
+type_name(enum key_type type)
+{
+	switch (type) {
+	case KEY_SECTION:
+		return "a mapping";
+	case KEY_SUBSCRIPTIONS:
+		return "a list";
+	default:
+		return "a single value";
+	}
+}
+
+static const char *
+node_kind(const yaml_node_t *node)
+{
+	switch (node->type) {
+	case YAML_MAPPING_NODE:
+		return "a mapping";
+	case YAML_SEQUENCE_NODE:
+		return "a list";
+	default:
+		return "a single value";
+	}
+}
+
+/* Converts one scalar into the field; node is NULL when text is a default. */
+static int
+set_value(struct parser *p, const struct config_key *key, const yaml_node_t *node,
+    const char *text, void *base)
+{
+	void *field = (char *)base + key->offset;
+	int64_t n;
+
+	switch (key->type) {
+	case KEY_STRING: {
+		size_t len = strlen(text);
+		char **s = field;
+		if ((int64_t)len < key->min || (int64_t)len > key->max)
+			return fail_at(p, node, "%s: length %zu is out of range (%" PRId64 "..%" PRId64 ")",
+			    key->path, len, key->min, key->max);
+		if (strlen(text) != (node ? node->data.scalar.length : len))
+			return fail_at(p, node, "%s: contains a NUL byte", key->path);
+		free(*s);
+		if ((*s = strdup(text)) == NULL)
+			return fail_at(p, node, "out of memory");
+		return 0;
+	}
+	case KEY_INT:
+		if (parse_int(text, &n) == -1)
+			return fail_at(p, node, "%s: '%s' is not an integer", key->path, text);
+		break;
+	case KEY_DURATION:
+		if (parse_duration_ms(text, &n) == -1)
+			return fail_at(p, node, "%s: '%s' is not a duration (a number with ms, s, m, h or d)",
+			    key->path, text);
+		break;
+	case KEY_MODE:
+		if (parse_mode(text, &n) == -1)
+			return fail_at(p, node, "%s: '%s' is not an octal file mode such as \"0660\"",
+			    key->path, text);
+		break;
+	case KEY_LOG_LEVEL: {
+		enum log_level level;
+		if (log_level_parse(text, &level) == -1)
+			return fail_at(p, node, "%s: '%s' is not one of error, warning, info, debug",
+			    key->path, text);
+		*(int64_t *)field = level;
+		return 0;
+	}
+	default:
+		return fail_at(p, node, "%s: internal error: bad key type", key->path);
+	}
+	if (n < key->min || n > key->max) {
+		if (key->type == KEY_DURATION)
+			return fail_at(p, node, "%s: %s is out of range (%" PRId64 "ms..%" PRId64 "ms)",
+			    key->path, text, key->min, key->max);
+		if (key->type == KEY_MODE)
+			return fail_at(p, node, "%s: %s is out of range (0000..0777)", key->path, text);
+		return fail_at(p, node, "%s: %s is out of range (%" PRId64 "..%" PRId64 ")",
+		    key->path, text, key->min, key->max);
+	}
+	*(int64_t *)field = n;
+	return 0;
+}
+
+static const struct config_key *
+find_key(const char *path)
+{
+	for (size_t i = 0; i < NKEYS; i++)
+		if (strcmp(config_keys[i].path, path) == 0)
+			return &config_keys[i];
+	return NULL;
+}
+
+/* Applies the defaults of the keys directly below prefix ("" for the top). */
+static int
+apply_defaults(struct parser *p, const char *prefix, void *base)
+{
+	size_t plen = strlen(prefix);
+
+	for (size_t i = 0; i < NKEYS; i++) {
+		const struct config_key *key = &config_keys[i];
+
+		if (key->def == NULL || strncmp(key->path, prefix, plen) != 0 ||
+		    (plen && key->path[plen] != '.'))
+			continue;
+		if (strcmp(prefix, ITEM_PREFIX) != 0 && strncmp(key->path, ITEM_PREFIX, strlen(ITEM_PREFIX)) == 0)
+			continue;
+		if (set_value(p, key, NULL, key->def, base) == -1)
+			return -1;
+	}
+	return 0;
+}
+
+static int walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base);
+static yaml_node_t *node_at(struct parser *p, yaml_node_t *map, const char *path);
+
+static int
+walk_subscriptions(struct parser *p, const struct config_key *key, yaml_node_t *seq)
+{
+	struct config *cfg = p->cfg;
+	size_t n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+
+	if ((int64_t)n < key->min || (int64_t)n > key->max)
+		return fail_at(p, seq, "%s: %zu entries, expected %" PRId64 " to %" PRId64,
+		    key->path, n, key->min, key->max);
+	cfg->subs = calloc(n, sizeof(*cfg->subs));
+	if (cfg->subs == NULL)
+		return fail_at(p, seq, "out of memory");
+	for (size_t i = 0; i < n; i++) {
+		yaml_node_t *item = yaml_document_get_node(&p->doc, seq->data.sequence.items.start[i]);
+		struct config_subscription *sub = &cfg->subs[i];
+
+		cfg->nsubs = i + 1;
+		if (item->type != YAML_MAPPING_NODE)
+			return fail_at(p, item, "subscriptions: each entry must be a mapping with topic and qos");
+		if (apply_defaults(p, ITEM_PREFIX, sub) == -1 ||
+		    walk_mapping(p, item, ITEM_PREFIX, sub) == -1)
+			return -1;
+		if (sub->topic == NULL)
+			return fail_at(p, item, "subscriptions: entry has no topic");
+		if (mosquitto_sub_topic_check(sub->topic) != MOSQ_ERR_SUCCESS)
+			return fail_at(p, item, "subscriptions: '%s' is not a valid MQTT topic filter", sub->topic);
+		for (size_t j = 0; j < i; j++)
+			if (strcmp(cfg->subs[j].topic, sub->topic) == 0)
+				return fail_at(p, item, "subscriptions: '%s' is listed twice", sub->topic);
+	}
+	return 0;
+}
+
+static int
+walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
+{
+	for (yaml_node_pair_t *pair = map->data.mapping.pairs.start;
+	    pair < map->data.mapping.pairs.top; pair++) {
+		yaml_node_t *k = yaml_document_get_node(&p->doc, pair->key);
+		yaml_node_t *v = yaml_document_get_node(&p->doc, pair->value);
+		const struct config_key *key;
+		char path[256];
+
+		if (k->type != YAML_SCALAR_NODE)
+			return fail_at(p, k, "keys must be plain names");
+		snprintf(path, sizeof(path), "%s%s%s", prefix, *prefix ? "." : "",
+		    (const char *)k->data.scalar.value);
+		if ((key = find_key(path)) == NULL)
+			return fail_at(p, k, "unknown key '%s'", path);
+		for (yaml_node_pair_t *prev = map->data.mapping.pairs.start; prev < pair; prev++) {
+			yaml_node_t *pk = yaml_document_get_node(&p->doc, prev->key);
+			if (pk->type == YAML_SCALAR_NODE &&
+			    strcmp((char *)pk->data.scalar.value, (char *)k->data.scalar.value) == 0)
+				return fail_at(p, k, "key '%s' appears twice", path);
+		}
+		switch (key->type) {
+		case KEY_SECTION:
+			if (v->type != YAML_MAPPING_NODE)
+				return fail_at(p, v, "%s: expected a mapping, got %s", path, node_kind(v));
+			if (walk_mapping(p, v, path, base) == -1)
+				return -1;
+			break;
+		case KEY_SUBSCRIPTIONS:
+			if (v->type != YAML_SEQUENCE_NODE)
+				return fail_at(p, v, "%s: expected a list, got %s", path, node_kind(v));
+			if (walk_subscriptions(p, key, v) == -1)
+				return -1;
+			break;
+		default:
+			if (v->type != YAML_SCALAR_NODE)
+				return fail_at(p, v, "%s: expected %s, got %s", path,
+				    type_name(key->type), node_kind(v));
+			if (v->data.scalar.length == 0 && v->data.scalar.style == YAML_PLAIN_SCALAR_STYLE)
+				return fail_at(p, v, "%s: needs a value", path);
+			if (set_value(p, key, v, (const char *)v->data.scalar.value, base) == -1)
+				return -1;
+		}
+	}
+	return 0;
+}
+
+/* Reads a secret file: the first line, at most CONFIG_MAX_PASSWORD bytes. */
+static int
+read_secret(struct parser *p, const yaml_node_t *node, const char *path, char **out)
+{
+	char buf[CONFIG_MAX_PASSWORD + 2];
+	struct stat st;
+	ssize_t n;
+	int fd;
+
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) == -1)
+		return fail_at(p, node, "password file %s: %s", path, strerror(errno));
+	if (fstat(fd, &st) == 0 && (st.st_mode & S_IROTH))
+		log_warnx("password file %s is readable by everyone; chmod o-r it", path);
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n < 0)
+		return fail_at(p, node, "password file %s: %s", path, strerror(errno));
+	buf[n] = '\0';
+	buf[strcspn(buf, "\r\n")] = '\0';
+	if (strlen(buf) > CONFIG_MAX_PASSWORD)
+		return fail_at(p, node, "password file %s: longer than %d bytes", path, CONFIG_MAX_PASSWORD);
+	if ((*out = strdup(buf)) == NULL)
+		return fail_at(p, node, "out of memory");
+	return 0;
+}
+
+static int
+load_password(struct parser *p, yaml_node_t *root)
+{
+	const char *credentials = getenv("CREDENTIALS_DIRECTORY");
+	char path[PATH_MAX];
+
+	if (credentials) {
+		snprintf(path, sizeof(path), "%s/mqtt-password", credentials);
+		if (access(path, F_OK) == 0)
+			return read_secret(p, NULL, path, &p->cfg->broker.password);
+	}
+	if (p->cfg->broker.password_file)
+		return read_secret(p, node_at(p, root, "broker.password_file"),
+		    p->cfg->broker.password_file, &p->cfg->broker.password);
+	return 0;
+}
+
+/* Finds the node of a dotted key so that cross-field errors can name its line. */
+static yaml_node_t *
+node_at(struct parser *p, yaml_node_t *map, const char *path)
+{
+	const char *dot = strchr(path, '.');
+	size_t len = dot ? (size_t)(dot - path) : strlen(path);
+
+	if (map == NULL || map->type != YAML_MAPPING_NODE)
+		return NULL;
+	for (yaml_node_pair_t *pair = map->data.mapping.pairs.start;
+	    pair < map->data.mapping.pairs.top; pair++) {
+		yaml_node_t *k = yaml_document_get_node(&p->doc, pair->key);
+		if (k->type == YAML_SCALAR_NODE && k->data.scalar.length == len &&
+		    memcmp(k->data.scalar.value, path, len) == 0) {
+			yaml_node_t *v = yaml_document_get_node(&p->doc, pair->value);
+			return dot ? node_at(p, v, dot + 1) : k;
+		}
+	}
+	return NULL;
+}
+
+/* The line of the key an error is about, or the top when it is absent. */
+static yaml_node_t *
+key_node(struct parser *p, yaml_node_t *root, const char *path)
+{
+	yaml_node_t *n = node_at(p, root, path);
+	return n ? n : root;
+}
+
+static int
+validate(struct parser *p, yaml_node_t *root)
+{
+	struct config *cfg = p->cfg;
+	struct topic_pattern *pattern;
+	char why[256];
+
+	if (cfg->broker.client_id == NULL)
+		return fail_at(p, root, "missing required key 'broker.client_id'");
+	if (cfg->subs == NULL)
+		return fail_at(p, root, "missing required key 'subscriptions'");
+	if (cfg->broker.reconnect_min_ms > cfg->broker.reconnect_max_ms)
+		return fail_at(p, key_node(p, root, "broker.reconnect.min_delay"),
+		    "broker.reconnect: min_delay is longer than max_delay");
+	if ((cfg->broker.tls_cert_file == NULL) != (cfg->broker.tls_key_file == NULL))
+		return fail_at(p, key_node(p, root, "broker.tls"), "broker.tls: cert_file and key_file go together");
+	if ((cfg->broker.tls_cert_file || cfg->broker.tls_key_file) && cfg->broker.tls_ca_file == NULL)
+		return fail_at(p, key_node(p, root, "broker.tls"), "broker.tls: a client certificate needs ca_file");
+	if (cfg->broker.password_file && cfg->broker.username == NULL)
+		return fail_at(p, key_node(p, root, "broker.password_file"),
+		    "broker.password_file needs broker.username");
+	if ((pattern = topic_pattern_new(cfg->topic_fields, why, sizeof(why))) == NULL)
+		return fail_at(p, key_node(p, root, "topic_fields"), "topic_fields: %s", why);
+	topic_pattern_free(pattern);
+	return load_password(p, root);
+}
+
+static int
+parse_document(struct parser *p, FILE *fp)
+{
+	yaml_parser_t yp;
+	yaml_node_t *root;
+	int rc = -1;
+
+	if (!yaml_parser_initialize(&yp))
+		return fail_at(p, NULL, "out of memory");
+	yaml_parser_set_input_file(&yp, fp);
+	if (!yaml_parser_load(&yp, &p->doc)) {
+		snprintf(p->err, p->errlen, "%s:%zu:%zu: %s", p->file,
+		    yp.problem_mark.line + 1, yp.problem_mark.column + 1,
+		    yp.problem ? yp.problem : "YAML syntax error");
+		yaml_parser_delete(&yp);
+		return -1;
+	}
+	yaml_parser_delete(&yp);
+	root = yaml_document_get_root_node(&p->doc);
+	if (root == NULL)
+		fail_at(p, NULL, "the file is empty");
+	else if (root->type != YAML_MAPPING_NODE)
+		fail_at(p, root, "expected a mapping at the top, got %s", node_kind(root));
+	else if (apply_defaults(p, "", p->cfg) == 0 && walk_mapping(p, root, "", p->cfg) == 0)
+		rc = validate(p, root);
+	yaml_document_delete(&p->doc);
+	return rc;
+}
+
+int
+config_load(const char *file, struct config **out, char *err, size_t errlen)
+{
+	struct parser p = { .file = file, .err = err, .errlen = errlen };
+	FILE *fp;
+	int rc;
+
+	if ((p.cfg = calloc(1, sizeof(*p.cfg))) == NULL ||
+	    (p.cfg->file = strdup(file)) == NULL) {
+		config_free(p.cfg);
+		snprintf(err, errlen, "%s: out of memory", file);
+		return -1;
+	}
+	if ((fp = fopen(file, "re")) == NULL) {
+		snprintf(err, errlen, "%s: %s", file, strerror(errno));
+		config_free(p.cfg);
+		return -1;
+	}
+	rc = parse_document(&p, fp);
+	fclose(fp);
+	if (rc == -1) {
+		config_free(p.cfg);
+		return -1;
+	}
+	*out = p.cfg;
+	return 0;
+}
+
+void
+config_free(struct config *cfg)
+{
+	if (cfg == NULL)
+		return;
+	for (size_t i = 0; i < NKEYS; i++)
+		if (config_keys[i].type == KEY_STRING &&
+		    strncmp(config_keys[i].path, ITEM_PREFIX, strlen(ITEM_PREFIX)) != 0)
+			free(*(char **)((char *)cfg + config_keys[i].offset));
+	for (size_t i = 0; i < cfg->nsubs; i++)
+		free(cfg->subs[i].topic);
+	free(cfg->subs);
+	if (cfg->broker.password)
+		explicit_bzero(cfg->broker.password, strlen(cfg->broker.password));
+	free(cfg->broker.password);
+	free(cfg->file);
+	free(cfg);
+}

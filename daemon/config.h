@@ -1,0 +1,65 @@
+/* The YAML configuration: parsed into a fresh struct, handed over only when valid. */
+#ifndef CMDRELAY_CONFIG_H
+#define CMDRELAY_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "log.h"
+
+#define EX_CONFIG_STATUS 78	/* sysexits.h EX_CONFIG */
+#define CONFIG_ERR_MAX 512
+#define CONFIG_MAX_SUBSCRIPTIONS 256
+#define CONFIG_MAX_STRING 4096
+#define CONFIG_MAX_PASSWORD 1024
+
+struct config_subscription {
+	char *topic;
+	int64_t qos;
+};
+
+struct config {
+	char *file;
+	struct {
+		char *host;
+		int64_t port;
+		char *client_id;
+		int64_t keepalive;
+		char *username;
+		char *password_file;
+		char *password;		/* loaded from the credential or password_file */
+		char *tls_ca_file;
+		char *tls_cert_file;
+		char *tls_key_file;
+		int64_t reconnect_min_ms;
+		int64_t reconnect_max_ms;
+	} broker;
+	struct config_subscription *subs;
+	size_t nsubs;
+	char *topic_fields;
+	int64_t redelivery_window_ms;
+	struct {
+		char *path;
+		int64_t max_age_ms;
+		int64_t max_rows;
+	} store;
+	struct {
+		char *path;
+		int64_t mode;
+		int64_t max_consumers;
+		int64_t window;
+	} socket;
+	int64_t log_level;
+};
+
+/*
+ * Parses FILE into a new config. On failure returns -1 and puts into err a
+ * message of the form "FILE:LINE:COLUMN: what is wrong".
+ */
+int config_load(const char *file, struct config **out, char *err, size_t errlen);
+void config_free(struct config *cfg);
+
+/* "500ms", "30s", "5m", "1h", "90d" into milliseconds; -1 if malformed. */
+int parse_duration_ms(const char *text, int64_t *out_ms);
+
+#endif

@@ -1,0 +1,428 @@
+#include "mqtt.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include <mosquitto.h>
+
+#include "log.h"
+
+/*
+ * libmosquitto 2.0 hands on_message the msg member of its private
+ * struct mosquitto_message_all (lib/mosquitto_internal.h), which keeps the
+ * DUP flag just before it; the public API offers no other way to read DUP.
+ * mqtt_library_check() refuses any other major.minor.
+ */
+struct mosquitto20_message_all {
+	void *next;
+	void *prev;
+	void *properties;
+	time_t timestamp;
+	int state;
+	bool dup;
+	struct mosquitto_message msg;
+	uint32_t expiry_interval;
+};
+
+enum mqtt_state {
+	MQTT_IDLE,		/* waiting for the reconnect timer */
+	MQTT_CONNECTING,	/* TCP and CONNECT under way */
+	MQTT_CONNECTED,		/* CONNACK accepted */
+	MQTT_STOPPED,
+};
+
+struct mqtt {
+	struct mosquitto *mosq;
+	struct event_loop *loop;
+	const struct config *cfg;
+	struct mqtt_handler h;
+	enum mqtt_state state;
+	bool started;		/* mosquitto_connect_async succeeded once */
+	int watched_fd;
+	unsigned attempt;	/* failed connects since the last CONNACK */
+	struct event_timer reconnect_timer;
+	struct event_timer misc_timer;
+	size_t batch_messages;
+	bool batch_failed;
+	bool dropping;		/* closing unacknowledged: ignore what is still read */
+	char last_error[256];
+};
+
+int
+mqtt_library_check(char *err, size_t errlen)
+{
+	int major, minor, revision;
+
+	mosquitto_lib_version(&major, &minor, &revision);
+	if (major != 2 || minor != 0) {
+		snprintf(err, errlen, "libmosquitto %d.%d.%d is not supported: reading the DUP flag "
+		    "needs libmosquitto 2.0.x", major, minor, revision);
+		return -1;
+	}
+	return 0;
+}
+
+static void __attribute__((format(printf, 2, 3)))
+set_error(struct mqtt *m, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(m->last_error, sizeof(m->last_error), fmt, ap);
+	va_end(ap);
+}
+
+const char *
+mqtt_last_error(const struct mqtt *m)
+{
+	return m->last_error;
+}
+
+bool
+mqtt_is_connected(const struct mqtt *m)
+{
+	return m->state == MQTT_CONNECTED;
+}
+
+/* Exponential backoff with jitter: a random delay in [d/2, d]. */
+static uint64_t
+backoff_ms(struct mqtt *m)
+{
+	uint64_t d = (uint64_t)m->cfg->broker.reconnect_min_ms;
+	uint32_t r = 0;
+
+	for (unsigned i = 0; i < m->attempt && d < (uint64_t)m->cfg->broker.reconnect_max_ms; i++)
+		d *= 2;
+	if (d > (uint64_t)m->cfg->broker.reconnect_max_ms)
+		d = (uint64_t)m->cfg->broker.reconnect_max_ms;
+	if (getrandom(&r, sizeof(r), GRND_NONBLOCK) != sizeof(r))
+		r = (uint32_t)rand();
+	m->attempt++;
+	return d / 2 + r % (d / 2 + 1);
+}
+
+static void
+schedule_reconnect(struct mqtt *m)
+{
+	uint64_t delay = backoff_ms(m);
+
+	m->state = MQTT_IDLE;
+	log_info("reconnecting to %s:%d in %llu ms", m->cfg->broker.host,
+	    (int)m->cfg->broker.port, (unsigned long long)delay);
+	event_timer_arm(m->loop, &m->reconnect_timer, delay);
+}
+
+static void
+on_connect(struct mosquitto *mosq, void *arg, int rc, int flags)
+{
+	struct mqtt *m = arg;
+
+	(void)mosq;
+	if (rc != 0) {
+		set_error(m, "broker refused the connection: %s", mosquitto_connack_string(rc));
+		log_errx("%s", m->last_error);
+		return;		/* libmosquitto closes; on_disconnect follows */
+	}
+	m->state = MQTT_CONNECTED;
+	m->attempt = 0;
+	m->last_error[0] = '\0';
+	log_info("connected to %s:%d as %s (session present: %s)", m->cfg->broker.host,
+	    (int)m->cfg->broker.port, m->cfg->broker.client_id, (flags & 1) ? "yes" : "no");
+	m->h.connected(m->h.arg, flags & 1);
+}
+
+static void
+on_disconnect(struct mosquitto *mosq, void *arg, int rc)
+{
+	struct mqtt *m = arg;
+	const char *why = rc == 0 ? "disconnected" : mosquitto_strerror(rc);
+
+	(void)mosq;
+	if (m->state == MQTT_STOPPED)
+		return;
+	if (m->state == MQTT_CONNECTED || m->last_error[0] == '\0')
+		set_error(m, "connection lost: %s", why);
+	log_warnx("%s:%d: %s", m->cfg->broker.host, (int)m->cfg->broker.port, m->last_error);
+	if (m->state == MQTT_CONNECTED)
+		m->h.disconnected(m->h.arg, m->last_error);
+	schedule_reconnect(m);
+}
+
+static void
+on_message(struct mosquitto *mosq, void *arg, const struct mosquitto_message *msg)
+{
+	struct mqtt *m = arg;
+	const struct mosquitto20_message_all *all = (const void *)((const char *)msg -
+	    offsetof(struct mosquitto20_message_all, msg));
+	struct delivery d = {
+		.topic = msg->topic,
+		.payload = msg->payload,
+		.payloadlen = (size_t)msg->payloadlen,
+		.qos = msg->qos,
+		.retain = msg->retain,
+		.dup = all->dup,
+		.mid = msg->qos > 0 ? msg->mid : 0,
+		.received_at_ms = (int64_t)event_wall_ms(),
+	};
+
+	(void)mosq;
+	if (m->batch_failed || m->dropping)
+		return;
+	m->batch_messages++;
+	if (m->h.message(m->h.arg, &d) == -1)
+		m->batch_failed = true;
+}
+
+static void
+on_subscribe(struct mosquitto *mosq, void *arg, int mid, int count, const int *granted)
+{
+	struct mqtt *m = arg;
+
+	(void)mosq;
+	m->h.subscribed(m->h.arg, mid, count > 0 && granted[0] >= 0 && granted[0] <= 2);
+}
+
+static void
+on_unsubscribe(struct mosquitto *mosq, void *arg, int mid)
+{
+	struct mqtt *m = arg;
+
+	(void)mosq;
+	m->h.unsubscribed(m->h.arg, mid);
+}
+
+static bool
+socket_has_data(int fd)
+{
+	int n = 0;
+
+	return ioctl(fd, FIONREAD, &n) == 0 && n > 0;
+}
+
+/*
+ * Closes the connection without sending what libmosquitto has queued (the
+ * PUBACKs of uncommitted messages): after shutdown() nothing more leaves,
+ * and the next read sees the end and runs the normal loss path.
+ */
+static void
+drop_connection(struct mqtt *m, const char *why)
+{
+	int fd = mosquitto_socket(m->mosq);
+
+	set_error(m, "%s", why);
+	if (fd < 0)
+		return;
+	m->dropping = true;
+	shutdown(fd, SHUT_RDWR);
+	for (int i = 0; i < MQTT_MAX_BATCH && mosquitto_socket(m->mosq) >= 0; i++)
+		mosquitto_loop_read(m->mosq, 1);
+	m->dropping = false;
+}
+
+static void
+read_pass(struct mqtt *m)
+{
+	int fd = mosquitto_socket(m->mosq);
+
+	m->batch_messages = 0;
+	m->batch_failed = false;
+	for (size_t i = 0; i < MQTT_MAX_BATCH; i++) {
+		if (mosquitto_loop_read(m->mosq, 1) != MOSQ_ERR_SUCCESS ||
+		    mosquitto_socket(m->mosq) != fd || !socket_has_data(fd))
+			break;
+	}
+	if (m->batch_messages == 0)
+		return;
+	if (m->batch_failed) {
+		m->h.abort(m->h.arg);
+		drop_connection(m, "could not store a message; dropped the connection unacknowledged");
+	} else if (m->h.commit(m->h.arg) == -1) {
+		drop_connection(m, "could not commit to the history; dropped the connection unacknowledged");
+	}
+}
+
+static void
+on_io(int fd, short revents, void *arg)
+{
+	struct mqtt *m = arg;
+
+	(void)fd;
+	if (revents & (POLLIN | POLLHUP | POLLERR))
+		read_pass(m);
+	if (mosquitto_socket(m->mosq) >= 0 && mosquitto_want_write(m->mosq))
+		mosquitto_loop_write(m->mosq, 1);
+}
+
+/* Keeps the event loop watching whatever socket libmosquitto has now. */
+static void
+before_sleep(void *arg)
+{
+	struct mqtt *m = arg;
+	int fd = mosquitto_socket(m->mosq);
+
+	if (fd != m->watched_fd && m->watched_fd >= 0)
+		event_io_del(m->loop, m->watched_fd);
+	m->watched_fd = fd;
+	if (fd >= 0)
+		event_io_set(m->loop, fd, POLLIN | (mosquitto_want_write(m->mosq) ? POLLOUT : 0),
+		    on_io, m);
+}
+
+static void
+on_misc_timer(void *arg)
+{
+	struct mqtt *m = arg;
+
+	if (mosquitto_socket(m->mosq) >= 0)
+		mosquitto_loop_misc(m->mosq);
+	event_timer_arm(m->loop, &m->misc_timer, 1000);
+}
+
+static void
+on_reconnect_timer(void *arg)
+{
+	struct mqtt *m = arg;
+	int rc;
+
+	m->state = MQTT_CONNECTING;
+	if (m->started)
+		rc = mosquitto_reconnect_async(m->mosq);
+	else
+		rc = mosquitto_connect_async(m->mosq, m->cfg->broker.host, (int)m->cfg->broker.port,
+		    (int)m->cfg->broker.keepalive);
+	if (rc == MOSQ_ERR_SUCCESS) {
+		m->started = true;
+		return;
+	}
+	set_error(m, "cannot connect: %s", rc == MOSQ_ERR_ERRNO ? strerror(errno) :
+	    mosquitto_strerror(rc));
+	log_warnx("%s:%d: %s", m->cfg->broker.host, (int)m->cfg->broker.port, m->last_error);
+	schedule_reconnect(m);
+}
+
+static int
+configure(struct mqtt *m, char *err, size_t errlen)
+{
+	const struct config *cfg = m->cfg;
+	int rc;
+
+	mosquitto_threaded_set(m->mosq, true);	/* queue packets; we write them */
+	mosquitto_connect_with_flags_callback_set(m->mosq, on_connect);
+	mosquitto_disconnect_callback_set(m->mosq, on_disconnect);
+	mosquitto_message_callback_set(m->mosq, on_message);
+	mosquitto_subscribe_callback_set(m->mosq, on_subscribe);
+	mosquitto_unsubscribe_callback_set(m->mosq, on_unsubscribe);
+	if (cfg->broker.username &&
+	    (rc = mosquitto_username_pw_set(m->mosq, cfg->broker.username, cfg->broker.password))) {
+		snprintf(err, errlen, "broker.username: %s", mosquitto_strerror(rc));
+		return -1;
+	}
+	if (cfg->broker.tls_ca_file) {
+		rc = mosquitto_tls_set(m->mosq, cfg->broker.tls_ca_file, NULL,
+		    cfg->broker.tls_cert_file, cfg->broker.tls_key_file, NULL);
+		if (rc == MOSQ_ERR_SUCCESS)
+			rc = mosquitto_tls_opts_set(m->mosq, 1, "tlsv1.2", NULL);
+		if (rc != MOSQ_ERR_SUCCESS) {
+			snprintf(err, errlen, "broker.tls: %s", mosquitto_strerror(rc));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+struct mqtt *
+mqtt_new(struct event_loop *loop, const struct config *cfg, const struct mqtt_handler *handler,
+    char *err, size_t errlen)
+{
+	struct mqtt *m;
+
+	if ((m = calloc(1, sizeof(*m))) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	m->loop = loop;
+	m->cfg = cfg;
+	m->h = *handler;
+	m->watched_fd = -1;
+	m->state = MQTT_IDLE;
+	event_timer_init(&m->reconnect_timer, on_reconnect_timer, m);
+	event_timer_init(&m->misc_timer, on_misc_timer, m);
+	/* clean_session = false: the broker keeps our queue while we are away. */
+	if ((m->mosq = mosquitto_new(cfg->broker.client_id, false, m)) == NULL) {
+		snprintf(err, errlen, "mosquitto_new: %s", strerror(errno));
+		free(m);
+		return NULL;
+	}
+	if (configure(m, err, errlen) == -1) {
+		mqtt_free(m);
+		return NULL;
+	}
+	event_set_before_sleep(loop, before_sleep, m);
+	return m;
+}
+
+void
+mqtt_free(struct mqtt *m)
+{
+	if (m == NULL)
+		return;
+	event_timer_disarm(m->loop, &m->reconnect_timer);
+	event_timer_disarm(m->loop, &m->misc_timer);
+	if (m->watched_fd >= 0)
+		event_io_del(m->loop, m->watched_fd);
+	event_set_before_sleep(m->loop, NULL, NULL);
+	mosquitto_destroy(m->mosq);
+	free(m);
+}
+
+void
+mqtt_start(struct mqtt *m)
+{
+	event_timer_arm(m->loop, &m->reconnect_timer, 0);
+	event_timer_arm(m->loop, &m->misc_timer, 1000);
+}
+
+void
+mqtt_stop(struct mqtt *m)
+{
+	bool was_connected = m->state == MQTT_CONNECTED;
+
+	m->state = MQTT_STOPPED;
+	event_timer_disarm(m->loop, &m->reconnect_timer);
+	if (!was_connected || mosquitto_socket(m->mosq) < 0)
+		return;
+	/* Every read pass ended in a commit, so all queued PUBACKs may leave. */
+	mosquitto_disconnect(m->mosq);
+	for (int i = 0; i < 100 && mosquitto_socket(m->mosq) >= 0 && mosquitto_want_write(m->mosq); i++) {
+		struct pollfd pfd = { .fd = mosquitto_socket(m->mosq), .events = POLLOUT };
+		if (poll(&pfd, 1, 50) > 0 && mosquitto_loop_write(m->mosq, 1) != MOSQ_ERR_SUCCESS)
+			break;
+	}
+}
+
+int
+mqtt_subscribe(struct mqtt *m, const char *filter, int qos, int *mid)
+{
+	int rc = mosquitto_subscribe(m->mosq, mid, filter, qos);
+
+	if (rc != MOSQ_ERR_SUCCESS)
+		log_warnx("SUBSCRIBE %s: %s", filter, mosquitto_strerror(rc));
+	return rc == MOSQ_ERR_SUCCESS ? 0 : -1;
+}
+
+int
+mqtt_unsubscribe(struct mqtt *m, const char *filter, int *mid)
+{
+	int rc = mosquitto_unsubscribe(m->mosq, mid, filter);
+
+	if (rc != MOSQ_ERR_SUCCESS)
+		log_warnx("UNSUBSCRIBE %s: %s", filter, mosquitto_strerror(rc));
+	return rc == MOSQ_ERR_SUCCESS ? 0 : -1;
+}

@@ -1,0 +1,54 @@
+/*
+ * The broker connection: libmosquitto driven by our event loop, with
+ * PUBACKs held back until the caller has committed what it read (G1).
+ */
+#ifndef CMDRELAY_MQTT_H
+#define CMDRELAY_MQTT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "config.h"
+#include "dedup.h"
+#include "event.h"
+
+/* At most this many packets are read into one transaction. */
+#define MQTT_MAX_BATCH 1024
+
+struct mqtt;
+
+struct mqtt_handler {
+	void (*connected)(void *arg, bool session_present);
+	void (*disconnected)(void *arg, const char *why);
+	/* One PUBLISH of the current read pass; -1 fails the pass. */
+	int (*message)(void *arg, const struct delivery *d);
+	/*
+	 * End of a read pass that delivered messages: commit them. The PUBACKs
+	 * leave only after it returned 0; on -1 the connection is dropped
+	 * without them, so the broker keeps and redelivers the messages.
+	 */
+	int (*commit)(void *arg);
+	/* The pass failed: discard what message() staged. */
+	void (*abort)(void *arg);
+	void (*subscribed)(void *arg, int mid, bool granted);
+	void (*unsubscribed)(void *arg, int mid);
+	void *arg;
+};
+
+/* Checks that the running libmosquitto is one whose DUP flag we can read. */
+int mqtt_library_check(char *err, size_t errlen);
+
+struct mqtt *mqtt_new(struct event_loop *loop, const struct config *cfg,
+    const struct mqtt_handler *handler, char *err, size_t errlen);
+void mqtt_free(struct mqtt *m);
+
+void mqtt_start(struct mqtt *m);
+/* Sends DISCONNECT and what is queued; returns when written or failed. */
+void mqtt_stop(struct mqtt *m);
+bool mqtt_is_connected(const struct mqtt *m);
+const char *mqtt_last_error(const struct mqtt *m);
+
+int mqtt_subscribe(struct mqtt *m, const char *filter, int qos, int *mid);
+int mqtt_unsubscribe(struct mqtt *m, const char *filter, int *mid);
+
+#endif

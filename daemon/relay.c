@@ -1,0 +1,331 @@
+#include "relay.h"
+
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dedup.h"
+#include "log.h"
+#include "mqtt.h"
+#include "store.h"
+#include "topic.h"
+
+#define PENDING_MAX (2 * CONFIG_MAX_SUBSCRIPTIONS)
+
+/* A SUBSCRIBE or UNSUBSCRIBE waiting for the broker's answer. */
+struct pending_sub {
+	int mid;
+	bool unsubscribe;
+	int qos;
+	char *filter;
+};
+
+struct relay {
+	const struct config *cfg;
+	struct store *store;
+	struct mqtt *mqtt;
+	struct topic_pattern *pattern;
+	struct dedup_state dedup;
+	char session_key[512];
+	bool in_txn;
+	struct relay_counters total, staged;
+	struct pending_sub pending[PENDING_MAX];
+	size_t npending;
+	void (*status_fn)(void *arg);
+	void *status_arg;
+};
+
+static void
+status_changed(struct relay *r)
+{
+	if (r->status_fn)
+		r->status_fn(r->status_arg);
+}
+
+void
+relay_on_status_change(struct relay *r, void (*fn)(void *arg), void *arg)
+{
+	r->status_fn = fn;
+	r->status_arg = arg;
+}
+
+void
+relay_status(const struct relay *r, char *buf, size_t len)
+{
+	const char *err = mqtt_last_error(r->mqtt);
+	int n;
+
+	if (mqtt_is_connected(r->mqtt))
+		n = snprintf(buf, len, "connected to %s:%d", r->cfg->broker.host, (int)r->cfg->broker.port);
+	else
+		n = snprintf(buf, len, "disconnected from %s:%d%s%s", r->cfg->broker.host,
+		    (int)r->cfg->broker.port, *err ? " (" : "", *err ? err : "");
+	if (n > 0 && (size_t)n < len && !mqtt_is_connected(r->mqtt) && *err)
+		n += snprintf(buf + n, len - (size_t)n, ")");
+	if (n > 0 && (size_t)n < len)
+		snprintf(buf + n, len - (size_t)n,
+		    "; %" PRIu64 " received, %" PRIu64 " accepted, %" PRIu64 " retained replays, %"
+		    PRIu64 " redeliveries", r->total.received, r->total.accepted,
+		    r->total.retained_replays, r->total.redeliveries);
+}
+
+static void
+pending_clear(struct relay *r)
+{
+	for (size_t i = 0; i < r->npending; i++)
+		free(r->pending[i].filter);
+	r->npending = 0;
+}
+
+static void
+pending_add(struct relay *r, bool unsubscribe, const char *filter, int qos)
+{
+	struct pending_sub *p = &r->pending[r->npending];
+	int rc;
+
+	if (r->npending == PENDING_MAX || (p->filter = strdup(filter)) == NULL) {
+		log_warnx("%s: too many subscription changes at once", filter);
+		return;
+	}
+	p->unsubscribe = unsubscribe;
+	p->qos = qos;
+	rc = unsubscribe ? mqtt_unsubscribe(r->mqtt, filter, &p->mid) :
+	    mqtt_subscribe(r->mqtt, filter, qos, &p->mid);
+	if (rc == -1) {
+		free(p->filter);
+		return;
+	}
+	log_info("%s %s", unsubscribe ? "unsubscribing from" : "subscribing to", filter);
+	r->npending++;
+}
+
+static struct pending_sub *
+pending_take(struct relay *r, int mid, struct pending_sub *out)
+{
+	for (size_t i = 0; i < r->npending; i++) {
+		if (r->pending[i].mid == mid) {
+			*out = r->pending[i];
+			r->pending[i] = r->pending[--r->npending];
+			return out;
+		}
+	}
+	return NULL;
+}
+
+static void
+report_if_settled(struct relay *r)
+{
+	if (r->npending == 0)
+		log_info("subscriptions in place: %zu filters", r->cfg->nsubs);
+}
+
+/*
+ * G8: a SUBSCRIBE makes the broker replay retained messages, so with a
+ * session the broker kept we only send the difference to what it holds.
+ */
+static void
+on_connected(void *arg, bool session_present)
+{
+	struct relay *r = arg;
+	struct store_subscription *known = NULL;
+	size_t nknown = 0;
+
+	dedup_connection_start(&r->dedup);
+	if (store_connection_start(r->store) == -1)
+		log_warnx("%s", store_errmsg(r->store));
+	pending_clear(r);
+	if (session_present && store_subscriptions_load(r->store, r->session_key, &known, &nknown) == -1) {
+		log_warnx("%s; subscribing to every filter", store_errmsg(r->store));
+		nknown = 0;
+	}
+	if (nknown == 0 && store_subscriptions_forget(r->store, r->session_key) == -1)
+		log_warnx("%s", store_errmsg(r->store));
+	for (size_t i = 0; i < r->cfg->nsubs; i++) {
+		const struct config_subscription *s = &r->cfg->subs[i];
+		bool held = false;
+		for (size_t j = 0; j < nknown && !held; j++)
+			held = strcmp(known[j].filter, s->topic) == 0 && known[j].qos == s->qos;
+		if (!held)
+			pending_add(r, false, s->topic, (int)s->qos);
+	}
+	for (size_t j = 0; j < nknown; j++) {
+		bool wanted = false;
+		for (size_t i = 0; i < r->cfg->nsubs && !wanted; i++)
+			wanted = strcmp(known[j].filter, r->cfg->subs[i].topic) == 0;
+		if (!wanted)
+			pending_add(r, true, known[j].filter, 0);
+	}
+	store_subscriptions_free(known, nknown);
+	report_if_settled(r);
+	status_changed(r);
+}
+
+static void
+on_disconnected(void *arg, const char *why)
+{
+	struct relay *r = arg;
+
+	(void)why;
+	pending_clear(r);
+	status_changed(r);
+}
+
+static void
+on_subscribed(void *arg, int mid, bool granted)
+{
+	struct relay *r = arg;
+	struct pending_sub p;
+
+	if (pending_take(r, mid, &p) == NULL)
+		return;
+	if (!granted)
+		log_errx("broker refused the subscription to %s", p.filter);
+	else if (store_subscription_set(r->store, p.filter, p.qos) == -1)
+		log_warnx("%s", store_errmsg(r->store));
+	free(p.filter);
+	report_if_settled(r);
+}
+
+static void
+on_unsubscribed(void *arg, int mid)
+{
+	struct relay *r = arg;
+	struct pending_sub p;
+
+	if (pending_take(r, mid, &p) == NULL)
+		return;
+	if (store_subscription_del(r->store, p.filter) == -1)
+		log_warnx("%s", store_errmsg(r->store));
+	free(p.filter);
+	report_if_settled(r);
+}
+
+static int
+on_message(void *arg, const struct delivery *d)
+{
+	struct relay *r = arg;
+	struct topic_fields fields = { 0 };
+	struct dedup_verdict v;
+	int rc;
+
+	if (!r->in_txn) {
+		if (store_begin(r->store) == -1)
+			goto fail;
+		r->in_txn = true;
+		r->staged = (struct relay_counters){ 0 };
+	}
+	if (dedup_decide(&r->dedup, store_dedup_source(r->store), d, &v) == -1)
+		goto fail;
+	if (topic_fields_extract(r->pattern, d->topic, &fields) == -1) {
+		log_errx("out of memory");
+		return -1;
+	}
+	rc = store_insert(r->store, d, &v, &fields, NULL);
+	topic_fields_clear(&fields);
+	if (rc == -1)
+		goto fail;
+	r->staged.received++;
+	if (v.reason == DEDUP_NEW)
+		r->staged.accepted++;
+	else if (v.reason == DEDUP_RETAINED_REPLAY)
+		r->staged.retained_replays++;
+	else
+		r->staged.redeliveries++;
+	if (v.reason != DEDUP_NEW)
+		log_debug("%s: %s of #%" PRId64, d->topic, dedup_reason_name(v.reason), v.duplicate_of);
+	return 0;
+fail:
+	log_errx("history: %s", store_errmsg(r->store));
+	return -1;
+}
+
+static void
+on_abort(void *arg)
+{
+	struct relay *r = arg;
+
+	store_rollback(r->store);
+	r->in_txn = false;
+	r->total.commit_failures++;
+	status_changed(r);
+}
+
+static int
+on_commit(void *arg)
+{
+	struct relay *r = arg;
+
+	r->in_txn = false;
+	if (store_commit(r->store) == -1) {
+		log_errx("history: %s", store_errmsg(r->store));
+		store_rollback(r->store);
+		r->total.commit_failures++;
+		status_changed(r);
+		return -1;
+	}
+	r->total.received += r->staged.received;
+	r->total.accepted += r->staged.accepted;
+	r->total.retained_replays += r->staged.retained_replays;
+	r->total.redeliveries += r->staged.redeliveries;
+	status_changed(r);
+	return 0;
+}
+
+struct relay *
+relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t errlen)
+{
+	const struct mqtt_handler handler = {
+		.connected = on_connected,
+		.disconnected = on_disconnected,
+		.message = on_message,
+		.commit = on_commit,
+		.abort = on_abort,
+		.subscribed = on_subscribed,
+		.unsubscribed = on_unsubscribed,
+	};
+	struct mqtt_handler h = handler;
+	struct relay *r;
+
+	if ((r = calloc(1, sizeof(*r))) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	r->cfg = cfg;
+	r->dedup.window_ms = cfg->redelivery_window_ms;
+	snprintf(r->session_key, sizeof(r->session_key), "%s@%s:%d", cfg->broker.client_id,
+	    cfg->broker.host, (int)cfg->broker.port);
+	h.arg = r;
+	if ((r->pattern = topic_pattern_new(cfg->topic_fields, err, errlen)) == NULL ||
+	    (r->store = store_new(cfg->store.path, err, errlen)) == NULL ||
+	    (r->mqtt = mqtt_new(loop, cfg, &h, err, errlen)) == NULL) {
+		relay_free(r);
+		return NULL;
+	}
+	return r;
+}
+
+void
+relay_free(struct relay *r)
+{
+	if (r == NULL)
+		return;
+	pending_clear(r);
+	mqtt_free(r->mqtt);
+	store_free(r->store);
+	topic_pattern_free(r->pattern);
+	free(r);
+}
+
+void
+relay_start(struct relay *r)
+{
+	mqtt_start(r->mqtt);
+}
+
+void
+relay_stop(struct relay *r)
+{
+	mqtt_stop(r->mqtt);
+}

@@ -1,0 +1,37 @@
+/*
+ * The ingest path: broker deliveries into the history, de-duplicated and
+ * group-committed before their PUBACKs; the session's subscriptions kept
+ * in step with the config (G8).
+ */
+#ifndef CMDRELAY_RELAY_H
+#define CMDRELAY_RELAY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "event.h"
+
+struct relay;
+
+struct relay_counters {
+	uint64_t received;
+	uint64_t accepted;
+	uint64_t retained_replays;
+	uint64_t redeliveries;
+	uint64_t commit_failures;
+};
+
+/* Opens the history and prepares the broker connection; starts nothing. */
+struct relay *relay_new(struct event_loop *loop, const struct config *cfg,
+    char *err, size_t errlen);
+void relay_free(struct relay *r);
+void relay_start(struct relay *r);
+void relay_stop(struct relay *r);
+
+/* One line for systemd's STATUS=: connection, counts, last error. */
+void relay_status(const struct relay *r, char *buf, size_t len);
+/* Called whenever the line above would change. */
+void relay_on_status_change(struct relay *r, void (*fn)(void *arg), void *arg);
+
+#endif

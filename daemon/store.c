@@ -1,0 +1,413 @@
+#include "store.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+#include <sqlite3.h>
+
+#include "migrations.h"
+
+enum stmt_id {
+	STMT_BEGIN,
+	STMT_COMMIT,
+	STMT_ROLLBACK,
+	STMT_INSERT,
+	STMT_LATEST_SAME,
+	STMT_EARLIER_SAME,
+	STMT_CONNECTION_NEXT,
+	STMT_SUB_SET,
+	STMT_SUB_DEL,
+	STMT_COUNT
+};
+
+static const char *const stmt_sql[STMT_COUNT] = {
+	[STMT_BEGIN] = "BEGIN IMMEDIATE",
+	[STMT_COMMIT] = "COMMIT",
+	[STMT_ROLLBACK] = "ROLLBACK",
+	[STMT_INSERT] =
+	    "INSERT INTO messages (received_at, topic, payload, payload_hash, qos, retain, dup,"
+	    " mid, connection, status, reason, duplicate_of, device, fields)"
+	    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+	[STMT_LATEST_SAME] =
+	    "SELECT id FROM messages WHERE status = 'accepted' AND topic = ?1"
+	    " AND payload_hash = ?2 AND payload = ?3 ORDER BY id DESC LIMIT 1",
+	[STMT_EARLIER_SAME] =
+	    "SELECT id FROM messages WHERE status = 'accepted' AND topic = ?1"
+	    " AND payload_hash = ?2 AND payload = ?3 AND connection < ?4"
+	    " AND received_at >= ?5 AND id > ?6 ORDER BY id DESC LIMIT 1",
+	[STMT_CONNECTION_NEXT] =
+	    "INSERT INTO meta (key, value) VALUES ('connection', '1')"
+	    " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+	    " RETURNING CAST(value AS INTEGER)",
+	[STMT_SUB_SET] =
+	    "INSERT OR REPLACE INTO session_subscriptions (filter, qos, subscribed_at)"
+	    " VALUES (?1, ?2, CAST(strftime('%s', 'now') AS INTEGER) * 1000)",
+	[STMT_SUB_DEL] = "DELETE FROM session_subscriptions WHERE filter = ?1",
+};
+
+struct store {
+	sqlite3 *db;
+	sqlite3_stmt *stmt[STMT_COUNT];
+	int64_t connection;
+	struct dedup_source dedup;
+	char err[STORE_ERR_MAX];
+};
+
+static int __attribute__((format(printf, 2, 3)))
+store_fail(struct store *st, const char *fmt, ...)
+{
+	char what[STORE_ERR_MAX / 2];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(what, sizeof(what), fmt, ap);
+	va_end(ap);
+	snprintf(st->err, sizeof(st->err), "%s: %s", what,
+	    st->db ? sqlite3_errmsg(st->db) : "out of memory");
+	return -1;
+}
+
+const char *
+store_errmsg(const struct store *st)
+{
+	return st->err;
+}
+
+int
+store_schema_version(void)
+{
+	return migrations[nmigrations - 1].version;
+}
+
+static uint64_t
+payload_hash(const void *data, size_t len)
+{
+	const unsigned char *p = data;
+	uint64_t h = 0xcbf29ce484222325ULL;
+
+	for (size_t i = 0; i < len; i++) {
+		h ^= p[i];
+		h *= 0x100000001b3ULL;
+	}
+	return h;
+}
+
+/* Runs a statement that returns nothing or one integer; resets it. */
+static int
+step_int(struct store *st, enum stmt_id id, int64_t *out)
+{
+	sqlite3_stmt *s = st->stmt[id];
+	int rc = sqlite3_step(s);
+
+	if (rc == SQLITE_ROW) {
+		if (out)
+			*out = sqlite3_column_int64(s, 0);
+		rc = sqlite3_step(s);
+	} else if (out) {
+		*out = 0;
+	}
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	if (rc != SQLITE_DONE)
+		return store_fail(st, "%s", stmt_sql[id]);
+	return 0;
+}
+
+static int
+migrate(struct store *st)
+{
+	sqlite3_stmt *s;
+	int version = 0, rc;
+
+	if (sqlite3_exec(st->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK)
+		return store_fail(st, "cannot start the schema migration");
+	if (sqlite3_prepare_v2(st->db, "PRAGMA user_version", -1, &s, NULL) != SQLITE_OK)
+		goto fail;
+	if (sqlite3_step(s) == SQLITE_ROW)
+		version = sqlite3_column_int(s, 0);
+	sqlite3_finalize(s);
+	if (version > store_schema_version()) {
+		sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+		snprintf(st->err, sizeof(st->err),
+		    "schema version %d is newer than this cmdrelayd knows (%d)",
+		    version, store_schema_version());
+		return -1;
+	}
+	for (size_t i = 0; i < nmigrations; i++) {
+		char pragma[64];
+
+		if (migrations[i].version <= version)
+			continue;
+		if (sqlite3_exec(st->db, migrations[i].sql, NULL, NULL, NULL) != SQLITE_OK) {
+			store_fail(st, "migration %s", migrations[i].name);
+			sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+			return -1;
+		}
+		snprintf(pragma, sizeof(pragma), "PRAGMA user_version = %d", migrations[i].version);
+		if (sqlite3_exec(st->db, pragma, NULL, NULL, NULL) != SQLITE_OK)
+			goto fail;
+	}
+	if ((rc = sqlite3_exec(st->db, "COMMIT", NULL, NULL, NULL)) != SQLITE_OK)
+		goto fail;
+	return 0;
+fail:
+	store_fail(st, "schema migration");
+	sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+	return -1;
+}
+
+static int64_t
+dedup_latest_same(void *ctx, const struct delivery *d)
+{
+	struct store *st = ctx;
+	sqlite3_stmt *s = st->stmt[STMT_LATEST_SAME];
+	int64_t id;
+
+	sqlite3_bind_text(s, 1, d->topic, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 2, (int64_t)payload_hash(d->payload, d->payloadlen));
+	sqlite3_bind_blob(s, 3, d->payload, (int)d->payloadlen, SQLITE_STATIC);
+	return step_int(st, STMT_LATEST_SAME, &id) == 0 ? id : -1;
+}
+
+static int64_t
+dedup_earlier_connection_same(void *ctx, const struct delivery *d, int64_t since_ms,
+    int64_t after_id)
+{
+	struct store *st = ctx;
+	sqlite3_stmt *s = st->stmt[STMT_EARLIER_SAME];
+	int64_t id;
+
+	sqlite3_bind_text(s, 1, d->topic, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 2, (int64_t)payload_hash(d->payload, d->payloadlen));
+	sqlite3_bind_blob(s, 3, d->payload, (int)d->payloadlen, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 4, st->connection);
+	sqlite3_bind_int64(s, 5, since_ms);
+	sqlite3_bind_int64(s, 6, after_id);
+	return step_int(st, STMT_EARLIER_SAME, &id) == 0 ? id : -1;
+}
+
+struct store *
+store_new(const char *path, char *err, size_t errlen)
+{
+	static const char setup[] =
+	    "PRAGMA journal_mode = WAL;"
+	    /* FULL: a commit survives power loss too, since its PUBACK follows (G1). */
+	    "PRAGMA synchronous = FULL;"
+	    "PRAGMA foreign_keys = ON;"
+	    "PRAGMA busy_timeout = 2000;";
+	struct store *st;
+
+	if ((st = calloc(1, sizeof(*st))) == NULL) {
+		snprintf(err, errlen, "%s: out of memory", path);
+		return NULL;
+	}
+	if (sqlite3_open_v2(path, &st->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+	    SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+		store_fail(st, "cannot open");
+		goto fail;
+	}
+	sqlite3_extended_result_codes(st->db, 1);
+	if (sqlite3_exec(st->db, setup, NULL, NULL, NULL) != SQLITE_OK) {
+		store_fail(st, "cannot set up");
+		goto fail;
+	}
+	if (migrate(st) == -1)
+		goto fail;
+	for (int i = 0; i < STMT_COUNT; i++) {
+		if (sqlite3_prepare_v3(st->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
+		    &st->stmt[i], NULL) != SQLITE_OK) {
+			store_fail(st, "cannot prepare %s", stmt_sql[i]);
+			goto fail;
+		}
+	}
+	st->dedup = (struct dedup_source){
+		.latest_same = dedup_latest_same,
+		.earlier_connection_same = dedup_earlier_connection_same,
+		.ctx = st,
+	};
+	return st;
+fail:
+	snprintf(err, errlen, "%s: %s", path, st->err);
+	store_free(st);
+	return NULL;
+}
+
+void
+store_free(struct store *st)
+{
+	if (st == NULL)
+		return;
+	for (int i = 0; i < STMT_COUNT; i++)
+		sqlite3_finalize(st->stmt[i]);
+	sqlite3_close(st->db);
+	free(st);
+}
+
+int
+store_begin(struct store *st)
+{
+	return step_int(st, STMT_BEGIN, NULL);
+}
+
+int
+store_commit(struct store *st)
+{
+	return step_int(st, STMT_COMMIT, NULL);
+}
+
+void
+store_rollback(struct store *st)
+{
+	if (!sqlite3_get_autocommit(st->db))
+		step_int(st, STMT_ROLLBACK, NULL);
+}
+
+int64_t
+store_connection_start(struct store *st)
+{
+	if (step_int(st, STMT_CONNECTION_NEXT, &st->connection) == -1)
+		return -1;
+	return st->connection;
+}
+
+const struct dedup_source *
+store_dedup_source(struct store *st)
+{
+	return &st->dedup;
+}
+
+static char *
+fields_json(const struct topic_fields *fields)
+{
+	json_t *obj = json_object();
+	char *text;
+
+	if (obj == NULL)
+		return NULL;
+	for (size_t i = 0; i < fields->count; i++)
+		json_object_set_new(obj, fields->field[i].name, json_string(fields->field[i].value));
+	text = json_dumps(obj, JSON_COMPACT);
+	json_decref(obj);
+	return text;
+}
+
+int
+store_insert(struct store *st, const struct delivery *d, const struct dedup_verdict *v,
+    const struct topic_fields *fields, int64_t *id)
+{
+	sqlite3_stmt *s = st->stmt[STMT_INSERT];
+	const char *reason = dedup_reason_name(v->reason);
+	char *json = NULL;
+	int rc;
+
+	if (fields->count > 0 && (json = fields_json(fields)) == NULL)
+		return store_fail(st, "topic fields of %s", d->topic);
+	sqlite3_bind_int64(s, 1, d->received_at_ms);
+	sqlite3_bind_text(s, 2, d->topic, -1, SQLITE_STATIC);
+	sqlite3_bind_blob(s, 3, d->payloadlen ? d->payload : "", (int)d->payloadlen, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 4, (int64_t)payload_hash(d->payload, d->payloadlen));
+	sqlite3_bind_int(s, 5, d->qos);
+	sqlite3_bind_int(s, 6, d->retain);
+	sqlite3_bind_int(s, 7, d->dup);
+	sqlite3_bind_int(s, 8, d->mid);
+	sqlite3_bind_int64(s, 9, st->connection);
+	sqlite3_bind_text(s, 10, reason ? "duplicate" : "accepted", -1, SQLITE_STATIC);
+	if (reason) {
+		sqlite3_bind_text(s, 11, reason, -1, SQLITE_STATIC);
+		sqlite3_bind_int64(s, 12, v->duplicate_of);
+	}
+	sqlite3_bind_text(s, 13, topic_fields_get(fields, "device"), -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 14, json, -1, SQLITE_STATIC);
+	rc = step_int(st, STMT_INSERT, NULL);
+	free(json);
+	if (rc == 0 && id)
+		*id = sqlite3_last_insert_rowid(st->db);
+	return rc;
+}
+
+int
+store_subscriptions_load(struct store *st, const char *session_key,
+    struct store_subscription **out, size_t *n)
+{
+	sqlite3_stmt *s = NULL;
+	struct store_subscription *subs = NULL;
+	size_t count = 0;
+	int rc;
+
+	*out = NULL;
+	*n = 0;
+	if (sqlite3_prepare_v2(st->db,
+	    "SELECT filter, qos FROM session_subscriptions"
+	    " WHERE (SELECT value FROM meta WHERE key = 'session') = ?1 ORDER BY filter",
+	    -1, &s, NULL) != SQLITE_OK)
+		return store_fail(st, "reading session_subscriptions");
+	sqlite3_bind_text(s, 1, session_key, -1, SQLITE_STATIC);
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct store_subscription *grown = realloc(subs, (count + 1) * sizeof(*subs));
+		if (grown == NULL)
+			goto fail;
+		subs = grown;
+		subs[count].qos = sqlite3_column_int(s, 1);
+		if ((subs[count].filter = strdup((const char *)sqlite3_column_text(s, 0))) == NULL)
+			goto fail;
+		count++;
+	}
+	if (rc != SQLITE_DONE)
+		goto fail;
+	sqlite3_finalize(s);
+	*out = subs;
+	*n = count;
+	return 0;
+fail:
+	store_fail(st, "reading session_subscriptions");
+	sqlite3_finalize(s);
+	store_subscriptions_free(subs, count);
+	return -1;
+}
+
+void
+store_subscriptions_free(struct store_subscription *subs, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(subs[i].filter);
+	free(subs);
+}
+
+int
+store_subscriptions_forget(struct store *st, const char *session_key)
+{
+	sqlite3_stmt *s = NULL;
+	int rc;
+
+	if (sqlite3_exec(st->db, "DELETE FROM session_subscriptions", NULL, NULL, NULL) != SQLITE_OK)
+		return store_fail(st, "clearing session_subscriptions");
+	if (sqlite3_prepare_v2(st->db,
+	    "INSERT OR REPLACE INTO meta (key, value) VALUES ('session', ?1)", -1, &s, NULL) != SQLITE_OK)
+		return store_fail(st, "recording the session");
+	sqlite3_bind_text(s, 1, session_key, -1, SQLITE_STATIC);
+	rc = sqlite3_step(s);
+	sqlite3_finalize(s);
+	if (rc != SQLITE_DONE)
+		return store_fail(st, "recording the session");
+	return 0;
+}
+
+int
+store_subscription_set(struct store *st, const char *filter, int qos)
+{
+	sqlite3_bind_text(st->stmt[STMT_SUB_SET], 1, filter, -1, SQLITE_STATIC);
+	sqlite3_bind_int(st->stmt[STMT_SUB_SET], 2, qos);
+	return step_int(st, STMT_SUB_SET, NULL);
+}
+
+int
+store_subscription_del(struct store *st, const char *filter)
+{
+	sqlite3_bind_text(st->stmt[STMT_SUB_DEL], 1, filter, -1, SQLITE_STATIC);
+	return step_int(st, STMT_SUB_DEL, NULL);
+}

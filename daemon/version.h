@@ -1,0 +1,1 @@
+#define CMDRELAY_VERSION "0.1.0"

@@ -38,21 +38,43 @@ usage(int status)
 	exit(status);
 }
 
+/* STATUS= at most this often: counts change with every commit. */
+#define STATUS_INTERVAL_MS 1000
+
 struct daemon_state {
 	struct event_loop *loop;
 	struct relay *relay;
 	struct event_timer watchdog;
 	uint64_t watchdog_ms;
+	struct event_timer status_timer;
+	uint64_t status_sent_ms;
+	char status_sent[512];
 };
+
+static void
+send_status(void *arg)
+{
+	struct daemon_state *d = arg;
+	char status[sizeof(d->status_sent)];
+
+	relay_status(d->relay, status, sizeof(status));
+	if (strcmp(status, d->status_sent) == 0)
+		return;
+	sd_notifyf(0, "STATUS=%s", status);
+	memcpy(d->status_sent, status, sizeof(status));
+	d->status_sent_ms = event_now_ms();
+}
 
 static void
 notify_status(void *arg)
 {
 	struct daemon_state *d = arg;
-	char status[512];
+	uint64_t next = d->status_sent_ms + STATUS_INTERVAL_MS, now = event_now_ms();
 
-	relay_status(d->relay, status, sizeof(status));
-	sd_notifyf(0, "STATUS=%s", status);
+	if (now >= next)
+		send_status(d);
+	else if (d->status_timer.due_ms == 0)
+		event_timer_arm(d->loop, &d->status_timer, next - now);
 }
 
 static void
@@ -142,6 +164,7 @@ main(int argc, char *argv[])
 		fatalx("out of memory");
 	if ((d.relay = relay_new(d.loop, cfg, err, sizeof(err))) == NULL)
 		fatalx("%s", err);
+	event_timer_init(&d.status_timer, send_status, &d);
 	relay_on_status_change(d.relay, notify_status, &d);
 	relay_start(d.relay);
 

@@ -139,6 +139,8 @@ parse_int(const char *text, int64_t *out)
 	char *end;
 	long long n;
 
+	if (!(text[0] == '-' || (text[0] >= '0' && text[0] <= '9')))
+		return -1;
 	errno = 0;
 	n = strtoll(text, &end, 10);
 	if (errno != 0 || end == text || *end != '\0')
@@ -201,8 +203,6 @@ set_value(struct parser *p, const struct config_key *key, const yaml_node_t *nod
 		if ((int64_t)len < key->min || (int64_t)len > key->max)
 			return fail_at(p, node, "%s: length %zu is out of range (%" PRId64 "..%" PRId64 ")",
 			    key->path, len, key->min, key->max);
-		if (strlen(text) != (node ? node->data.scalar.length : len))
-			return fail_at(p, node, "%s: contains a NUL byte", key->path);
 		free(*s);
 		if ((*s = strdup(text)) == NULL)
 			return fail_at(p, node, "out of memory");
@@ -321,8 +321,9 @@ walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
 		const struct config_key *key;
 		char path[256];
 
-		if (k->type != YAML_SCALAR_NODE)
-			return fail_at(p, k, "keys must be plain names");
+		if (k->type != YAML_SCALAR_NODE ||
+		    strpbrk((const char *)k->data.scalar.value, ".[]") != NULL)
+			return fail_at(p, k, "keys must be plain names (nest sections instead of dots)");
 		snprintf(path, sizeof(path), "%s%s%s", prefix, *prefix ? "." : "",
 		    (const char *)k->data.scalar.value);
 		if ((key = find_key(path)) == NULL)
@@ -352,6 +353,8 @@ walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
 				    type_name(key->type), node_kind(v));
 			if (v->data.scalar.length == 0 && v->data.scalar.style == YAML_PLAIN_SCALAR_STYLE)
 				return fail_at(p, v, "%s: needs a value", path);
+			if (strlen((const char *)v->data.scalar.value) != v->data.scalar.length)
+				return fail_at(p, v, "%s: contains a NUL byte", path);
 			if (set_value(p, key, v, (const char *)v->data.scalar.value, base) == -1)
 				return -1;
 		}
@@ -361,7 +364,8 @@ walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
 
 /* Reads a secret file: the first line, at most CONFIG_MAX_PASSWORD bytes. */
 static int
-read_secret(struct parser *p, const yaml_node_t *node, const char *path, char **out)
+read_secret(struct parser *p, const yaml_node_t *node, const char *what, const char *path,
+    char **out)
 {
 	char buf[CONFIG_MAX_PASSWORD + 2];
 	struct stat st;
@@ -369,17 +373,18 @@ read_secret(struct parser *p, const yaml_node_t *node, const char *path, char **
 	int fd;
 
 	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) == -1)
-		return fail_at(p, node, "password file %s: %s", path, strerror(errno));
+		return fail_at(p, node, "%s: %s: %s", what, path, strerror(errno));
 	if (fstat(fd, &st) == 0 && (st.st_mode & S_IROTH))
 		log_warnx("password file %s is readable by everyone; chmod o-r it", path);
 	n = read(fd, buf, sizeof(buf) - 1);
 	close(fd);
 	if (n < 0)
-		return fail_at(p, node, "password file %s: %s", path, strerror(errno));
+		return fail_at(p, node, "%s: %s: %s", what, path, strerror(errno));
 	buf[n] = '\0';
 	buf[strcspn(buf, "\r\n")] = '\0';
 	if (strlen(buf) > CONFIG_MAX_PASSWORD)
-		return fail_at(p, node, "password file %s: longer than %d bytes", path, CONFIG_MAX_PASSWORD);
+		return fail_at(p, node, "%s: %s: longer than %d bytes", what, path,
+		    CONFIG_MAX_PASSWORD);
 	if ((*out = strdup(buf)) == NULL)
 		return fail_at(p, node, "out of memory");
 	return 0;
@@ -394,10 +399,11 @@ load_password(struct parser *p, yaml_node_t *root)
 	if (credentials) {
 		snprintf(path, sizeof(path), "%s/mqtt-password", credentials);
 		if (access(path, F_OK) == 0)
-			return read_secret(p, NULL, path, &p->cfg->broker.password);
+			return read_secret(p, NULL, "credential mqtt-password", path,
+			    &p->cfg->broker.password);
 	}
 	if (p->cfg->broker.password_file)
-		return read_secret(p, node_at(p, root, "broker.password_file"),
+		return read_secret(p, node_at(p, root, "broker.password_file"), "broker.password_file",
 		    p->cfg->broker.password_file, &p->cfg->broker.password);
 	return 0;
 }

@@ -42,11 +42,11 @@ dedup_decide(struct dedup_state *state, const struct dedup_source *src,
 	if (d->dup) {
 		/*
 		 * A broker redelivers, in the original order, what an earlier
-		 * connection left without PUBACK: either rows we committed whose
-		 * PUBACK was lost, or messages we never committed. Match each
-		 * redelivery to a row after the one the previous redelivery
-		 * matched, so that a run of equal payloads is not all folded
-		 * into one row.
+		 * connection left without PUBACK: first rows we committed whose
+		 * PUBACK was lost, then messages we never committed. Match each
+		 * redelivery to the first row after the one the previous
+		 * redelivery matched, so that a run of equal payloads maps one
+		 * to one and what is left over is new.
 		 */
 		id = src->earlier_connection_same(src->ctx, d,
 		    d->received_at_ms - state->window_ms, state->last_redelivered);

@@ -41,8 +41,10 @@ struct dedup_source {
 	/* The latest accepted row with this topic and payload. */
 	int64_t (*latest_same)(void *ctx, const struct delivery *d);
 	/*
-	 * The latest accepted row with this topic and payload that an earlier
-	 * connection delivered, received at or after since_ms, with id > after_id.
+	 * The earliest accepted row with this topic and payload that an earlier
+	 * connection delivered, received at or after since_ms, with id > after_id;
+	 * among those, one with the delivery's packet id comes first (Mosquitto
+	 * keeps a message's packet id when it redelivers it, RabbitMQ does not).
 	 */
 	int64_t (*earlier_connection_same)(void *ctx, const struct delivery *d,
 	    int64_t since_ms, int64_t after_id);

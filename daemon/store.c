@@ -39,7 +39,7 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	[STMT_EARLIER_SAME] =
 	    "SELECT id FROM messages WHERE status = 'accepted' AND topic = ?1"
 	    " AND payload_hash = ?2 AND payload = ?3 AND connection < ?4"
-	    " AND received_at >= ?5 AND id > ?6 ORDER BY id DESC LIMIT 1",
+	    " AND received_at >= ?5 AND id > ?6 ORDER BY mid = ?7 DESC, id LIMIT 1",
 	[STMT_CONNECTION_NEXT] =
 	    "INSERT INTO meta (key, value) VALUES ('connection', '1')"
 	    " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
@@ -188,6 +188,7 @@ dedup_earlier_connection_same(void *ctx, const struct delivery *d, int64_t since
 	sqlite3_bind_int64(s, 4, st->connection);
 	sqlite3_bind_int64(s, 5, since_ms);
 	sqlite3_bind_int64(s, 6, after_id);
+	sqlite3_bind_int(s, 7, d->mid);
 	return step_int(st, STMT_EARLIER_SAME, &id) == 0 ? id : -1;
 }
 

@@ -1,0 +1,360 @@
+/* cmdrelayctl: ask the history what the relay received. */
+#include <errno.h>
+#include <stdarg.h>
+#include <getopt.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+#include <sqlite3.h>
+
+#include "config.h"
+#include "topic.h"
+#include "version.h"
+
+#define DEFAULT_CONFIG "/etc/cmdrelay/cmdrelay.yaml"
+#define EX_USAGE_STATUS 64
+#define EX_NOINPUT_STATUS 66
+#define PAYLOAD_COLUMN 40
+#define HISTORY_MAX_LIMIT 1000000
+
+struct ctl {
+	const char *config_file;
+	const char *db_path;
+	bool json;
+};
+
+static void __attribute__((noreturn))
+usage(int status)
+{
+	fprintf(status ? stderr : stdout,
+	    "usage: cmdrelayctl [-c FILE] [--db PATH] COMMAND [OPTIONS]\n"
+	    "commands:\n"
+	    "  history [--device D] [--topic FILTER] [--since T] [--until T]\n"
+	    "          [--status accepted|duplicate|all] [--limit N] [--json]\n"
+	    "  check-config\n"
+	    "T is ISO 8601 (2026-11-25T18:00:00Z, 2026-11-25) or an age such as 90s, 2h, 7d.\n");
+	exit(status);
+}
+
+static void __attribute__((noreturn, format(printf, 2, 3)))
+die(int status, const char *fmt, ...)
+{
+	va_list ap;
+
+	fputs("cmdrelayctl: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	exit(status);
+}
+
+/* The history path: --db, else store.path of the config. */
+static const char *
+history_path(struct ctl *ctl, struct config **cfg)
+{
+	char err[CONFIG_ERR_MAX];
+
+	if (ctl->db_path)
+		return ctl->db_path;
+	if (config_load(ctl->config_file, cfg, err, sizeof(err)) == -1)
+		die(EX_CONFIG_STATUS, "%s", err);
+	return (*cfg)->store.path;
+}
+
+/* mqtt_match(filter, topic): MQTT wildcard matching for SQL. */
+static void
+sql_mqtt_match(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	const char *filter = (const char *)sqlite3_value_text(argv[0]);
+	const char *topic = (const char *)sqlite3_value_text(argv[1]);
+
+	(void)argc;
+	sqlite3_result_int(ctx, filter && topic && topic_matches(filter, topic));
+}
+
+static sqlite3 *
+open_history(const char *path)
+{
+	sqlite3 *db;
+
+	if (access(path, F_OK) == -1)
+		die(EX_NOINPUT_STATUS, "%s: %s (is cmdrelayd configured with this store.path?)",
+		    path, strerror(errno));
+	if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK)
+		die(1, "%s: %s", path, sqlite3_errmsg(db));
+	sqlite3_busy_timeout(db, 2000);
+	sqlite3_create_function(db, "mqtt_match", 2, SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL,
+	    sql_mqtt_match, NULL, NULL);
+	return db;
+}
+
+/* "2h", "7d" before now, or an ISO 8601 UTC date/time; Unix ms, -1 if malformed. */
+static int64_t
+parse_time(const char *text)
+{
+	static const char *const formats[] = {
+		"%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S",
+		"%Y-%m-%dT%H:%MZ", "%Y-%m-%dT%H:%M", "%Y-%m-%d",
+	};
+	int64_t age;
+
+	if (parse_duration_ms(text, &age) == 0)
+		return (int64_t)time(NULL) * 1000 - age;
+	for (size_t i = 0; i < sizeof(formats) / sizeof(formats[0]); i++) {
+		struct tm tm = { 0 };
+		const char *end = strptime(text, formats[i], &tm);
+		if (end && *end == '\0')
+			return (int64_t)timegm(&tm) * 1000;
+	}
+	return -1;
+}
+
+static void
+format_time(int64_t ms, char *buf, size_t len)
+{
+	time_t secs = (time_t)(ms / 1000);
+	struct tm tm;
+	size_t n;
+
+	gmtime_r(&secs, &tm);
+	n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
+	snprintf(buf + n, len - n, ".%03dZ", (int)(ms % 1000));
+}
+
+/* Payload as text for the table: control bytes escaped, cut to the column. */
+static void
+payload_cell(const unsigned char *p, int len, char *out, size_t outlen)
+{
+	size_t o = 0;
+
+	for (int i = 0; i < len && o + 5 < outlen; i++) {
+		if (p[i] >= 0x20 && p[i] != 0x7f)
+			out[o++] = (char)p[i];
+		else
+			o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", p[i]);
+	}
+	if (o + 5 >= outlen && o >= 3)
+		memcpy(out + o - 3, "...", 3);
+	out[o] = '\0';
+}
+
+static json_t *
+payload_json(const unsigned char *p, int len, const char **encoding)
+{
+	json_t *s = json_stringn((const char *)p, (size_t)len);
+	static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+	char *out;
+	size_t o = 0;
+
+	if (s) {	/* json_stringn accepts only valid UTF-8 */
+		*encoding = "utf8";
+		return s;
+	}
+	*encoding = "base64";
+	if ((out = malloc(((size_t)len + 2) / 3 * 4 + 1)) == NULL)
+		die(1, "out of memory");
+	for (int i = 0; i < len; i += 3) {
+		uint32_t v = (uint32_t)p[i] << 16 | (i + 1 < len ? (uint32_t)p[i + 1] << 8 : 0) |
+		    (i + 2 < len ? p[i + 2] : 0);
+		out[o++] = b64[v >> 18 & 63];
+		out[o++] = b64[v >> 12 & 63];
+		out[o++] = i + 1 < len ? b64[v >> 6 & 63] : '=';
+		out[o++] = i + 2 < len ? b64[v & 63] : '=';
+	}
+	out[o] = '\0';
+	s = json_string(out);
+	free(out);
+	return s;
+}
+
+static int
+cmd_history(struct ctl *ctl, int argc, char *argv[])
+{
+	static const struct option opts[] = {
+		{ "device", required_argument, NULL, 'd' },
+		{ "topic", required_argument, NULL, 't' },
+		{ "since", required_argument, NULL, 's' },
+		{ "until", required_argument, NULL, 'u' },
+		{ "status", required_argument, NULL, 'S' },
+		{ "limit", required_argument, NULL, 'l' },
+		{ "json", no_argument, NULL, 'j' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *device = NULL, *topic = NULL, *status = "all";
+	int64_t since = 0, until = INT64_MAX;
+	long limit = 100;
+	struct config *cfg = NULL;
+	sqlite3_stmt *s;
+	sqlite3 *db;
+	char *end;
+	int ch, rc;
+
+	optind = 1;
+	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (ch) {
+		case 'd':
+			device = optarg;
+			break;
+		case 't':
+			topic = optarg;
+			break;
+		case 's':
+		case 'u':
+			if ((ch == 's' ? (since = parse_time(optarg)) : (until = parse_time(optarg))) < 0)
+				die(EX_USAGE_STATUS, "--%s: '%s' is neither ISO 8601 nor an age like 2h",
+				    ch == 's' ? "since" : "until", optarg);
+			break;
+		case 'S':
+			if (strcmp(optarg, "accepted") && strcmp(optarg, "duplicate") && strcmp(optarg, "all"))
+				die(EX_USAGE_STATUS, "--status: '%s' is not accepted, duplicate or all", optarg);
+			status = optarg;
+			break;
+		case 'l':
+			errno = 0;
+			limit = strtol(optarg, &end, 10);
+			if (errno || *end || limit < 1 || limit > HISTORY_MAX_LIMIT)
+				die(EX_USAGE_STATUS, "--limit: '%s' is not a number from 1 to %d",
+				    optarg, HISTORY_MAX_LIMIT);
+			break;
+		case 'j':
+			ctl->json = true;
+			break;
+		default:
+			usage(EX_USAGE_STATUS);
+		}
+	}
+	if (optind != argc)
+		usage(EX_USAGE_STATUS);
+
+	db = open_history(history_path(ctl, &cfg));
+	/* The newest LIMIT rows that match, shown oldest first. */
+	rc = sqlite3_prepare_v2(db,
+	    "SELECT * FROM (SELECT id, received_at, topic, payload, qos, retain, dup, status,"
+	    " reason, duplicate_of, device FROM messages"
+	    " WHERE (?1 IS NULL OR device = ?1) AND received_at >= ?2 AND received_at <= ?3"
+	    " AND (?4 = 'all' OR status = ?4) AND (?5 IS NULL OR mqtt_match(?5, topic))"
+	    " ORDER BY id DESC LIMIT ?6) ORDER BY id",
+	    -1, &s, NULL);
+	if (rc != SQLITE_OK)
+		die(1, "%s", sqlite3_errmsg(db));
+	sqlite3_bind_text(s, 1, device, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 2, since);
+	sqlite3_bind_int64(s, 3, until);
+	sqlite3_bind_text(s, 4, status, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 5, topic, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 6, limit);
+	if (!ctl->json)
+		printf("%-6s %-24s %-14s %-9s %-15s %-6s %-3s %-3s %s\n", "ID", "RECEIVED", "DEVICE",
+		    "STATUS", "REASON", "DUP_OF", "RET", "DUP", "PAYLOAD");
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		const char *row_topic = (const char *)sqlite3_column_text(s, 2);
+		const unsigned char *payload = sqlite3_column_blob(s, 3);
+		int plen = sqlite3_column_bytes(s, 3);
+		char when[40];
+
+		format_time(sqlite3_column_int64(s, 1), when, sizeof(when));
+		if (ctl->json) {
+			const char *encoding;
+			json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:b, s:s}",
+			    "id", (json_int_t)sqlite3_column_int64(s, 0), "received_at", when,
+			    "topic", row_topic, "payload", payload_json(payload, plen, &encoding),
+			    "qos", sqlite3_column_int(s, 4), "retained", sqlite3_column_int(s, 5),
+			    "dup", sqlite3_column_int(s, 6), "status", (const char *)sqlite3_column_text(s, 7));
+			char *line;
+			json_object_set_new(o, "encoding", json_string(encoding));
+			json_object_set_new(o, "reason", sqlite3_column_type(s, 8) == SQLITE_NULL ? json_null() :
+			    json_string((const char *)sqlite3_column_text(s, 8)));
+			json_object_set_new(o, "duplicate_of", sqlite3_column_type(s, 9) == SQLITE_NULL ?
+			    json_null() : json_integer(sqlite3_column_int64(s, 9)));
+			json_object_set_new(o, "device", sqlite3_column_type(s, 10) == SQLITE_NULL ? json_null() :
+			    json_string((const char *)sqlite3_column_text(s, 10)));
+			line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
+			puts(line);
+			free(line);
+			json_decref(o);
+		} else {
+			char cell[PAYLOAD_COLUMN + 8];
+			payload_cell(payload, plen, cell, sizeof(cell));
+			printf("%-6lld %-24s %-14s %-9s %-15s %-6s %-3d %-3d %s\n",
+			    (long long)sqlite3_column_int64(s, 0), when,
+			    sqlite3_column_type(s, 10) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 10),
+			    (const char *)sqlite3_column_text(s, 7),
+			    sqlite3_column_type(s, 8) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 8),
+			    sqlite3_column_type(s, 9) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 9),
+			    sqlite3_column_int(s, 5), sqlite3_column_int(s, 6), cell);
+		}
+	}
+	if (rc != SQLITE_DONE)
+		die(1, "%s", sqlite3_errmsg(db));
+	sqlite3_finalize(s);
+	sqlite3_close(db);
+	config_free(cfg);
+	return 0;
+}
+
+static int
+cmd_check_config(struct ctl *ctl, int argc, char *argv[])
+{
+	char err[CONFIG_ERR_MAX];
+	struct config *cfg;
+
+	(void)argv;
+	if (argc != 1)
+		usage(EX_USAGE_STATUS);
+	if (config_load(ctl->config_file, &cfg, err, sizeof(err)) == -1)
+		die(EX_CONFIG_STATUS, "%s", err);
+	printf("%s: configuration OK\n", ctl->config_file);
+	config_free(cfg);
+	return 0;
+}
+
+int
+main(int argc, char *argv[])
+{
+	static const struct {
+		const char *name;
+		int (*fn)(struct ctl *, int, char *[]);
+	} commands[] = {
+		{ "history", cmd_history },
+		{ "check-config", cmd_check_config },
+	};
+	static const struct option opts[] = {
+		{ "db", required_argument, NULL, 'd' },
+		{ "version", no_argument, NULL, 'V' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct ctl ctl = { .config_file = DEFAULT_CONFIG };
+	int ch;
+
+	while ((ch = getopt_long(argc, argv, "+c:h", opts, NULL)) != -1) {
+		switch (ch) {
+		case 'c':
+			ctl.config_file = optarg;
+			break;
+		case 'd':
+			ctl.db_path = optarg;
+			break;
+		case 'V':
+			printf("cmdrelayctl %s\n", CMDRELAY_VERSION);
+			return 0;
+		case 'h':
+			usage(0);
+		default:
+			usage(EX_USAGE_STATUS);
+		}
+	}
+	if (optind >= argc)
+		usage(EX_USAGE_STATUS);
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		if (strcmp(argv[optind], commands[i].name) == 0)
+			return commands[i].fn(&ctl, argc - optind, argv + optind);
+	fprintf(stderr, "cmdrelayctl: unknown command '%s'\n", argv[optind]);
+	usage(EX_USAGE_STATUS);
+}

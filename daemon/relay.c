@@ -152,9 +152,18 @@ on_connected(void *arg, bool session_present)
 	}
 	for (size_t j = 0; j < nknown; j++) {
 		bool wanted = false;
+		int mid;
 		for (size_t i = 0; i < r->cfg->nsubs && !wanted; i++)
 			wanted = strcmp(known[j].filter, r->cfg->subs[i].topic) == 0;
-		if (!wanted)
+		if (wanted)
+			continue;
+		/*
+		 * RabbitMQ 3.10 answers UNSUBSCRIBE with UNSUBACK but keeps the
+		 * binding when the filter was not subscribed on this connection
+		 * (measured), so subscribe first; a retained replay that this
+		 * brings is recorded and recognised like any other.
+		 */
+		if (mqtt_subscribe(r->mqtt, known[j].filter, known[j].qos, &mid) == 0)
 			pending_add(r, true, known[j].filter, 0);
 	}
 	store_subscriptions_free(known, nknown);

@@ -97,6 +97,13 @@ payload_hash(const void *data, size_t len)
 	return h;
 }
 
+/* libmosquitto hands an empty payload as NULL; SQL must see an empty BLOB. */
+static void
+bind_payload(sqlite3_stmt *s, int col, const struct delivery *d)
+{
+	sqlite3_bind_blob(s, col, d->payloadlen ? d->payload : "", (int)d->payloadlen, SQLITE_STATIC);
+}
+
 /* Runs a statement that returns nothing or one integer; resets it. */
 static int
 step_int(struct store *st, enum stmt_id id, int64_t *out)
@@ -170,7 +177,7 @@ dedup_latest_same(void *ctx, const struct delivery *d)
 
 	sqlite3_bind_text(s, 1, d->topic, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(s, 2, (int64_t)payload_hash(d->payload, d->payloadlen));
-	sqlite3_bind_blob(s, 3, d->payload, (int)d->payloadlen, SQLITE_STATIC);
+	bind_payload(s, 3, d);
 	return step_int(st, STMT_LATEST_SAME, &id) == 0 ? id : -1;
 }
 
@@ -184,7 +191,7 @@ dedup_earlier_connection_same(void *ctx, const struct delivery *d, int64_t since
 
 	sqlite3_bind_text(s, 1, d->topic, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(s, 2, (int64_t)payload_hash(d->payload, d->payloadlen));
-	sqlite3_bind_blob(s, 3, d->payload, (int)d->payloadlen, SQLITE_STATIC);
+	bind_payload(s, 3, d);
 	sqlite3_bind_int64(s, 4, st->connection);
 	sqlite3_bind_int64(s, 5, since_ms);
 	sqlite3_bind_int64(s, 6, after_id);
@@ -310,7 +317,7 @@ store_insert(struct store *st, const struct delivery *d, const struct dedup_verd
 		return store_fail(st, "topic fields of %s", d->topic);
 	sqlite3_bind_int64(s, 1, d->received_at_ms);
 	sqlite3_bind_text(s, 2, d->topic, -1, SQLITE_STATIC);
-	sqlite3_bind_blob(s, 3, d->payloadlen ? d->payload : "", (int)d->payloadlen, SQLITE_STATIC);
+	bind_payload(s, 3, d);
 	sqlite3_bind_int64(s, 4, (int64_t)payload_hash(d->payload, d->payloadlen));
 	sqlite3_bind_int(s, 5, d->qos);
 	sqlite3_bind_int(s, 6, d->retain);

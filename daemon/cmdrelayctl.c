@@ -15,6 +15,7 @@
 #include "config.h"
 #include "topic.h"
 #include "version.h"
+#include "wire.h"
 
 #define DEFAULT_CONFIG "/etc/cmdrelay/cmdrelay.yaml"
 #define EX_USAGE_STATUS 64
@@ -115,18 +116,6 @@ parse_time(const char *text)
 	return -1;
 }
 
-static void
-format_time(int64_t ms, char *buf, size_t len)
-{
-	time_t secs = (time_t)(ms / 1000);
-	struct tm tm;
-	size_t n;
-
-	gmtime_r(&secs, &tm);
-	n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
-	snprintf(buf + n, len - n, ".%03dZ", (int)(ms % 1000));
-}
-
 /* Payload as text for the table: control bytes escaped, cut to the column. */
 static void
 payload_cell(const unsigned char *p, int len, char *out, size_t outlen)
@@ -142,35 +131,6 @@ payload_cell(const unsigned char *p, int len, char *out, size_t outlen)
 	if (o + 5 >= outlen && o >= 3)
 		memcpy(out + o - 3, "...", 3);
 	out[o] = '\0';
-}
-
-static json_t *
-payload_json(const unsigned char *p, int len, const char **encoding)
-{
-	json_t *s = json_stringn((const char *)p, (size_t)len);
-	static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-	char *out;
-	size_t o = 0;
-
-	if (s) {	/* json_stringn accepts only valid UTF-8 */
-		*encoding = "utf8";
-		return s;
-	}
-	*encoding = "base64";
-	if ((out = malloc(((size_t)len + 2) / 3 * 4 + 1)) == NULL)
-		die(1, "out of memory");
-	for (int i = 0; i < len; i += 3) {
-		uint32_t v = (uint32_t)p[i] << 16 | (i + 1 < len ? (uint32_t)p[i + 1] << 8 : 0) |
-		    (i + 2 < len ? p[i + 2] : 0);
-		out[o++] = b64[v >> 18 & 63];
-		out[o++] = b64[v >> 12 & 63];
-		out[o++] = i + 1 < len ? b64[v >> 6 & 63] : '=';
-		out[o++] = i + 2 < len ? b64[v & 63] : '=';
-	}
-	out[o] = '\0';
-	s = json_string(out);
-	free(out);
-	return s;
 }
 
 static int
@@ -258,12 +218,12 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		int plen = sqlite3_column_bytes(s, 3);
 		char when[40];
 
-		format_time(sqlite3_column_int64(s, 1), when, sizeof(when));
+		wire_time(sqlite3_column_int64(s, 1), when, sizeof(when));
 		if (ctl->json) {
 			const char *encoding;
 			json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:b, s:s}",
 			    "id", (json_int_t)sqlite3_column_int64(s, 0), "received_at", when,
-			    "topic", row_topic, "payload", payload_json(payload, plen, &encoding),
+			    "topic", row_topic, "payload", wire_payload(payload, (size_t)plen, &encoding),
 			    "qos", sqlite3_column_int(s, 4), "retained", sqlite3_column_int(s, 5),
 			    "dup", sqlite3_column_int(s, 6), "status", (const char *)sqlite3_column_text(s, 7));
 			char *line;

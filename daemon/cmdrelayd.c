@@ -11,6 +11,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "config.h"
+#include "consumer.h"
 #include "event.h"
 #include "log.h"
 #include "mqtt.h"
@@ -44,6 +45,7 @@ usage(int status)
 struct daemon_state {
 	struct event_loop *loop;
 	struct relay *relay;
+	struct consumers *consumers;
 	struct event_timer watchdog;
 	uint64_t watchdog_ms;
 	struct event_timer status_timer;
@@ -75,6 +77,22 @@ notify_status(void *arg)
 		send_status(d);
 	else if (d->status_timer.due_ms == 0)
 		event_timer_arm(d->loop, &d->status_timer, next - now);
+}
+
+static void
+on_commit(void *arg)
+{
+	struct daemon_state *d = arg;
+
+	consumers_notify(d->consumers);
+}
+
+static void
+add_relay_stats(json_t *reply, void *arg)
+{
+	struct daemon_state *d = arg;
+
+	relay_stats(d->relay, reply);
 }
 
 static void
@@ -164,8 +182,12 @@ main(int argc, char *argv[])
 		fatalx("out of memory");
 	if ((d.relay = relay_new(d.loop, cfg, err, sizeof(err))) == NULL)
 		fatalx("%s", err);
+	if ((d.consumers = consumers_new(d.loop, cfg, relay_store(d.relay), add_relay_stats, &d,
+	    err, sizeof(err))) == NULL)
+		fatalx("%s", err);
 	event_timer_init(&d.status_timer, send_status, &d);
 	relay_on_status_change(d.relay, notify_status, &d);
+	relay_on_commit(d.relay, on_commit, &d);
 	relay_start(d.relay);
 
 	if (sd_watchdog_enabled(0, &usec) > 0) {
@@ -185,6 +207,7 @@ main(int argc, char *argv[])
 	log_info("received %s, shutting down", strsignal(quit_signal));
 	sd_notify(0, "STOPPING=1");
 	relay_stop(d.relay);
+	consumers_free(d.consumers);
 	relay_free(d.relay);
 	event_loop_free(d.loop);
 	config_free(cfg);

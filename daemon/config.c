@@ -70,6 +70,7 @@ static const struct config_key config_keys[] = {
 	{ "socket.path", KEY_STRING, 1, sizeof(((struct sockaddr_un *)0)->sun_path) - 1,
 	  "/run/cmdrelay/cmdrelay.sock", CFG(socket.path) },
 	{ "socket.mode", KEY_MODE, 0, 0777, "0660", CFG(socket.mode) },
+	{ "socket.group", KEY_STRING, 1, 64, NULL, CFG(socket.group) },
 	{ "socket.max_consumers", KEY_INT, 1, 1024, "64", CFG(socket.max_consumers) },
 	{ "socket.window", KEY_INT, 1, 65536, "256", CFG(socket.window) },
 	{ "log", KEY_SECTION, 0, 0, NULL, 0 },

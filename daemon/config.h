@@ -46,6 +46,7 @@ struct config {
 	struct {
 		char *path;
 		int64_t mode;
+		char *group;
 		int64_t max_consumers;
 		int64_t window;
 	} socket;

@@ -35,6 +35,8 @@ struct relay {
 	size_t npending;
 	void (*status_fn)(void *arg);
 	void *status_arg;
+	void (*commit_fn)(void *arg);
+	void *commit_arg;
 };
 
 static void
@@ -49,6 +51,34 @@ relay_on_status_change(struct relay *r, void (*fn)(void *arg), void *arg)
 {
 	r->status_fn = fn;
 	r->status_arg = arg;
+}
+
+void
+relay_on_commit(struct relay *r, void (*fn)(void *arg), void *arg)
+{
+	r->commit_fn = fn;
+	r->commit_arg = arg;
+}
+
+struct store *
+relay_store(struct relay *r)
+{
+	return r->store;
+}
+
+void
+relay_stats(const struct relay *r, json_t *obj)
+{
+	json_object_set_new(obj, "broker", json_pack("{s:s, s:i, s:s, s:b, s:s}",
+	    "host", r->cfg->broker.host, "port", (int)r->cfg->broker.port,
+	    "client_id", r->cfg->broker.client_id, "connected", mqtt_is_connected(r->mqtt),
+	    "last_error", mqtt_last_error(r->mqtt)));
+	json_object_set_new(obj, "received", json_integer((json_int_t)r->total.received));
+	json_object_set_new(obj, "accepted", json_integer((json_int_t)r->total.accepted));
+	json_object_set_new(obj, "duplicates", json_pack("{s:I, s:I}",
+	    "retained_replay", (json_int_t)r->total.retained_replays,
+	    "redelivery", (json_int_t)r->total.redeliveries));
+	json_object_set_new(obj, "commit_failures", json_integer((json_int_t)r->total.commit_failures));
 }
 
 void
@@ -279,6 +309,8 @@ on_commit(void *arg)
 	r->total.retained_replays += r->staged.retained_replays;
 	r->total.redeliveries += r->staged.redeliveries;
 	status_changed(r);
+	if (r->commit_fn)
+		r->commit_fn(r->commit_arg);
 	return 0;
 }
 

@@ -9,8 +9,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
 #include "config.h"
 #include "event.h"
+#include "store.h"
 
 struct relay;
 
@@ -33,5 +36,10 @@ void relay_stop(struct relay *r);
 void relay_status(const struct relay *r, char *buf, size_t len);
 /* Called whenever the line above would change. */
 void relay_on_status_change(struct relay *r, void (*fn)(void *arg), void *arg);
+/* Called after each commit that added rows. */
+void relay_on_commit(struct relay *r, void (*fn)(void *arg), void *arg);
+/* Adds connection state and counters to a stats object. */
+void relay_stats(const struct relay *r, json_t *obj);
+struct store *relay_store(struct relay *r);
 
 #endif

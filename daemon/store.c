@@ -10,6 +10,7 @@
 #include <jansson.h>
 #include <sqlite3.h>
 
+#include "event.h"
 #include "migrations.h"
 
 enum stmt_id {
@@ -22,6 +23,17 @@ enum stmt_id {
 	STMT_CONNECTION_NEXT,
 	STMT_SUB_SET,
 	STMT_SUB_DEL,
+	STMT_TOPIC_ADD,
+	STMT_FILTERS,
+	STMT_FILTER_KNOWN,
+	STMT_FILTER_TOPIC_ADD,
+	STMT_TOPICS_ALL,
+	STMT_CONSUMER_GET,
+	STMT_CONSUMER_PUT,
+	STMT_CONSUMER_ACK,
+	STMT_FETCH_FILTERED,
+	STMT_FETCH_ALL,
+	STMT_MAX_ID,
 	STMT_COUNT
 };
 
@@ -48,6 +60,26 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    "INSERT OR REPLACE INTO session_subscriptions (filter, qos, subscribed_at)"
 	    " VALUES (?1, ?2, CAST(strftime('%s', 'now') AS INTEGER) * 1000)",
 	[STMT_SUB_DEL] = "DELETE FROM session_subscriptions WHERE filter = ?1",
+	[STMT_TOPIC_ADD] = "INSERT OR IGNORE INTO topics (topic) VALUES (?1)",
+	[STMT_FILTERS] = "SELECT DISTINCT filter FROM consumers",
+	[STMT_FILTER_KNOWN] = "SELECT 1 FROM consumers WHERE filter = ?1 LIMIT 1",
+	[STMT_FILTER_TOPIC_ADD] = "INSERT OR IGNORE INTO filter_topics (filter, topic) VALUES (?1, ?2)",
+	[STMT_TOPICS_ALL] = "SELECT topic FROM topics",
+	[STMT_CONSUMER_GET] = "SELECT acked_id FROM consumers WHERE name = ?1",
+	[STMT_CONSUMER_PUT] =
+	    "INSERT INTO consumers (name, filter, acked_id, updated_at) VALUES (?1, ?2, ?3, ?4)"
+	    " ON CONFLICT (name) DO UPDATE SET filter = excluded.filter,"
+	    " acked_id = excluded.acked_id, updated_at = excluded.updated_at",
+	[STMT_CONSUMER_ACK] =
+	    "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1 AND acked_id < ?2",
+	[STMT_FETCH_FILTERED] =
+	    "SELECT id, received_at, topic, payload, qos, retain, fields FROM messages"
+	    " WHERE id > ?1 AND status = 'accepted'"
+	    " AND topic IN (SELECT topic FROM filter_topics WHERE filter = ?2) ORDER BY id LIMIT ?3",
+	[STMT_FETCH_ALL] =
+	    "SELECT id, received_at, topic, payload, qos, retain, fields FROM messages"
+	    " WHERE id > ?1 AND status = 'accepted' ORDER BY id LIMIT ?3",
+	[STMT_MAX_ID] = "SELECT coalesce(max(id), 0) FROM messages",
 };
 
 struct store {
@@ -289,6 +321,173 @@ store_dedup_source(struct store *st)
 	return &st->dedup;
 }
 
+static int
+add_filter_topic(struct store *st, const char *filter, const char *topic)
+{
+	sqlite3_bind_text(st->stmt[STMT_FILTER_TOPIC_ADD], 1, filter, -1, SQLITE_TRANSIENT);
+	sqlite3_bind_text(st->stmt[STMT_FILTER_TOPIC_ADD], 2, topic, -1, SQLITE_TRANSIENT);
+	return step_int(st, STMT_FILTER_TOPIC_ADD, NULL);
+}
+
+/* A topic seen for the first time: note which consumer filters match it. */
+static int
+register_topic(struct store *st, const char *topic)
+{
+	sqlite3_stmt *s = st->stmt[STMT_FILTERS];
+	int rc;
+
+	sqlite3_bind_text(st->stmt[STMT_TOPIC_ADD], 1, topic, -1, SQLITE_STATIC);
+	if (step_int(st, STMT_TOPIC_ADD, NULL) == -1)
+		return -1;
+	if (sqlite3_changes(st->db) == 0)
+		return 0;
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		const char *filter = (const char *)sqlite3_column_text(s, 0);
+		if (topic_matches(filter, topic) && add_filter_topic(st, filter, topic) == -1) {
+			sqlite3_reset(s);
+			return -1;
+		}
+	}
+	sqlite3_reset(s);
+	return rc == SQLITE_DONE ? 0 : store_fail(st, "%s", stmt_sql[STMT_FILTERS]);
+}
+
+/* A filter no consumer had: note which known topics it matches. */
+static int
+register_filter(struct store *st, const char *filter)
+{
+	sqlite3_stmt *s = st->stmt[STMT_TOPICS_ALL];
+	int64_t known;
+	int rc;
+
+	sqlite3_bind_text(st->stmt[STMT_FILTER_KNOWN], 1, filter, -1, SQLITE_STATIC);
+	if (step_int(st, STMT_FILTER_KNOWN, &known) == -1)
+		return -1;
+	if (known)
+		return 0;
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		const char *topic = (const char *)sqlite3_column_text(s, 0);
+		if (topic_matches(filter, topic) && add_filter_topic(st, filter, topic) == -1) {
+			sqlite3_reset(s);
+			return -1;
+		}
+	}
+	sqlite3_reset(s);
+	return rc == SQLITE_DONE ? 0 : store_fail(st, "%s", stmt_sql[STMT_TOPICS_ALL]);
+}
+
+int
+store_consumer_open(struct store *st, const char *name, const char *filter,
+    const struct store_start *start, int64_t *resume_after)
+{
+	sqlite3_stmt *put = st->stmt[STMT_CONSUMER_PUT];
+	int64_t acked = 0;
+
+	if (store_begin(st) == -1)
+		return -1;
+	sqlite3_bind_text(st->stmt[STMT_CONSUMER_GET], 1, name, -1, SQLITE_STATIC);
+	if (step_int(st, STMT_CONSUMER_GET, &acked) == -1 || register_filter(st, filter) == -1)
+		goto fail;
+	switch (start->from) {
+	case STORE_FROM_STORED:
+		break;		/* a new consumer starts at 0: the oldest row kept */
+	case STORE_FROM_LIVE:
+		if (step_int(st, STMT_MAX_ID, &acked) == -1)
+			goto fail;
+		break;
+	case STORE_FROM_ID:
+		acked = start->id;
+		break;
+	}
+	sqlite3_bind_text(put, 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_text(put, 2, filter, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(put, 3, acked);
+	sqlite3_bind_int64(put, 4, (int64_t)event_wall_ms());
+	if (step_int(st, STMT_CONSUMER_PUT, NULL) == -1 || store_commit(st) == -1)
+		goto fail;
+	*resume_after = acked;
+	return 0;
+fail:
+	store_rollback(st);
+	return -1;
+}
+
+int
+store_consumer_ack(struct store *st, const char *name, int64_t id)
+{
+	sqlite3_stmt *s = st->stmt[STMT_CONSUMER_ACK];
+
+	sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 2, id);
+	sqlite3_bind_int64(s, 3, (int64_t)event_wall_ms());
+	return step_int(st, STMT_CONSUMER_ACK, NULL);
+}
+
+int
+store_consumers(struct store *st, store_consumer_fn *fn, void *arg)
+{
+	sqlite3_stmt *s;
+	int rc;
+
+	if (sqlite3_prepare_v2(st->db, "SELECT consumer, filter, acked_id, lag FROM consumer_lag"
+	    " ORDER BY consumer", -1, &s, NULL) != SQLITE_OK)
+		return store_fail(st, "reading consumer_lag");
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct store_consumer c = {
+			.name = (const char *)sqlite3_column_text(s, 0),
+			.filter = (const char *)sqlite3_column_text(s, 1),
+			.acked_id = sqlite3_column_int64(s, 2),
+			.lag = sqlite3_column_int64(s, 3),
+		};
+		if (fn(&c, arg) == -1)
+			break;
+	}
+	sqlite3_finalize(s);
+	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : store_fail(st, "reading consumer_lag");
+}
+
+int64_t
+store_last_id(struct store *st)
+{
+	int64_t id;
+
+	return step_int(st, STMT_MAX_ID, &id) == 0 ? id : -1;
+}
+
+int
+store_fetch(struct store *st, const char *filter, int64_t after_id, int limit,
+    store_command_fn *fn, void *arg)
+{
+	enum stmt_id id = filter ? STMT_FETCH_FILTERED : STMT_FETCH_ALL;
+	sqlite3_stmt *s = st->stmt[id];
+	int n = 0, rc;
+
+	sqlite3_bind_int64(s, 1, after_id);
+	if (filter)
+		sqlite3_bind_text(s, 2, filter, -1, SQLITE_STATIC);
+	sqlite3_bind_int(s, 3, limit);
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct stored_command c = {
+			.id = sqlite3_column_int64(s, 0),
+			.received_at_ms = sqlite3_column_int64(s, 1),
+			.topic = (const char *)sqlite3_column_text(s, 2),
+			.payload = sqlite3_column_blob(s, 3),
+			.payloadlen = (size_t)sqlite3_column_bytes(s, 3),
+			.qos = sqlite3_column_int(s, 4),
+			.retain = sqlite3_column_int(s, 5),
+			.fields_json = (const char *)sqlite3_column_text(s, 6),
+		};
+		n++;
+		if (fn(&c, arg) == -1)
+			break;
+	}
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return store_fail(st, "%s", stmt_sql[id]);
+	return n;
+}
+
 static char *
 fields_json(const struct topic_fields *fields)
 {
@@ -333,9 +532,11 @@ store_insert(struct store *st, const struct delivery *d, const struct dedup_verd
 	sqlite3_bind_text(s, 14, json, -1, SQLITE_STATIC);
 	rc = step_int(st, STMT_INSERT, NULL);
 	free(json);
-	if (rc == 0 && id)
+	if (rc == -1)
+		return -1;
+	if (id)
 		*id = sqlite3_last_insert_rowid(st->db);
-	return rc;
+	return register_topic(st, d->topic);
 }
 
 int

@@ -2,6 +2,7 @@
 #ifndef CMDRELAY_STORE_H
 #define CMDRELAY_STORE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -31,8 +32,51 @@ void store_rollback(struct store *st);
 int64_t store_connection_start(struct store *st);
 const struct dedup_source *store_dedup_source(struct store *st);
 
+/* Where a named consumer starts: after its last ack, after the newest row, or after an id. */
+struct store_start {
+	enum { STORE_FROM_STORED, STORE_FROM_LIVE, STORE_FROM_ID } from;
+	int64_t id;
+};
+
+/* An accepted command as read back for consumers; valid during the callback. */
+struct stored_command {
+	int64_t id;
+	int64_t received_at_ms;
+	const char *topic;
+	const void *payload;
+	size_t payloadlen;
+	int qos;
+	bool retain;
+	const char *fields_json;	/* NULL when the topic did not fit topic_fields */
+};
+
+/* Returns -1 to stop the fetch early. */
+typedef int store_command_fn(const struct stored_command *c, void *arg);
+
 int store_insert(struct store *st, const struct delivery *d,
     const struct dedup_verdict *v, const struct topic_fields *fields, int64_t *id);
+
+/* Creates or moves a named consumer's cursor; *resume_after is where it starts. */
+int store_consumer_open(struct store *st, const char *name, const char *filter,
+    const struct store_start *start, int64_t *resume_after);
+int store_consumer_ack(struct store *st, const char *name, int64_t id);
+
+struct store_consumer {
+	const char *name;
+	const char *filter;
+	int64_t acked_id;
+	int64_t lag;
+};
+typedef int store_consumer_fn(const struct store_consumer *c, void *arg);
+/* Every named consumer with its lag (view consumer_lag), by name. */
+int store_consumers(struct store *st, store_consumer_fn *fn, void *arg);
+int64_t store_last_id(struct store *st);
+/*
+ * Calls fn for up to limit accepted commands after after_id, in id order;
+ * filter NULL: every topic. Returns how many were read, -1 on error.
+ */
+int store_fetch(struct store *st, const char *filter, int64_t after_id, int limit,
+    store_command_fn *fn, void *arg);
 
 /*
  * The subscriptions the broker session holds, as last confirmed by SUBACK.

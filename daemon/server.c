@@ -1,0 +1,404 @@
+#include "server.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <systemd/sd-daemon.h>
+
+#include "log.h"
+
+
+struct conn {
+	struct server *srv;
+	int fd;
+	void *state;
+	char in[SERVER_LINE_MAX + 1];
+	size_t inlen;
+	char *out;
+	size_t outlen, outpos, outcap;
+	bool closing;
+	struct ucred cred;
+	struct conn *next;
+};
+
+struct server {
+	struct event_loop *loop;
+	const struct config *cfg;
+	struct server_handler h;
+	int listen_fd;
+	bool activated;		/* the socket came from systemd */
+	bool created;		/* we bound the path and remove it at exit */
+	struct conn *conns;
+	size_t nconns;
+	size_t limit;
+};
+
+static void conn_io(int fd, short revents, void *arg);
+
+bool
+server_activated(const struct server *srv)
+{
+	return srv->activated;
+}
+
+size_t
+server_connections(const struct server *srv)
+{
+	return srv->nconns;
+}
+
+size_t
+conn_queued(const struct conn *c)
+{
+	return c->outlen - c->outpos;
+}
+
+pid_t
+conn_pid(const struct conn *c)
+{
+	return c->cred.pid;
+}
+
+uid_t
+conn_uid(const struct conn *c)
+{
+	return c->cred.uid;
+}
+
+void
+server_foreach(struct server *srv, void (*fn)(struct conn *c, void *state, void *arg), void *arg)
+{
+	struct conn *next;
+
+	for (struct conn *c = srv->conns; c; c = next) {
+		next = c->next;
+		if (!c->closing)
+			fn(c, c->state, arg);
+	}
+}
+
+static void
+conn_free(struct conn *c)
+{
+	struct server *srv = c->srv;
+
+	for (struct conn **p = &srv->conns; *p; p = &(*p)->next) {
+		if (*p == c) {
+			*p = c->next;
+			break;
+		}
+	}
+	srv->nconns--;
+	if (c->state)
+		srv->h.close(c, c->state, srv->h.arg);
+	event_io_del(srv->loop, c->fd);
+	close(c->fd);
+	free(c->out);
+	free(c);
+}
+
+static void
+conn_watch(struct conn *c)
+{
+	short events = (c->closing ? 0 : POLLIN) | (conn_queued(c) ? POLLOUT : 0);
+
+	event_io_set(c->srv->loop, c->fd, events, conn_io, c);
+}
+
+/* Writes what the socket takes; returns -1 when the peer is gone. */
+static int
+conn_flush(struct conn *c)
+{
+	while (conn_queued(c) > 0) {
+		ssize_t n = send(c->fd, c->out + c->outpos, conn_queued(c), MSG_NOSIGNAL);
+		if (n == -1) {
+			if (errno == EAGAIN || errno == EINTR)
+				break;
+			return -1;
+		}
+		c->outpos += (size_t)n;
+	}
+	if (c->outpos == c->outlen)
+		c->outpos = c->outlen = 0;
+	return 0;
+}
+
+void
+conn_send(struct conn *c, const char *data, size_t len)
+{
+	if (c->outpos > 0 && c->outlen + len > c->outcap) {
+		memmove(c->out, c->out + c->outpos, conn_queued(c));
+		c->outlen -= c->outpos;
+		c->outpos = 0;
+	}
+	if (c->outlen + len > c->outcap) {
+		size_t cap = c->outcap ? c->outcap : 4096;
+		char *grown;
+		while (cap < c->outlen + len)
+			cap *= 2;
+		if ((grown = realloc(c->out, cap)) == NULL) {
+			log_warnx("consumer pid %d: out of memory; closing", (int)c->cred.pid);
+			c->closing = true;
+			return;
+		}
+		c->out = grown;
+		c->outcap = cap;
+	}
+	memcpy(c->out + c->outlen, data, len);
+	c->outlen += len;
+	if (conn_flush(c) == -1)
+		c->closing = true;
+	conn_watch(c);
+}
+
+void
+conn_close(struct conn *c)
+{
+	c->closing = true;
+	shutdown(c->fd, SHUT_RD);
+	conn_watch(c);
+}
+
+static void
+conn_read(struct conn *c)
+{
+	ssize_t n = recv(c->fd, c->in + c->inlen, SERVER_LINE_MAX + 1 - c->inlen, 0);
+	char *start, *nl;
+
+	if (n == 0 || (n == -1 && errno != EAGAIN && errno != EINTR)) {
+		conn_free(c);
+		return;
+	}
+	if (n == -1)
+		return;
+	c->inlen += (size_t)n;
+	start = c->in;
+	while (!c->closing && (nl = memchr(start, '\n', c->inlen - (size_t)(start - c->in)))) {
+		*nl = '\0';
+		c->srv->h.line(c, c->state, start, (size_t)(nl - start), c->srv->h.arg);
+		start = nl + 1;
+	}
+	c->inlen -= (size_t)(start - c->in);
+	memmove(c->in, start, c->inlen);
+	if (!c->closing && c->inlen > SERVER_LINE_MAX) {
+		static const char msg[] = "{\"type\":\"error\",\"code\":\"line_too_long\","
+		    "\"message\":\"a line may be at most 65536 bytes\"}\n";
+		log_warnx("consumer pid %d uid %d: line longer than %d bytes; closing",
+		    (int)c->cred.pid, (int)c->cred.uid, SERVER_LINE_MAX);
+		conn_send(c, msg, sizeof(msg) - 1);
+		conn_close(c);
+	}
+}
+
+static void
+conn_io(int fd, short revents, void *arg)
+{
+	struct conn *c = arg;
+	size_t before = conn_queued(c);
+
+	(void)fd;
+	if ((revents & (POLLIN | POLLHUP | POLLERR)) && !c->closing) {
+		conn_read(c);
+		return;		/* c may be gone */
+	}
+	if (conn_flush(c) == -1 || (revents & (POLLERR | POLLHUP)) ||
+	    (c->closing && conn_queued(c) == 0)) {
+		conn_free(c);
+		return;
+	}
+	if (before >= SERVER_OUT_LOW_WATER && conn_queued(c) < SERVER_OUT_LOW_WATER && !c->closing)
+		c->srv->h.drained(c, c->state, c->srv->h.arg);
+	conn_watch(c);
+}
+
+static void
+on_accept(int fd, short revents, void *arg)
+{
+	struct server *srv = arg;
+	socklen_t len = sizeof(struct ucred);
+	struct conn *c;
+	int cfd;
+
+	(void)revents;
+	if ((cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) == -1) {
+		if (errno != EAGAIN && errno != EINTR)
+			log_warn("accept");
+		return;
+	}
+	if ((c = calloc(1, sizeof(*c))) == NULL) {
+		log_warnx("accept: out of memory");
+		close(cfd);
+		return;
+	}
+	c->srv = srv;
+	c->fd = cfd;
+	getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &c->cred, &len);
+	c->next = srv->conns;
+	srv->conns = c;
+	srv->nconns++;
+	if (srv->nconns > srv->limit) {
+		static const char msg[] = "{\"type\":\"error\",\"code\":\"too_many_connections\","
+		    "\"message\":\"socket.max_consumers connections are open already\"}\n";
+		log_warnx("refused consumer pid %d uid %d: %zu connections are the limit",
+		    (int)c->cred.pid, (int)c->cred.uid, srv->limit);
+		conn_send(c, msg, sizeof(msg) - 1);
+		conn_close(c);
+		return;
+	}
+	log_info("consumer connected: pid %d uid %d gid %d", (int)c->cred.pid, (int)c->cred.uid,
+	    (int)c->cred.gid);
+	if ((c->state = srv->h.open(c, srv->h.arg)) == NULL) {
+		conn_close(c);
+		return;
+	}
+	conn_watch(c);
+}
+
+/* A socket file left by a daemon that died is removed; a live one is not. */
+static int
+remove_stale(const char *path, char *err, size_t errlen)
+{
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	struct stat st;
+	int fd, rc;
+
+	if (lstat(path, &st) == -1)
+		return errno == ENOENT ? 0 : (snprintf(err, errlen, "%s: %s", path, strerror(errno)), -1);
+	if (!S_ISSOCK(st.st_mode)) {
+		snprintf(err, errlen, "%s exists and is not a socket", path);
+		return -1;
+	}
+	snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path);
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) == -1) {
+		snprintf(err, errlen, "socket: %s", strerror(errno));
+		return -1;
+	}
+	rc = connect(fd, (struct sockaddr *)&sun, sizeof(sun));
+	close(fd);
+	if (rc == 0) {
+		snprintf(err, errlen, "%s: another process is listening on it", path);
+		return -1;
+	}
+	if (unlink(path) == -1) {
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+static int
+create_socket(struct server *srv, char *err, size_t errlen)
+{
+	const struct config *cfg = srv->cfg;
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	mode_t old_umask;
+	int rc;
+
+	if (remove_stale(cfg->socket.path, err, errlen) == -1)
+		return -1;
+	snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", cfg->socket.path);
+	if ((srv->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) == -1) {
+		snprintf(err, errlen, "socket: %s", strerror(errno));
+		return -1;
+	}
+	/* The socket file is born with the configured mode, never wider. */
+	old_umask = umask(0777 & ~(mode_t)cfg->socket.mode);
+	rc = bind(srv->listen_fd, (struct sockaddr *)&sun, sizeof(sun));
+	umask(old_umask);
+	if (rc == -1) {
+		snprintf(err, errlen, "%s: %s", cfg->socket.path, strerror(errno));
+		return -1;
+	}
+	srv->created = true;
+	if (chmod(cfg->socket.path, (mode_t)cfg->socket.mode) == -1) {
+		snprintf(err, errlen, "%s: chmod: %s", cfg->socket.path, strerror(errno));
+		return -1;
+	}
+	if (cfg->socket.group) {
+		struct group *gr = getgrnam(cfg->socket.group);
+		if (gr == NULL) {
+			snprintf(err, errlen, "socket.group: no group '%s'", cfg->socket.group);
+			return -1;
+		}
+		if (chown(cfg->socket.path, (uid_t)-1, gr->gr_gid) == -1) {
+			snprintf(err, errlen, "%s: chown to group %s: %s", cfg->socket.path,
+			    cfg->socket.group, strerror(errno));
+			return -1;
+		}
+	}
+	if (listen(srv->listen_fd, 64) == -1) {
+		snprintf(err, errlen, "%s: listen: %s", cfg->socket.path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+static int
+inherit_socket(struct server *srv, int n, char *err, size_t errlen)
+{
+	if (n != 1 || sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0) <= 0) {
+		snprintf(err, errlen, "socket activation: expected one listening UNIX stream socket, got %d fds", n);
+		return -1;
+	}
+	srv->listen_fd = SD_LISTEN_FDS_START;
+	srv->activated = true;
+	if (fcntl(srv->listen_fd, F_SETFL, fcntl(srv->listen_fd, F_GETFL) | O_NONBLOCK) == -1 ||
+	    fcntl(srv->listen_fd, F_SETFD, FD_CLOEXEC) == -1) {
+		snprintf(err, errlen, "socket activation: %s", strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+struct server *
+server_new(struct event_loop *loop, const struct config *cfg, const struct server_handler *handler,
+    char *err, size_t errlen)
+{
+	struct server *srv;
+	int n, rc;
+
+	if ((srv = calloc(1, sizeof(*srv))) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	srv->loop = loop;
+	srv->cfg = cfg;
+	srv->h = *handler;
+	srv->listen_fd = -1;
+	srv->limit = (size_t)cfg->socket.max_consumers;
+	n = sd_listen_fds(1);
+	rc = n > 0 ? inherit_socket(srv, n, err, errlen) : create_socket(srv, err, errlen);
+	if (rc == -1 || event_io_set(loop, srv->listen_fd, POLLIN, on_accept, srv) == -1) {
+		if (rc == 0)
+			snprintf(err, errlen, "too many file descriptors");
+		server_free(srv);
+		return NULL;
+	}
+	log_info("consumer socket %s%s", srv->activated ? "from systemd" : cfg->socket.path,
+	    srv->activated ? "" : " created");
+	return srv;
+}
+
+void
+server_free(struct server *srv)
+{
+	if (srv == NULL)
+		return;
+	while (srv->conns)
+		conn_free(srv->conns);
+	if (srv->listen_fd >= 0) {
+		event_io_del(srv->loop, srv->listen_fd);
+		close(srv->listen_fd);
+	}
+	if (srv->created)
+		unlink(srv->cfg->socket.path);
+	free(srv);
+}

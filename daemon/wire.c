@@ -1,0 +1,79 @@
+#include "wire.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/evp.h>
+
+json_t *
+wire_payload(const void *payload, size_t len, const char **encoding)
+{
+	json_t *s;
+	unsigned char *b64;
+
+	/* json_stringn() refuses invalid UTF-8, which is the test we need. */
+	if ((s = json_stringn(len ? payload : "", len)) != NULL) {
+		*encoding = "utf8";
+		return s;
+	}
+	*encoding = "base64";
+	if ((b64 = malloc((len + 2) / 3 * 4 + 1)) == NULL)
+		return NULL;
+	EVP_EncodeBlock(b64, payload, (int)len);
+	s = json_string((const char *)b64);
+	free(b64);
+	return s;
+}
+
+void
+wire_time(int64_t unix_ms, char *buf, size_t len)
+{
+	time_t secs = (time_t)(unix_ms / 1000);
+	struct tm tm;
+	size_t n;
+
+	gmtime_r(&secs, &tm);
+	n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
+	snprintf(buf + n, len - n, ".%03dZ", (int)(unix_ms % 1000));
+}
+
+json_t *
+wire_command(const struct stored_command *c)
+{
+	const char *encoding;
+	char when[40];
+	json_t *fields = c->fields_json ? json_loads(c->fields_json, 0, NULL) : json_object();
+	json_t *payload = wire_payload(c->payload, c->payloadlen, &encoding);
+
+	wire_time(c->received_at_ms, when, sizeof(when));
+	if (fields == NULL || payload == NULL) {
+		json_decref(fields);
+		json_decref(payload);
+		return NULL;
+	}
+	return json_pack("{s:s, s:I, s:s, s:o, s:o, s:s, s:i, s:b, s:s}",
+	    "type", "command", "id", (json_int_t)c->id, "topic", c->topic, "fields", fields,
+	    "payload", payload, "encoding", encoding, "qos", c->qos, "retained", c->retain,
+	    "received_at", when);
+}
+
+char *
+wire_line(const json_t *value, size_t *len)
+{
+	char *text = json_dumps(value, JSON_COMPACT | JSON_PRESERVE_ORDER), *grown;
+	size_t n;
+
+	if (text == NULL)
+		return NULL;
+	n = strlen(text);
+	if ((grown = realloc(text, n + 2)) == NULL) {
+		free(text);
+		return NULL;
+	}
+	text = grown;
+	text[n] = '\n';
+	text[n + 1] = '\0';
+	*len = n + 1;
+	return text;
+}

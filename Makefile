@@ -36,7 +36,7 @@ $(B)/migrations.o: $(B)/migrations.c daemon/migrations.h
 $(B)/cmdrelayd: $(B)/cmdrelayd.o $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 
-$(B)/cmdrelayctl: $(B)/cmdrelayctl.o $(COMMON_OBJS)
+$(B)/cmdrelayctl: $(B)/cmdrelayctl.o $(B)/ctl_socket.o $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 
 $(B)/unit_tests: tests/unit/unit_tests.c $(COMMON_OBJS)

@@ -13,37 +13,32 @@
 #include <sqlite3.h>
 
 #include "config.h"
+#include "ctl.h"
 #include "topic.h"
 #include "version.h"
 #include "wire.h"
 
 #define DEFAULT_CONFIG "/etc/cmdrelay/cmdrelay.yaml"
-#define EX_USAGE_STATUS 64
-#define EX_NOINPUT_STATUS 66
 #define PAYLOAD_COLUMN 40
 #define HISTORY_MAX_LIMIT 1000000
 
-struct ctl {
-	const char *config_file;
-	const char *db_path;
-	bool json;
-};
-
-static void __attribute__((noreturn))
-usage(int status)
+void
+ctl_usage(int status)
 {
 	fprintf(status ? stderr : stdout,
-	    "usage: cmdrelayctl [-c FILE] [--db PATH] COMMAND [OPTIONS]\n"
+	    "usage: cmdrelayctl [-c FILE] [--db PATH] [--socket PATH] COMMAND [OPTIONS]\n"
 	    "commands:\n"
 	    "  history [--device D] [--topic FILTER] [--since T] [--until T]\n"
 	    "          [--status accepted|duplicate|all] [--limit N] [--json]\n"
+	    "  tail [--consumer NAME] [--filter F] [--from stored|live|ID] [--json]\n"
+	    "  stats\n"
 	    "  check-config\n"
 	    "T is ISO 8601 (2026-11-25T18:00:00Z, 2026-11-25) or an age such as 90s, 2h, 7d.\n");
 	exit(status);
 }
 
-static void __attribute__((noreturn, format(printf, 2, 3)))
-die(int status, const char *fmt, ...)
+void
+ctl_die(int status, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -55,17 +50,26 @@ die(int status, const char *fmt, ...)
 	exit(status);
 }
 
-/* The history path: --db, else store.path of the config. */
-static const char *
-history_path(struct ctl *ctl, struct config **cfg)
+static const struct config *
+ctl_config(struct ctl *ctl)
 {
 	char err[CONFIG_ERR_MAX];
 
-	if (ctl->db_path)
-		return ctl->db_path;
-	if (config_load(ctl->config_file, cfg, err, sizeof(err)) == -1)
-		die(EX_CONFIG_STATUS, "%s", err);
-	return (*cfg)->store.path;
+	if (ctl->cfg == NULL && config_load(ctl->config_file, &ctl->cfg, err, sizeof(err)) == -1)
+		ctl_die(EX_CONFIG_STATUS, "%s", err);
+	return ctl->cfg;
+}
+
+const char *
+ctl_history_path(struct ctl *ctl)
+{
+	return ctl->db_path ? ctl->db_path : ctl_config(ctl)->store.path;
+}
+
+const char *
+ctl_socket_path(struct ctl *ctl)
+{
+	return ctl->socket_path ? ctl->socket_path : ctl_config(ctl)->socket.path;
 }
 
 /* mqtt_match(filter, topic): MQTT wildcard matching for SQL. */
@@ -79,16 +83,17 @@ sql_mqtt_match(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	sqlite3_result_int(ctx, filter && topic && topic_matches(filter, topic));
 }
 
-static sqlite3 *
-open_history(const char *path)
+sqlite3 *
+ctl_open_history(struct ctl *ctl)
 {
+	const char *path = ctl_history_path(ctl);
 	sqlite3 *db;
 
 	if (access(path, F_OK) == -1)
-		die(EX_NOINPUT_STATUS, "%s: %s (is cmdrelayd configured with this store.path?)",
+		ctl_die(EX_NOINPUT_STATUS, "%s: %s (is cmdrelayd configured with this store.path?)",
 		    path, strerror(errno));
 	if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK)
-		die(1, "%s: %s", path, sqlite3_errmsg(db));
+		ctl_die(1, "%s: %s", path, sqlite3_errmsg(db));
 	sqlite3_busy_timeout(db, 2000);
 	sqlite3_create_function(db, "mqtt_match", 2, SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL,
 	    sql_mqtt_match, NULL, NULL);
@@ -149,7 +154,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	const char *device = NULL, *topic = NULL, *status = "all";
 	int64_t since = 0, until = INT64_MAX;
 	long limit = 100;
-	struct config *cfg = NULL;
+	bool json = false;
 	sqlite3_stmt *s;
 	sqlite3 *db;
 	char *end;
@@ -167,32 +172,32 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		case 's':
 		case 'u':
 			if ((ch == 's' ? (since = parse_time(optarg)) : (until = parse_time(optarg))) < 0)
-				die(EX_USAGE_STATUS, "--%s: '%s' is neither ISO 8601 nor an age like 2h",
+				ctl_die(EX_USAGE_STATUS, "--%s: '%s' is neither ISO 8601 nor an age like 2h",
 				    ch == 's' ? "since" : "until", optarg);
 			break;
 		case 'S':
 			if (strcmp(optarg, "accepted") && strcmp(optarg, "duplicate") && strcmp(optarg, "all"))
-				die(EX_USAGE_STATUS, "--status: '%s' is not accepted, duplicate or all", optarg);
+				ctl_die(EX_USAGE_STATUS, "--status: '%s' is not accepted, duplicate or all", optarg);
 			status = optarg;
 			break;
 		case 'l':
 			errno = 0;
 			limit = strtol(optarg, &end, 10);
 			if (errno || *end || limit < 1 || limit > HISTORY_MAX_LIMIT)
-				die(EX_USAGE_STATUS, "--limit: '%s' is not a number from 1 to %d",
+				ctl_die(EX_USAGE_STATUS, "--limit: '%s' is not a number from 1 to %d",
 				    optarg, HISTORY_MAX_LIMIT);
 			break;
 		case 'j':
-			ctl->json = true;
+			json = true;
 			break;
 		default:
-			usage(EX_USAGE_STATUS);
+			ctl_usage(EX_USAGE_STATUS);
 		}
 	}
 	if (optind != argc)
-		usage(EX_USAGE_STATUS);
+		ctl_usage(EX_USAGE_STATUS);
 
-	db = open_history(history_path(ctl, &cfg));
+	db = ctl_open_history(ctl);
 	/* The newest LIMIT rows that match, shown oldest first. */
 	rc = sqlite3_prepare_v2(db,
 	    "SELECT * FROM (SELECT id, received_at, topic, payload, qos, retain, dup, status,"
@@ -202,14 +207,14 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	    " ORDER BY id DESC LIMIT ?6) ORDER BY id",
 	    -1, &s, NULL);
 	if (rc != SQLITE_OK)
-		die(1, "%s", sqlite3_errmsg(db));
+		ctl_die(1, "%s", sqlite3_errmsg(db));
 	sqlite3_bind_text(s, 1, device, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(s, 2, since);
 	sqlite3_bind_int64(s, 3, until);
 	sqlite3_bind_text(s, 4, status, -1, SQLITE_STATIC);
 	sqlite3_bind_text(s, 5, topic, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(s, 6, limit);
-	if (!ctl->json)
+	if (!json)
 		printf("%-6s %-24s %-14s %-9s %-15s %-6s %-3s %-3s %s\n", "ID", "RECEIVED", "DEVICE",
 		    "STATUS", "REASON", "DUP_OF", "RET", "DUP", "PAYLOAD");
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
@@ -219,7 +224,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		char when[40];
 
 		wire_time(sqlite3_column_int64(s, 1), when, sizeof(when));
-		if (ctl->json) {
+		if (json) {
 			const char *encoding;
 			json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:b, s:s}",
 			    "id", (json_int_t)sqlite3_column_int64(s, 0), "received_at", when,
@@ -251,26 +256,20 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		}
 	}
 	if (rc != SQLITE_DONE)
-		die(1, "%s", sqlite3_errmsg(db));
+		ctl_die(1, "%s", sqlite3_errmsg(db));
 	sqlite3_finalize(s);
 	sqlite3_close(db);
-	config_free(cfg);
 	return 0;
 }
 
 static int
 cmd_check_config(struct ctl *ctl, int argc, char *argv[])
 {
-	char err[CONFIG_ERR_MAX];
-	struct config *cfg;
-
 	(void)argv;
 	if (argc != 1)
-		usage(EX_USAGE_STATUS);
-	if (config_load(ctl->config_file, &cfg, err, sizeof(err)) == -1)
-		die(EX_CONFIG_STATUS, "%s", err);
+		ctl_usage(EX_USAGE_STATUS);
+	ctl_config(ctl);
 	printf("%s: configuration OK\n", ctl->config_file);
-	config_free(cfg);
 	return 0;
 }
 
@@ -282,10 +281,13 @@ main(int argc, char *argv[])
 		int (*fn)(struct ctl *, int, char *[]);
 	} commands[] = {
 		{ "history", cmd_history },
+		{ "tail", cmd_tail },
+		{ "stats", cmd_stats },
 		{ "check-config", cmd_check_config },
 	};
 	static const struct option opts[] = {
 		{ "db", required_argument, NULL, 'd' },
+		{ "socket", required_argument, NULL, 's' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -301,20 +303,27 @@ main(int argc, char *argv[])
 		case 'd':
 			ctl.db_path = optarg;
 			break;
+		case 's':
+			ctl.socket_path = optarg;
+			break;
 		case 'V':
 			printf("cmdrelayctl %s\n", CMDRELAY_VERSION);
 			return 0;
 		case 'h':
-			usage(0);
+			ctl_usage(0);
 		default:
-			usage(EX_USAGE_STATUS);
+			ctl_usage(EX_USAGE_STATUS);
 		}
 	}
 	if (optind >= argc)
-		usage(EX_USAGE_STATUS);
-	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		if (strcmp(argv[optind], commands[i].name) == 0)
-			return commands[i].fn(&ctl, argc - optind, argv + optind);
+		ctl_usage(EX_USAGE_STATUS);
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		if (strcmp(argv[optind], commands[i].name) == 0) {
+			int rc = commands[i].fn(&ctl, argc - optind, argv + optind);
+			config_free(ctl.cfg);
+			return rc;
+		}
+	}
 	fprintf(stderr, "cmdrelayctl: unknown command '%s'\n", argv[optind]);
-	usage(EX_USAGE_STATUS);
+	ctl_usage(EX_USAGE_STATUS);
 }

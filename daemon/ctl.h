@@ -1,0 +1,32 @@
+/* What the cmdrelayctl subcommands share. */
+#ifndef CMDRELAY_CTL_H
+#define CMDRELAY_CTL_H
+
+#include <stdbool.h>
+
+#include <sqlite3.h>
+
+#include "config.h"
+
+#define EX_USAGE_STATUS 64
+#define EX_NOINPUT_STATUS 66
+#define EX_UNAVAILABLE_STATUS 69
+
+struct ctl {
+	const char *config_file;
+	const char *db_path;		/* --db, else store.path */
+	const char *socket_path;	/* --socket, else socket.path */
+	struct config *cfg;		/* loaded when first needed */
+};
+
+void ctl_usage(int status) __attribute__((noreturn));
+void ctl_die(int status, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
+const char *ctl_history_path(struct ctl *ctl);
+const char *ctl_socket_path(struct ctl *ctl);
+/* The history, read-only; exits with a clear message when it is missing. */
+sqlite3 *ctl_open_history(struct ctl *ctl);
+
+int cmd_tail(struct ctl *ctl, int argc, char *argv[]);
+int cmd_stats(struct ctl *ctl, int argc, char *argv[]);
+
+#endif

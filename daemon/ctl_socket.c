@@ -1,0 +1,229 @@
+/* cmdrelayctl subcommands that talk to the running daemon over its socket. */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "ctl.h"
+
+/* Connects to the consumer socket; -1 (errno set) when nobody listens. */
+static int
+connect_socket(const char *path)
+{
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	int fd, saved;
+
+	if (strlen(path) >= sizeof(sun.sun_path)) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	memcpy(sun.sun_path, path, strlen(path) + 1);
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) == -1)
+		return -1;
+	if (connect(fd, (struct sockaddr *)&sun, sizeof(sun)) == -1) {
+		saved = errno;
+		close(fd);
+		errno = saved;
+		return -1;
+	}
+	return fd;
+}
+
+static void
+send_json(int fd, json_t *msg)
+{
+	char *text = json_dumps(msg, JSON_COMPACT);
+
+	json_decref(msg);
+	if (text == NULL)
+		ctl_die(1, "out of memory");
+	if (dprintf(fd, "%s\n", text) < 0)
+		ctl_die(1, "writing to cmdrelayd: %s", strerror(errno));
+	free(text);
+}
+
+/* One reply line as JSON; exits when the daemon closed or sent garbage. */
+static json_t *
+read_json(FILE *in)
+{
+	static char *line;
+	static size_t cap;
+	json_error_t jerr;
+	json_t *msg;
+
+	if (getline(&line, &cap, in) == -1)
+		ctl_die(1, "cmdrelayd closed the connection");
+	if ((msg = json_loads(line, 0, &jerr)) == NULL || !json_is_object(msg))
+		ctl_die(1, "cmdrelayd sent a line that is not a JSON object: %s", jerr.text);
+	return msg;
+}
+
+static void
+print_command(json_t *cmd)
+{
+	printf("%-6" JSON_INTEGER_FORMAT " %-24s %s %s%s\n",
+	    json_integer_value(json_object_get(cmd, "id")),
+	    json_string_value(json_object_get(cmd, "received_at")),
+	    json_string_value(json_object_get(cmd, "topic")),
+	    strcmp(json_string_value(json_object_get(cmd, "encoding")), "base64") == 0 ? "base64:" : "",
+	    json_string_value(json_object_get(cmd, "payload")));
+}
+
+int
+cmd_tail(struct ctl *ctl, int argc, char *argv[])
+{
+	static const struct option opts[] = {
+		{ "consumer", required_argument, NULL, 'n' },
+		{ "filter", required_argument, NULL, 'f' },
+		{ "from", required_argument, NULL, 'F' },
+		{ "json", no_argument, NULL, 'j' },
+		{ NULL, 0, NULL, 0 },
+	};
+	json_t *hello = json_pack("{s:s}", "op", "hello");
+	const char *name = NULL, *path;
+	bool json = false;
+	FILE *in;
+	int ch, fd;
+
+	optind = 1;
+	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		char *end;
+		long long id;
+
+		switch (ch) {
+		case 'n':
+			name = optarg;
+			json_object_set_new(hello, "consumer", json_string(optarg));
+			break;
+		case 'f':
+			json_object_set_new(hello, "filter", json_string(optarg));
+			break;
+		case 'F':
+			errno = 0;
+			id = strtoll(optarg, &end, 10);
+			if (strcmp(optarg, "stored") == 0 || strcmp(optarg, "live") == 0)
+				json_object_set_new(hello, "from", json_string(optarg));
+			else if (errno == 0 && *end == '\0' && end != optarg && id >= 0)
+				json_object_set_new(hello, "from", json_integer(id));
+			else
+				ctl_die(EX_USAGE_STATUS, "--from: '%s' is not stored, live or a history id", optarg);
+			break;
+		case 'j':
+			json = true;
+			break;
+		default:
+			ctl_usage(EX_USAGE_STATUS);
+		}
+	}
+	if (optind != argc)
+		ctl_usage(EX_USAGE_STATUS);
+	path = ctl_socket_path(ctl);
+	if ((fd = connect_socket(path)) == -1)
+		ctl_die(EX_UNAVAILABLE_STATUS, "cannot connect to %s: %s (is cmdrelayd running?)", path,
+		    strerror(errno));
+	if ((in = fdopen(dup(fd), "r")) == NULL)
+		ctl_die(1, "fdopen: %s", strerror(errno));
+	send_json(fd, hello);
+	for (;;) {
+		json_t *msg = read_json(in);
+		const char *type = json_string_value(json_object_get(msg, "type"));
+
+		if (type && strcmp(type, "command") == 0) {
+			if (json) {
+				char *text = json_dumps(msg, JSON_COMPACT | JSON_PRESERVE_ORDER);
+				puts(text);
+				free(text);
+			} else {
+				print_command(msg);
+			}
+			fflush(stdout);
+			/* Acked once printed: a consumer that dies here gets it again. */
+			if (name)
+				send_json(fd, json_pack("{s:s, s:O}", "op", "ack", "id", json_object_get(msg, "id")));
+		} else if (type && strcmp(type, "welcome") == 0) {
+			fprintf(stderr, "cmdrelayctl: following %s%s after #%" JSON_INTEGER_FORMAT "\n",
+			    name ? "as consumer " : "live", name ? name : "",
+			    json_integer_value(json_object_get(msg, "resume_after")));
+		} else if (type && strcmp(type, "error") == 0) {
+			fprintf(stderr, "cmdrelayctl: cmdrelayd says %s: %s\n",
+			    json_string_value(json_object_get(msg, "code")),
+			    json_string_value(json_object_get(msg, "message")));
+		}
+		json_decref(msg);
+	}
+}
+
+/* When the daemon is down, the history still knows the totals. */
+static json_t *
+stats_from_history(struct ctl *ctl)
+{
+	sqlite3 *db = ctl_open_history(ctl);
+	sqlite3_stmt *s;
+	json_t *reply = json_pack("{s:s, s:s}", "type", "stats",
+	    "source", "history (cmdrelayd is not running)");
+	json_t *consumers = json_array();
+
+	if (sqlite3_prepare_v2(db, "SELECT count(*), coalesce(sum(status = 'accepted'), 0),"
+	    " coalesce(sum(reason = 'retained_replay'), 0), coalesce(sum(reason = 'redelivery'), 0)"
+	    " FROM messages", -1, &s, NULL) != SQLITE_OK || sqlite3_step(s) != SQLITE_ROW)
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	json_object_set_new(reply, "received", json_integer(sqlite3_column_int64(s, 0)));
+	json_object_set_new(reply, "accepted", json_integer(sqlite3_column_int64(s, 1)));
+	json_object_set_new(reply, "duplicates", json_pack("{s:I, s:I}",
+	    "retained_replay", (json_int_t)sqlite3_column_int64(s, 2),
+	    "redelivery", (json_int_t)sqlite3_column_int64(s, 3)));
+	sqlite3_finalize(s);
+	if (sqlite3_prepare_v2(db, "SELECT consumer, filter, acked_id, lag FROM consumer_lag ORDER BY consumer",
+	    -1, &s, NULL) != SQLITE_OK)
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	while (sqlite3_step(s) == SQLITE_ROW)
+		json_array_append_new(consumers, json_pack("{s:s, s:s, s:I, s:I, s:b}",
+		    "name", (const char *)sqlite3_column_text(s, 0),
+		    "filter", (const char *)sqlite3_column_text(s, 1),
+		    "acked_id", (json_int_t)sqlite3_column_int64(s, 2),
+		    "lag", (json_int_t)sqlite3_column_int64(s, 3), "connected", 0));
+	sqlite3_finalize(s);
+	sqlite3_close(db);
+	json_object_set_new(reply, "consumers", consumers);
+	return reply;
+}
+
+int
+cmd_stats(struct ctl *ctl, int argc, char *argv[])
+{
+	const char *path;
+	json_t *reply;
+	char *text;
+	int fd;
+
+	(void)argv;
+	if (argc != 1)
+		ctl_usage(EX_USAGE_STATUS);
+	path = ctl_socket_path(ctl);
+	if ((fd = connect_socket(path)) == -1) {
+		fprintf(stderr, "cmdrelayctl: cannot connect to %s (%s); reading the history instead\n",
+		    path, strerror(errno));
+		reply = stats_from_history(ctl);
+	} else {
+		FILE *in = fdopen(dup(fd), "r");
+		if (in == NULL)
+			ctl_die(1, "fdopen: %s", strerror(errno));
+		send_json(fd, json_pack("{s:s}", "op", "stats"));
+		reply = read_json(in);
+		json_object_set_new(reply, "source", json_string("cmdrelayd"));
+		fclose(in);
+		close(fd);
+	}
+	text = json_dumps(reply, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+	puts(text);
+	free(text);
+	json_decref(reply);
+	return 0;
+}

@@ -4,7 +4,8 @@
 # A gateway's durable session exists at the broker; a command is published
 # retained, QoS 1, while cmdrelayd is down. cmdrelayd starts, gets the queued
 # copy and the retained replay, records both and accepts the command once;
-# a restart adds nothing. Everything lives in a temporary directory.
+# a restart adds nothing. A consumer that connects only afterwards gets the
+# command once. Everything lives in a temporary directory.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -80,6 +81,21 @@ start_relay
 sleep 1
 stop_relay
 
+step "A consumer that starts only now still gets the command, once"
+start_relay
+build/cmdrelayctl -c "$dir/cmdrelay.yaml" tail --consumer demo-app --json >"$dir/consumer1.out" 2>/dev/null &
+tail_pid=$!
+sleep 1
+kill "$tail_pid"; wait "$tail_pid" 2>/dev/null || true
+sed 's/^/  /' "$dir/consumer1.out"
+echo "  (the same consumer again: nothing old is sent twice)"
+build/cmdrelayctl -c "$dir/cmdrelay.yaml" tail --consumer demo-app --json >"$dir/consumer2.out" 2>/dev/null &
+tail_pid=$!
+sleep 1
+kill "$tail_pid"; wait "$tail_pid" 2>/dev/null || true
+sed 's/^/  /' "$dir/consumer2.out"
+stop_relay
+
 step "cmdrelayd log"
 sed 's/^/  /' "$dir/cmdrelayd.log"
 
@@ -88,6 +104,9 @@ build/cmdrelayctl --db "$dir/history.db" history
 
 accepted=$(sqlite3 "$dir/history.db" "SELECT count(*) FROM messages WHERE status = 'accepted'")
 replays=$(sqlite3 "$dir/history.db" "SELECT count(*) FROM messages WHERE reason = 'retained_replay'")
+delivered=$(grep -c '"type":"command"' "$dir/consumer1.out" || true)
+again=$(grep -c '"type":"command"' "$dir/consumer2.out" || true)
 echo
-echo "accepted: $accepted, retained replays marked duplicate: $replays"
-[[ $accepted -eq 1 && $replays -ge 1 ]]
+echo "accepted: $accepted, retained replays marked duplicate: $replays,"
+echo "delivered to the late consumer: $delivered, delivered again on its reconnect: $again"
+[[ $accepted -eq 1 && $replays -ge 1 && $delivered -eq 1 && $again -eq 0 ]]

@@ -21,11 +21,15 @@
 #define DEFAULT_CONFIG "/etc/cmdrelay/cmdrelay.yaml"
 
 static volatile sig_atomic_t quit_signal;
+static volatile sig_atomic_t reload_signal;
 
 static void
-on_quit_signal(int sig)
+on_signal(int sig)
 {
-	quit_signal = sig;
+	if (sig == SIGHUP)
+		reload_signal = 1;
+	else
+		quit_signal = sig;
 }
 
 static void __attribute__((noreturn))
@@ -43,6 +47,7 @@ usage(int status)
 #define STATUS_INTERVAL_MS 1000
 
 struct daemon_state {
+	struct config *cfg;
 	struct event_loop *loop;
 	struct relay *relay;
 	struct consumers *consumers;
@@ -104,23 +109,61 @@ on_watchdog(void *arg)
 	event_timer_arm(d->loop, &d->watchdog, d->watchdog_ms);
 }
 
-/* Blocks the quit signals except while the loop sleeps, so no wake-up is lost. */
+/* Blocks our signals except while the loop sleeps, so no wake-up is lost. */
 static void
 setup_signals(sigset_t *sleep_mask)
 {
-	struct sigaction sa = { .sa_handler = on_quit_signal };
+	static const int handled[] = { SIGTERM, SIGINT, SIGHUP };
+	struct sigaction sa = { .sa_handler = on_signal };
 	sigset_t block;
 
 	signal(SIGPIPE, SIG_IGN);
 	sigemptyset(&block);
-	sigaddset(&block, SIGTERM);
-	sigaddset(&block, SIGINT);
-	sigprocmask(SIG_BLOCK, &block, sleep_mask);
-	sigdelset(sleep_mask, SIGTERM);
-	sigdelset(sleep_mask, SIGINT);
 	sigemptyset(&sa.sa_mask);
-	sigaction(SIGTERM, &sa, NULL);
-	sigaction(SIGINT, &sa, NULL);
+	for (size_t i = 0; i < sizeof(handled) / sizeof(handled[0]); i++)
+		sigaddset(&block, handled[i]);
+	sigprocmask(SIG_BLOCK, &block, sleep_mask);
+	for (size_t i = 0; i < sizeof(handled) / sizeof(handled[0]); i++) {
+		sigdelset(sleep_mask, handled[i]);
+		sigaction(handled[i], &sa, NULL);
+	}
+}
+
+/*
+ * SIGHUP: the new config is parsed into a fresh struct and swapped in only
+ * when valid; what a reload cannot change keeps its running value.
+ */
+static void
+reload(struct daemon_state *d, const char *file, bool verbose)
+{
+	const char *changed[16];
+	char err[CONFIG_ERR_MAX];
+	struct config *next;
+	size_t n;
+
+	sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu", (unsigned long long)event_now_ms() * 1000);
+	if (config_load(file, &next, err, sizeof(err)) == -1) {
+		log_errx("reload: %s; keeping the running configuration", err);
+		sd_notifyf(0, "READY=1\nSTATUS=reload failed, running the previous configuration: %s", err);
+		return;
+	}
+	n = config_keep_restart_keys(next, d->cfg, changed, sizeof(changed) / sizeof(changed[0]));
+	for (size_t i = 0; i < n; i++)
+		log_warnx("reload: %s changed; it takes effect only when cmdrelayd restarts", changed[i]);
+	if (relay_reload(d->relay, next, err, sizeof(err)) == -1) {
+		log_errx("reload: %s; keeping the running configuration", err);
+		sd_notifyf(0, "READY=1\nSTATUS=reload failed, running the previous configuration: %s", err);
+		config_free(next);
+		return;
+	}
+	consumers_set_config(d->consumers, next);
+	log_set_level(verbose ? LOG_LEVEL_DEBUG : (enum log_level)next->log_level);
+	config_free(d->cfg);
+	d->cfg = next;
+	log_info("reloaded %s", file);
+	d->status_sent[0] = '\0';
+	sd_notify(0, "READY=1");
+	send_status(d);
 }
 
 int
@@ -134,7 +177,6 @@ main(int argc, char *argv[])
 	const char *config_file = DEFAULT_CONFIG;
 	char err[CONFIG_ERR_MAX];
 	struct daemon_state d = { 0 };
-	struct config *cfg;
 	bool check_only = false, verbose = false;
 	sigset_t sleep_mask;
 	uint64_t usec;
@@ -164,25 +206,25 @@ main(int argc, char *argv[])
 	if (optind != argc)
 		usage(64);
 
-	if (config_load(config_file, &cfg, err, sizeof(err)) == -1) {
+	if (config_load(config_file, &d.cfg, err, sizeof(err)) == -1) {
 		log_errx("%s", err);
 		return EX_CONFIG_STATUS;
 	}
 	if (check_only) {
 		printf("%s: configuration OK\n", config_file);
-		config_free(cfg);
+		config_free(d.cfg);
 		return 0;
 	}
-	log_set_level(verbose ? LOG_LEVEL_DEBUG : (enum log_level)cfg->log_level);
+	log_set_level(verbose ? LOG_LEVEL_DEBUG : (enum log_level)d.cfg->log_level);
 	if (mqtt_library_check(err, sizeof(err)) == -1)
 		fatalx("%s", err);
 	mosquitto_lib_init();
 	setup_signals(&sleep_mask);
 	if ((d.loop = event_loop_new()) == NULL)
 		fatalx("out of memory");
-	if ((d.relay = relay_new(d.loop, cfg, err, sizeof(err))) == NULL)
+	if ((d.relay = relay_new(d.loop, d.cfg, err, sizeof(err))) == NULL)
 		fatalx("%s", err);
-	if ((d.consumers = consumers_new(d.loop, cfg, relay_store(d.relay), add_relay_stats, &d,
+	if ((d.consumers = consumers_new(d.loop, d.cfg, relay_store(d.relay), add_relay_stats, &d,
 	    err, sizeof(err))) == NULL)
 		fatalx("%s", err);
 	event_timer_init(&d.status_timer, send_status, &d);
@@ -195,13 +237,17 @@ main(int argc, char *argv[])
 		event_timer_init(&d.watchdog, on_watchdog, &d);
 		event_timer_arm(d.loop, &d.watchdog, d.watchdog_ms);
 	}
-	log_info("started %s, history %s", CMDRELAY_VERSION, cfg->store.path);
+	log_info("started %s, history %s", CMDRELAY_VERSION, d.cfg->store.path);
 	sd_notify(0, "READY=1");
 	notify_status(&d);
 
 	while (!quit_signal) {
 		if (event_loop_once(d.loop, &sleep_mask) == -1)
 			fatalx("poll: %s", strerror(errno));
+		if (reload_signal) {
+			reload_signal = 0;
+			reload(&d, config_file, verbose);
+		}
 	}
 
 	log_info("received %s, shutting down", strsignal(quit_signal));
@@ -210,7 +256,7 @@ main(int argc, char *argv[])
 	consumers_free(d.consumers);
 	relay_free(d.relay);
 	event_loop_free(d.loop);
-	config_free(cfg);
+	config_free(d.cfg);
 	mosquitto_lib_cleanup();
 	return 0;
 }

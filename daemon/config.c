@@ -34,6 +34,7 @@ struct config_key {
 	int64_t min, max;	/* value bounds; length bounds for strings */
 	const char *def;	/* default, in config syntax; NULL: unset */
 	size_t offset;
+	bool restart;		/* a reload cannot change it */
 };
 
 #define CFG(field) offsetof(struct config, field)
@@ -41,40 +42,40 @@ struct config_key {
 #define DAY_MS (24LL * 3600 * 1000)
 
 static const struct config_key config_keys[] = {
-	{ "broker", KEY_SECTION, 0, 0, NULL, 0 },
-	{ "broker.host", KEY_STRING, 1, 253, "127.0.0.1", CFG(broker.host) },
-	{ "broker.port", KEY_INT, 1, 65535, "1883", CFG(broker.port) },
-	{ "broker.client_id", KEY_STRING, 1, 256, NULL, CFG(broker.client_id) },
-	{ "broker.keepalive", KEY_INT, 5, 65535, "60", CFG(broker.keepalive) },
-	{ "broker.username", KEY_STRING, 1, 256, NULL, CFG(broker.username) },
-	{ "broker.password_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.password_file) },
-	{ "broker.tls", KEY_SECTION, 0, 0, NULL, 0 },
-	{ "broker.tls.ca_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.tls_ca_file) },
-	{ "broker.tls.cert_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.tls_cert_file) },
-	{ "broker.tls.key_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.tls_key_file) },
-	{ "broker.reconnect", KEY_SECTION, 0, 0, NULL, 0 },
-	{ "broker.reconnect.min_delay", KEY_DURATION, 100, 3600 * 1000, "1s", CFG(broker.reconnect_min_ms) },
-	{ "broker.reconnect.max_delay", KEY_DURATION, 1000, DAY_MS, "60s", CFG(broker.reconnect_max_ms) },
-	{ "subscriptions", KEY_SUBSCRIPTIONS, 1, CONFIG_MAX_SUBSCRIPTIONS, NULL, 0 },
-	{ "subscriptions[].topic", KEY_STRING, 1, 1024, NULL, SUB(topic) },
-	{ "subscriptions[].qos", KEY_INT, 0, 1, "1", SUB(qos) },
-	{ "topic_fields", KEY_STRING, 1, 1024, "/cf/v1/{product}/{model}/{device}/{action}", CFG(topic_fields) },
-	{ "dedup", KEY_SECTION, 0, 0, NULL, 0 },
-	{ "dedup.redelivery_window", KEY_DURATION, 1000, 30 * DAY_MS, "1h", CFG(redelivery_window_ms) },
-	{ "store", KEY_SECTION, 0, 0, NULL, 0 },
-	{ "store.path", KEY_STRING, 1, PATH_MAX, "/var/lib/cmdrelay/history.db", CFG(store.path) },
-	{ "store.retention", KEY_SECTION, 0, 0, NULL, 0 },
-	{ "store.retention.max_age", KEY_DURATION, 3600 * 1000, 3650 * DAY_MS, "90d", CFG(store.max_age_ms) },
-	{ "store.retention.max_rows", KEY_INT, 1000, 1000000000, "10000000", CFG(store.max_rows) },
-	{ "socket", KEY_SECTION, 0, 0, NULL, 0 },
+	{ "broker", KEY_SECTION, 0, 0, NULL, 0, false },
+	{ "broker.host", KEY_STRING, 1, 253, "127.0.0.1", CFG(broker.host), false },
+	{ "broker.port", KEY_INT, 1, 65535, "1883", CFG(broker.port), false },
+	{ "broker.client_id", KEY_STRING, 1, 256, NULL, CFG(broker.client_id), false },
+	{ "broker.keepalive", KEY_INT, 5, 65535, "60", CFG(broker.keepalive), false },
+	{ "broker.username", KEY_STRING, 1, 256, NULL, CFG(broker.username), false },
+	{ "broker.password_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.password_file), false },
+	{ "broker.tls", KEY_SECTION, 0, 0, NULL, 0, false },
+	{ "broker.tls.ca_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.tls_ca_file), false },
+	{ "broker.tls.cert_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.tls_cert_file), false },
+	{ "broker.tls.key_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.tls_key_file), false },
+	{ "broker.reconnect", KEY_SECTION, 0, 0, NULL, 0, false },
+	{ "broker.reconnect.min_delay", KEY_DURATION, 100, 3600 * 1000, "1s", CFG(broker.reconnect_min_ms), false },
+	{ "broker.reconnect.max_delay", KEY_DURATION, 1000, DAY_MS, "60s", CFG(broker.reconnect_max_ms), false },
+	{ "subscriptions", KEY_SUBSCRIPTIONS, 1, CONFIG_MAX_SUBSCRIPTIONS, NULL, 0, false },
+	{ "subscriptions[].topic", KEY_STRING, 1, 1024, NULL, SUB(topic), false },
+	{ "subscriptions[].qos", KEY_INT, 0, 1, "1", SUB(qos), false },
+	{ "topic_fields", KEY_STRING, 1, 1024, "/cf/v1/{product}/{model}/{device}/{action}", CFG(topic_fields), false },
+	{ "dedup", KEY_SECTION, 0, 0, NULL, 0, false },
+	{ "dedup.redelivery_window", KEY_DURATION, 1000, 30 * DAY_MS, "1h", CFG(redelivery_window_ms), false },
+	{ "store", KEY_SECTION, 0, 0, NULL, 0, false },
+	{ "store.path", KEY_STRING, 1, PATH_MAX, "/var/lib/cmdrelay/history.db", CFG(store.path), true },
+	{ "store.retention", KEY_SECTION, 0, 0, NULL, 0, false },
+	{ "store.retention.max_age", KEY_DURATION, 3600 * 1000, 3650 * DAY_MS, "90d", CFG(store.max_age_ms), false },
+	{ "store.retention.max_rows", KEY_INT, 1000, 1000000000, "10000000", CFG(store.max_rows), false },
+	{ "socket", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "socket.path", KEY_STRING, 1, sizeof(((struct sockaddr_un *)0)->sun_path) - 1,
-	  "/run/cmdrelay/cmdrelay.sock", CFG(socket.path) },
-	{ "socket.mode", KEY_MODE, 0, 0777, "0660", CFG(socket.mode) },
-	{ "socket.group", KEY_STRING, 1, 64, NULL, CFG(socket.group) },
-	{ "socket.max_consumers", KEY_INT, 1, 1024, "64", CFG(socket.max_consumers) },
-	{ "socket.window", KEY_INT, 1, 65536, "256", CFG(socket.window) },
-	{ "log", KEY_SECTION, 0, 0, NULL, 0 },
-	{ "log.level", KEY_LOG_LEVEL, 0, 0, "info", CFG(log_level) },
+	  "/run/cmdrelay/cmdrelay.sock", CFG(socket.path), true },
+	{ "socket.mode", KEY_MODE, 0, 0777, "0660", CFG(socket.mode), true },
+	{ "socket.group", KEY_STRING, 1, 64, NULL, CFG(socket.group), true },
+	{ "socket.max_consumers", KEY_INT, 1, 1024, "64", CFG(socket.max_consumers), true },
+	{ "socket.window", KEY_INT, 1, 65536, "256", CFG(socket.window), true },
+	{ "log", KEY_SECTION, 0, 0, NULL, 0, false },
+	{ "log.level", KEY_LOG_LEVEL, 0, 0, "info", CFG(log_level), false },
 };
 #define NKEYS (sizeof(config_keys) / sizeof(config_keys[0]))
 
@@ -399,9 +400,14 @@ load_password(struct parser *p, yaml_node_t *root)
 
 	if (credentials) {
 		snprintf(path, sizeof(path), "%s/mqtt-password", credentials);
-		if (access(path, F_OK) == 0)
-			return read_secret(p, NULL, "credential mqtt-password", path,
-			    &p->cfg->broker.password);
+		if (access(path, F_OK) == 0 && read_secret(p, NULL, "credential mqtt-password", path,
+		    &p->cfg->broker.password) == -1)
+			return -1;
+		/* The unit's SetCredential= default is an empty line: no password. */
+		if (p->cfg->broker.password && p->cfg->broker.password[0] != '\0')
+			return 0;
+		free(p->cfg->broker.password);
+		p->cfg->broker.password = NULL;
 	}
 	if (p->cfg->broker.password_file)
 		return read_secret(p, node_at(p, root, "broker.password_file"), "broker.password_file",
@@ -520,6 +526,42 @@ config_load(const char *file, struct config **out, char *err, size_t errlen)
 	}
 	*out = p.cfg;
 	return 0;
+}
+
+static bool
+field_equal(const struct config_key *key, const struct config *a, const struct config *b)
+{
+	const void *fa = (const char *)a + key->offset, *fb = (const char *)b + key->offset;
+
+	if (key->type == KEY_STRING) {
+		const char *sa = *(char *const *)fa, *sb = *(char *const *)fb;
+		return sa == sb || (sa && sb && strcmp(sa, sb) == 0);
+	}
+	return *(const int64_t *)fa == *(const int64_t *)fb;
+}
+
+size_t
+config_keep_restart_keys(struct config *next, struct config *running,
+    const char **changed, size_t max)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < NKEYS; i++) {
+		const struct config_key *key = &config_keys[i];
+		char *fn = (char *)next + key->offset, *fr = (char *)running + key->offset;
+		char tmp[sizeof(int64_t)];
+		size_t size = key->type == KEY_STRING ? sizeof(char *) : sizeof(int64_t);
+
+		if (!key->restart || field_equal(key, next, running))
+			continue;
+		/* Swapped, not copied: each struct still owns what it frees. */
+		memcpy(tmp, fn, size);
+		memcpy(fn, fr, size);
+		memcpy(fr, tmp, size);
+		if (n < max)
+			changed[n++] = key->path;
+	}
+	return n;
 }
 
 void

@@ -60,6 +60,13 @@ struct config {
 int config_load(const char *file, struct config **out, char *err, size_t errlen);
 void config_free(struct config *cfg);
 
+/*
+ * For a reload: puts back into next the values of running for the keys a
+ * reload cannot change (store.path, socket.*), and names those that differed.
+ */
+size_t config_keep_restart_keys(struct config *next, struct config *running,
+    const char **changed, size_t max);
+
 /* "500ms", "30s", "5m", "1h", "90d" into milliseconds; -1 if malformed. */
 int parse_duration_ms(const char *text, int64_t *out_ms);
 

@@ -411,6 +411,13 @@ notify_one(struct conn *c, void *state, void *arg)
 }
 
 void
+consumers_set_config(struct consumers *cs, const struct config *cfg)
+{
+	cs->cfg = cfg;
+	server_set_config(cs->server, cfg);
+}
+
+void
 consumers_notify(struct consumers *cs)
 {
 	server_foreach(cs->server, notify_one, NULL);

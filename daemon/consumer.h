@@ -22,6 +22,8 @@ typedef void consumers_stats_fn(json_t *reply, void *arg);
 struct consumers *consumers_new(struct event_loop *loop, const struct config *cfg,
     struct store *store, consumers_stats_fn *stats, void *stats_arg, char *err, size_t errlen);
 void consumers_free(struct consumers *cs);
+/* A reloaded config; its socket settings equal the running ones. */
+void consumers_set_config(struct consumers *cs, const struct config *cfg);
 /* New commands were committed: send them to whoever waits. */
 void consumers_notify(struct consumers *cs);
 size_t consumers_connected(const struct consumers *cs);

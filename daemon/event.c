@@ -127,6 +127,13 @@ event_set_before_sleep(struct event_loop *loop, event_hook_fn *fn, void *arg)
 	loop->before_sleep_arg = arg;
 }
 
+void
+event_clear_before_sleep(struct event_loop *loop, void *arg)
+{
+	if (loop->before_sleep_arg == arg)
+		event_set_before_sleep(loop, NULL, NULL);
+}
+
 static void
 run_due_timers(struct event_loop *loop)
 {

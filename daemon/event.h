@@ -38,6 +38,8 @@ void event_timer_disarm(struct event_loop *loop, struct event_timer *timer);
 
 /* Called before every sleep, e.g. to update which events an fd waits for. */
 void event_set_before_sleep(struct event_loop *loop, event_hook_fn *fn, void *arg);
+/* Removes the hook if arg is the one it was set with. */
+void event_clear_before_sleep(struct event_loop *loop, void *arg);
 
 /*
  * Sleeps until an event, a timer or a signal in sleep_mask's complement

@@ -377,9 +377,29 @@ mqtt_free(struct mqtt *m)
 	event_timer_disarm(m->loop, &m->misc_timer);
 	if (m->watched_fd >= 0)
 		event_io_del(m->loop, m->watched_fd);
-	event_set_before_sleep(m->loop, NULL, NULL);
+	event_clear_before_sleep(m->loop, m);
 	mosquitto_destroy(m->mosq);
 	free(m);
+}
+
+void
+mqtt_set_config(struct mqtt *m, const struct config *cfg)
+{
+	m->cfg = cfg;
+}
+
+bool
+mqtt_same_broker(const struct config *a, const struct config *b)
+{
+	const char *const sa[] = { a->broker.host, a->broker.client_id, a->broker.username,
+		a->broker.password, a->broker.tls_ca_file, a->broker.tls_cert_file, a->broker.tls_key_file };
+	const char *const sb[] = { b->broker.host, b->broker.client_id, b->broker.username,
+		b->broker.password, b->broker.tls_ca_file, b->broker.tls_cert_file, b->broker.tls_key_file };
+
+	for (size_t i = 0; i < sizeof(sa) / sizeof(sa[0]); i++)
+		if ((sa[i] == NULL) != (sb[i] == NULL) || (sa[i] && strcmp(sa[i], sb[i]) != 0))
+			return false;
+	return a->broker.port == b->broker.port && a->broker.keepalive == b->broker.keepalive;
 }
 
 void

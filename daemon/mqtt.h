@@ -43,6 +43,9 @@ struct mqtt *mqtt_new(struct event_loop *loop, const struct config *cfg,
 void mqtt_free(struct mqtt *m);
 
 void mqtt_start(struct mqtt *m);
+/* A reloaded config that mqtt_same_broker() says needs no new connection. */
+void mqtt_set_config(struct mqtt *m, const struct config *cfg);
+bool mqtt_same_broker(const struct config *a, const struct config *b);
 /* Sends DISCONNECT and what is queued; returns when written or failed. */
 void mqtt_stop(struct mqtt *m);
 bool mqtt_is_connected(const struct mqtt *m);

@@ -23,6 +23,7 @@ struct pending_sub {
 };
 
 struct relay {
+	struct event_loop *loop;
 	const struct config *cfg;
 	struct store *store;
 	struct mqtt *mqtt;
@@ -156,15 +157,11 @@ report_if_settled(struct relay *r)
  * session the broker kept we only send the difference to what it holds.
  */
 static void
-on_connected(void *arg, bool session_present)
+sync_subscriptions(struct relay *r, bool session_present)
 {
-	struct relay *r = arg;
 	struct store_subscription *known = NULL;
 	size_t nknown = 0;
 
-	dedup_connection_start(&r->dedup);
-	if (store_connection_start(r->store) == -1)
-		log_warnx("%s", store_errmsg(r->store));
 	pending_clear(r);
 	if (session_present && store_subscriptions_load(r->store, r->session_key, &known, &nknown) == -1) {
 		log_warnx("%s; subscribing to every filter", store_errmsg(r->store));
@@ -198,6 +195,17 @@ on_connected(void *arg, bool session_present)
 	}
 	store_subscriptions_free(known, nknown);
 	report_if_settled(r);
+}
+
+static void
+on_connected(void *arg, bool session_present)
+{
+	struct relay *r = arg;
+
+	dedup_connection_start(&r->dedup);
+	if (store_connection_start(r->store) == -1)
+		log_warnx("%s", store_errmsg(r->store));
+	sync_subscriptions(r, session_present);
 	status_changed(r);
 }
 
@@ -314,10 +322,10 @@ on_commit(void *arg)
 	return 0;
 }
 
-struct relay *
-relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t errlen)
+static const struct mqtt_handler *
+handler(struct relay *r)
 {
-	const struct mqtt_handler handler = {
+	static struct mqtt_handler h = {
 		.connected = on_connected,
 		.disconnected = on_disconnected,
 		.message = on_message,
@@ -326,21 +334,66 @@ relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t e
 		.subscribed = on_subscribed,
 		.unsubscribed = on_unsubscribed,
 	};
-	struct mqtt_handler h = handler;
+
+	h.arg = r;
+	return &h;
+}
+
+static void
+set_config(struct relay *r, const struct config *cfg)
+{
+	r->cfg = cfg;
+	r->dedup.window_ms = cfg->redelivery_window_ms;
+	snprintf(r->session_key, sizeof(r->session_key), "%s@%s:%d", cfg->broker.client_id,
+	    cfg->broker.host, (int)cfg->broker.port);
+}
+
+int
+relay_reload(struct relay *r, const struct config *cfg, char *err, size_t errlen)
+{
+	struct topic_pattern *pattern = topic_pattern_new(cfg->topic_fields, err, errlen);
+	struct mqtt *fresh = NULL;
+
+	if (pattern == NULL)
+		return -1;
+	if (!mqtt_same_broker(r->cfg, cfg) &&
+	    (fresh = mqtt_new(r->loop, cfg, handler(r), err, errlen)) == NULL) {
+		topic_pattern_free(pattern);
+		return -1;
+	}
+	topic_pattern_free(r->pattern);
+	r->pattern = pattern;
+	set_config(r, cfg);
+	if (fresh) {
+		log_info("reload: broker settings changed; reconnecting");
+		mqtt_stop(r->mqtt);
+		mqtt_free(r->mqtt);
+		pending_clear(r);
+		r->mqtt = fresh;
+		mqtt_start(r->mqtt);
+	} else {
+		mqtt_set_config(r->mqtt, cfg);
+		if (mqtt_is_connected(r->mqtt))
+			sync_subscriptions(r, true);
+	}
+	status_changed(r);
+	return 0;
+}
+
+struct relay *
+relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t errlen)
+{
 	struct relay *r;
 
 	if ((r = calloc(1, sizeof(*r))) == NULL) {
 		snprintf(err, errlen, "out of memory");
 		return NULL;
 	}
-	r->cfg = cfg;
-	r->dedup.window_ms = cfg->redelivery_window_ms;
-	snprintf(r->session_key, sizeof(r->session_key), "%s@%s:%d", cfg->broker.client_id,
-	    cfg->broker.host, (int)cfg->broker.port);
-	h.arg = r;
+	r->loop = loop;
+	set_config(r, cfg);
 	if ((r->pattern = topic_pattern_new(cfg->topic_fields, err, errlen)) == NULL ||
 	    (r->store = store_new(cfg->store.path, err, errlen)) == NULL ||
-	    (r->mqtt = mqtt_new(loop, cfg, &h, err, errlen)) == NULL) {
+	    (r->mqtt = mqtt_new(loop, cfg, handler(r), err, errlen)) == NULL) {
 		relay_free(r);
 		return NULL;
 	}

@@ -30,6 +30,11 @@ struct relay *relay_new(struct event_loop *loop, const struct config *cfg,
     char *err, size_t errlen);
 void relay_free(struct relay *r);
 void relay_start(struct relay *r);
+/*
+ * Switches to a new, valid config: subscriptions follow at once (G8), a
+ * changed broker means a new connection. On -1 nothing changed.
+ */
+int relay_reload(struct relay *r, const struct config *cfg, char *err, size_t errlen);
 void relay_stop(struct relay *r);
 
 /* One line for systemd's STATUS=: connection, counts, last error. */

@@ -16,6 +16,7 @@
 #include "log.h"
 #include "mqtt.h"
 #include "relay.h"
+#include "retention.h"
 #include "version.h"
 
 #define DEFAULT_CONFIG "/etc/cmdrelay/cmdrelay.yaml"
@@ -51,6 +52,7 @@ struct daemon_state {
 	struct event_loop *loop;
 	struct relay *relay;
 	struct consumers *consumers;
+	struct retention *retention;
 	struct event_timer watchdog;
 	uint64_t watchdog_ms;
 	struct event_timer status_timer;
@@ -98,6 +100,7 @@ add_relay_stats(json_t *reply, void *arg)
 	struct daemon_state *d = arg;
 
 	relay_stats(d->relay, reply);
+	retention_stats(d->retention, reply);
 }
 
 static void
@@ -157,6 +160,7 @@ reload(struct daemon_state *d, const char *file, bool verbose)
 		return;
 	}
 	consumers_set_config(d->consumers, next);
+	retention_set_config(d->retention, next);
 	log_set_level(verbose ? LOG_LEVEL_DEBUG : (enum log_level)next->log_level);
 	config_free(d->cfg);
 	d->cfg = next;
@@ -227,6 +231,8 @@ main(int argc, char *argv[])
 	if ((d.consumers = consumers_new(d.loop, d.cfg, relay_store(d.relay), add_relay_stats, &d,
 	    err, sizeof(err))) == NULL)
 		fatalx("%s", err);
+	if ((d.retention = retention_new(d.loop, d.cfg, relay_store(d.relay))) == NULL)
+		fatalx("out of memory");
 	event_timer_init(&d.status_timer, send_status, &d);
 	relay_on_status_change(d.relay, notify_status, &d);
 	relay_on_commit(d.relay, on_commit, &d);
@@ -253,6 +259,7 @@ main(int argc, char *argv[])
 	log_info("received %s, shutting down", strsignal(quit_signal));
 	sd_notify(0, "STOPPING=1");
 	relay_stop(d.relay);
+	retention_free(d.retention);
 	consumers_free(d.consumers);
 	relay_free(d.relay);
 	event_loop_free(d.loop);

@@ -34,6 +34,9 @@ enum stmt_id {
 	STMT_FETCH_FILTERED,
 	STMT_FETCH_ALL,
 	STMT_MAX_ID,
+	STMT_TOPIC_LAST,
+	STMT_PRUNE_AGE,
+	STMT_PRUNE_ROWS,
 	STMT_COUNT
 };
 
@@ -80,6 +83,21 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    "SELECT id, received_at, topic, payload, qos, retain, fields FROM messages"
 	    " WHERE id > ?1 AND status = 'accepted' ORDER BY id LIMIT ?3",
 	[STMT_MAX_ID] = "SELECT coalesce(max(id), 0) FROM messages",
+	[STMT_TOPIC_LAST] = "UPDATE topics SET last_accepted = ?2 WHERE topic = ?1",
+	/* Older than max_age: gone, unless it is a topic's newest command. */
+	[STMT_PRUNE_AGE] =
+	    "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+	    " WHERE received_at < ?1"
+	    " AND id NOT IN (SELECT last_accepted FROM topics WHERE last_accepted IS NOT NULL)"
+	    " ORDER BY received_at LIMIT ?2)",
+	/* Beyond the newest max_rows: gone, unless a consumer still needs it. */
+	[STMT_PRUNE_ROWS] =
+	    "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m"
+	    " WHERE m.id <= (SELECT max(id) FROM messages) - ?1"
+	    " AND m.id NOT IN (SELECT last_accepted FROM topics WHERE last_accepted IS NOT NULL)"
+	    " AND NOT EXISTS (SELECT 1 FROM consumers c JOIN filter_topics f ON f.filter = c.filter"
+	    "   WHERE f.topic = m.topic AND m.id > c.acked_id AND m.status = 'accepted')"
+	    " ORDER BY m.id LIMIT ?2)",
 };
 
 struct store {
@@ -238,8 +256,10 @@ store_new(const char *path, char *err, size_t errlen)
 	    "PRAGMA journal_mode = WAL;"
 	    /* FULL: a commit survives power loss too, since its PUBACK follows (G1). */
 	    "PRAGMA synchronous = FULL;"
-	    "PRAGMA foreign_keys = ON;"
-	    "PRAGMA busy_timeout = 2000;";
+	    "PRAGMA busy_timeout = 2000;"
+	    /* A checkpointed WAL is cut back, so retention bounds the files. */
+	    "PRAGMA journal_size_limit = 8388608;"
+	    "PRAGMA wal_autocheckpoint = 256;";
 	struct store *st;
 
 	if ((st = calloc(1, sizeof(*st))) == NULL) {
@@ -510,6 +530,7 @@ store_insert(struct store *st, const struct delivery *d, const struct dedup_verd
 	sqlite3_stmt *s = st->stmt[STMT_INSERT];
 	const char *reason = dedup_reason_name(v->reason);
 	char *json = NULL;
+	int64_t row;
 	int rc;
 
 	if (fields->count > 0 && (json = fields_json(fields)) == NULL)
@@ -534,9 +555,34 @@ store_insert(struct store *st, const struct delivery *d, const struct dedup_verd
 	free(json);
 	if (rc == -1)
 		return -1;
+	row = sqlite3_last_insert_rowid(st->db);
 	if (id)
-		*id = sqlite3_last_insert_rowid(st->db);
-	return register_topic(st, d->topic);
+		*id = row;
+	if (register_topic(st, d->topic) == -1)
+		return -1;
+	if (reason)
+		return 0;
+	sqlite3_bind_text(st->stmt[STMT_TOPIC_LAST], 1, d->topic, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st->stmt[STMT_TOPIC_LAST], 2, row);
+	return step_int(st, STMT_TOPIC_LAST, NULL);
+}
+
+int
+store_prune(struct store *st, int64_t older_than_ms, int64_t keep_rows, int limit)
+{
+	int n;
+
+	sqlite3_bind_int64(st->stmt[STMT_PRUNE_AGE], 1, older_than_ms);
+	sqlite3_bind_int(st->stmt[STMT_PRUNE_AGE], 2, limit);
+	if (step_int(st, STMT_PRUNE_AGE, NULL) == -1)
+		return -1;
+	if ((n = sqlite3_changes(st->db)) == limit)
+		return n;
+	sqlite3_bind_int64(st->stmt[STMT_PRUNE_ROWS], 1, keep_rows);
+	sqlite3_bind_int(st->stmt[STMT_PRUNE_ROWS], 2, limit - n);
+	if (step_int(st, STMT_PRUNE_ROWS, NULL) == -1)
+		return -1;
+	return n + sqlite3_changes(st->db);
 }
 
 int

@@ -14,6 +14,7 @@
 #include "consumer.h"
 #include "event.h"
 #include "log.h"
+#include "metrics.h"
 #include "mqtt.h"
 #include "relay.h"
 #include "retention.h"
@@ -53,6 +54,7 @@ struct daemon_state {
 	struct relay *relay;
 	struct consumers *consumers;
 	struct retention *retention;
+	struct metrics *metrics;
 	struct event_timer watchdog;
 	uint64_t watchdog_ms;
 	struct event_timer status_timer;
@@ -161,6 +163,9 @@ reload(struct daemon_state *d, const char *file, bool verbose)
 	}
 	consumers_set_config(d->consumers, next);
 	retention_set_config(d->retention, next);
+	/* The textfile follows the new config: stop the old writer, start anew. */
+	metrics_free(d->metrics);
+	d->metrics = metrics_new(d->loop, next, d->consumers);
 	log_set_level(verbose ? LOG_LEVEL_DEBUG : (enum log_level)next->log_level);
 	config_free(d->cfg);
 	d->cfg = next;
@@ -233,6 +238,7 @@ main(int argc, char *argv[])
 		fatalx("%s", err);
 	if ((d.retention = retention_new(d.loop, d.cfg, relay_store(d.relay))) == NULL)
 		fatalx("out of memory");
+	d.metrics = metrics_new(d.loop, d.cfg, d.consumers);
 	event_timer_init(&d.status_timer, send_status, &d);
 	relay_on_status_change(d.relay, notify_status, &d);
 	relay_on_commit(d.relay, on_commit, &d);
@@ -259,6 +265,7 @@ main(int argc, char *argv[])
 	log_info("received %s, shutting down", strsignal(quit_signal));
 	sd_notify(0, "STOPPING=1");
 	relay_stop(d.relay);
+	metrics_free(d.metrics);
 	retention_free(d.retention);
 	consumers_free(d.consumers);
 	relay_free(d.relay);

@@ -74,6 +74,9 @@ static const struct config_key config_keys[] = {
 	{ "socket.group", KEY_STRING, 1, 64, NULL, CFG(socket.group), true },
 	{ "socket.max_consumers", KEY_INT, 1, 1024, "64", CFG(socket.max_consumers), true },
 	{ "socket.window", KEY_INT, 1, 65536, "256", CFG(socket.window), true },
+	{ "metrics", KEY_SECTION, 0, 0, NULL, 0, false },
+	{ "metrics.textfile", KEY_STRING, 1, PATH_MAX, NULL, CFG(metrics.textfile), false },
+	{ "metrics.interval", KEY_DURATION, 1000, 3600 * 1000, "5s", CFG(metrics.interval_ms), false },
 	{ "log", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "log.level", KEY_LOG_LEVEL, 0, 0, "info", CFG(log_level), false },
 };

@@ -50,6 +50,10 @@ struct config {
 		int64_t max_consumers;
 		int64_t window;
 	} socket;
+	struct {
+		char *textfile;		/* Prometheus textfile; NULL: none */
+		int64_t interval_ms;
+	} metrics;
 	int64_t log_level;
 };
 

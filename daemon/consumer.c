@@ -303,23 +303,33 @@ add_consumer_stats(const struct store_consumer *sc, void *arg)
 	return 0;
 }
 
-static void
-op_stats(struct client *cl, json_t *msg)
+json_t *
+consumers_stats(struct consumers *cs)
 {
-	struct stats_ctx ctx = { cl->cs, json_array() };
+	struct stats_ctx ctx = { cs, json_array() };
 	json_t *reply = json_pack("{s:s}", "type", "stats");
 
-	(void)msg;
 	if (reply == NULL || ctx.list == NULL) {
 		json_decref(reply);
 		json_decref(ctx.list);
-		return send_error(cl, "internal", "out of memory");
+		return NULL;
 	}
-	cl->cs->stats(reply, cl->cs->stats_arg);
-	json_object_set_new(reply, "connections", json_integer((json_int_t)server_connections(cl->cs->server)));
-	if (store_consumers(cl->cs->store, add_consumer_stats, &ctx) == -1)
-		log_warnx("stats: %s", store_errmsg(cl->cs->store));
+	cs->stats(reply, cs->stats_arg);
+	json_object_set_new(reply, "connections", json_integer((json_int_t)server_connections(cs->server)));
+	if (store_consumers(cs->store, add_consumer_stats, &ctx) == -1)
+		log_warnx("stats: %s", store_errmsg(cs->store));
 	json_object_set_new(reply, "consumers", ctx.list);
+	return reply;
+}
+
+static void
+op_stats(struct client *cl, json_t *msg)
+{
+	json_t *reply = consumers_stats(cl->cs);
+
+	(void)msg;
+	if (reply == NULL)
+		return send_error(cl, "internal", "out of memory");
 	send_json(cl, reply);
 }
 

@@ -35,6 +35,15 @@ event_now_ms(void)
 }
 
 uint64_t
+event_now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+uint64_t
 event_wall_ms(void)
 {
 	return clock_ms(CLOCK_REALTIME);

@@ -48,6 +48,7 @@ void event_clear_before_sleep(struct event_loop *loop, void *arg);
 int event_loop_once(struct event_loop *loop, const sigset_t *sleep_mask);
 
 uint64_t event_now_ms(void);	/* CLOCK_MONOTONIC */
+uint64_t event_now_us(void);
 uint64_t event_wall_ms(void);	/* CLOCK_REALTIME, Unix ms */
 
 #endif

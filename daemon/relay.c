@@ -1,6 +1,8 @@
 #include "relay.h"
 
 #include <inttypes.h>
+#include <limits.h>
+#include <sys/stat.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +34,7 @@ struct relay {
 	char session_key[512];
 	bool in_txn;
 	struct relay_counters total, staged;
+	uint64_t last_commit_us;
 	struct pending_sub pending[PENDING_MAX];
 	size_t npending;
 	void (*status_fn)(void *arg);
@@ -67,6 +70,22 @@ relay_store(struct relay *r)
 	return r->store;
 }
 
+/* The history's size on disk: the database and its WAL. */
+static int64_t
+file_bytes(const char *db)
+{
+	char wal[PATH_MAX];
+	struct stat st;
+	int64_t total = 0;
+
+	snprintf(wal, sizeof(wal), "%s-wal", db);
+	if (stat(db, &st) == 0)
+		total += st.st_size;
+	if (stat(wal, &st) == 0)
+		total += st.st_size;
+	return total;
+}
+
 void
 relay_stats(const struct relay *r, json_t *obj)
 {
@@ -80,6 +99,8 @@ relay_stats(const struct relay *r, json_t *obj)
 	    "retained_replay", (json_int_t)r->total.retained_replays,
 	    "redelivery", (json_int_t)r->total.redeliveries));
 	json_object_set_new(obj, "commit_failures", json_integer((json_int_t)r->total.commit_failures));
+	json_object_set_new(obj, "last_commit_seconds", json_real((double)r->last_commit_us / 1e6));
+	json_object_set_new(obj, "database_bytes", json_integer((json_int_t)file_bytes(r->cfg->store.path)));
 }
 
 void
@@ -304,6 +325,8 @@ on_commit(void *arg)
 {
 	struct relay *r = arg;
 
+	uint64_t t0 = event_now_us();
+
 	r->in_txn = false;
 	if (store_commit(r->store) == -1) {
 		log_errx("history: %s", store_errmsg(r->store));
@@ -312,6 +335,7 @@ on_commit(void *arg)
 		status_changed(r);
 		return -1;
 	}
+	r->last_commit_us = event_now_us() - t0;
 	r->total.received += r->staged.received;
 	r->total.accepted += r->staged.accepted;
 	r->total.retained_replays += r->staged.retained_replays;

@@ -19,7 +19,7 @@ PACKAGES=(
     # run and test
     sqlite3 openssl procps iproute2 util-linux socat systemd
     mosquitto mosquitto-clients rabbitmq-server
-    python3 python3-pytest python3-paho-mqtt python3-yaml
+    python3 python3-pytest python3-paho-mqtt python3-yaml python3-prometheus-client
 )
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }

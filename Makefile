@@ -14,7 +14,7 @@ PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS))
 PKG_LIBS = $(shell pkg-config --libs $(PKGS))
 
 B := build
-COMMON := log config topic event dedup store mqtt relay wire server consumer retention metrics
+COMMON := log config topic event dedup store mqtt relay wire server request consumer retention metrics
 COMMON_OBJS := $(COMMON:%=$(B)/%.o) $(B)/migrations.o
 MIGRATIONS := $(sort $(wildcard sql/[0-9][0-9][0-9]_*.sql))
 

@@ -1,6 +1,5 @@
 #include "consumer.h"
 
-#include <ctype.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -8,9 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <mosquitto.h>
-
 #include "log.h"
+#include "request.h"
 #include "server.h"
 #include "topic.h"
 #include "wire.h"
@@ -29,8 +27,8 @@ struct client {
 	struct consumers *cs;
 	struct conn *conn;
 	enum client_mode mode;
-	char name[CONSUMER_NAME_MAX + 1];
-	char filter[CONSUMER_FILTER_MAX + 1];
+	char name[REQUEST_NAME_MAX + 1];
+	char filter[REQUEST_FILTER_MAX + 1];
 	int64_t sent_id;	/* the last command id sent (the tail's cursor) */
 	int64_t acked_id;
 	int64_t *inflight;	/* ring of sent, unacknowledged ids; socket.window long */
@@ -114,7 +112,7 @@ fill(struct client *cl)
 {
 	struct store *st = cl->cs->store;
 	size_t window = (size_t)cl->cs->cfg->socket.window;
-	int n, want;
+	int n = 0, want;
 
 	if (cl->mode == CLIENT_NAMED) {
 		while (cl->count < window && conn_queued(cl->conn) < SERVER_OUT_LOW_WATER) {
@@ -140,19 +138,6 @@ fill(struct client *cl)
 		    store_errmsg(st));
 }
 
-static bool
-valid_name(const char *name)
-{
-	size_t len = strlen(name);
-
-	if (len == 0 || len > CONSUMER_NAME_MAX)
-		return false;
-	for (const char *p = name; *p; p++)
-		if (!isalnum((unsigned char)*p) && !strchr("._-", *p))
-			return false;
-	return true;
-}
-
 struct name_search {
 	const char *name;
 	const struct client *except;
@@ -170,74 +155,32 @@ match_name(struct conn *c, void *state, void *arg)
 		s->found = true;
 }
 
-/* Checks that msg has only the given keys; names the first other one. */
-static const char *
-unknown_key(json_t *msg, const char *const *allowed)
-{
-	const char *key;
-	json_t *value;
-
-	json_object_foreach(msg, key, value) {
-		bool ok = false;
-		for (const char *const *a = allowed; *a && !ok; a++)
-			ok = strcmp(*a, key) == 0;
-		if (!ok)
-			return key;
-	}
-	return NULL;
-}
-
 static void
-op_hello(struct client *cl, json_t *msg)
+op_hello(struct client *cl, const struct request *req)
 {
-	static const char *const keys[] = { "op", "consumer", "filter", "from", NULL };
-	json_t *jname = json_object_get(msg, "consumer"), *jfilter = json_object_get(msg, "filter");
-	json_t *jfrom = json_object_get(msg, "from");
-	const char *filter = "#", *bad;
-	struct store_start start = { .from = jname ? STORE_FROM_STORED : STORE_FROM_LIVE };
 	int64_t resume_after;
 
 	if (cl->mode != CLIENT_NEW)
 		return send_error(cl, "already_started", "hello was already said on this connection");
-	if ((bad = unknown_key(msg, keys)) != NULL)
-		return send_error(cl, "bad_request", "hello: unknown field \"%s\"", bad);
-	if (jname && (!json_is_string(jname) || !valid_name(json_string_value(jname))))
-		return send_error(cl, "bad_request", "hello: consumer must be 1 to %d of A-Z a-z 0-9 . _ -",
-		    CONSUMER_NAME_MAX);
-	if (jfilter) {
-		filter = json_string_value(jfilter);
-		if (filter == NULL || strlen(filter) == 0 || strlen(filter) > CONSUMER_FILTER_MAX ||
-		    mosquitto_sub_topic_check(filter) != MOSQ_ERR_SUCCESS)
-			return send_error(cl, "bad_request", "hello: filter must be an MQTT topic filter "
-			    "of at most %d bytes", CONSUMER_FILTER_MAX);
-	}
-	if (jfrom && json_is_string(jfrom) && strcmp(json_string_value(jfrom), "live") == 0)
-		start.from = STORE_FROM_LIVE;
-	else if (jfrom && json_is_string(jfrom) && strcmp(json_string_value(jfrom), "stored") == 0 && jname)
-		start.from = STORE_FROM_STORED;
-	else if (jfrom && json_is_integer(jfrom) && json_integer_value(jfrom) >= 0)
-		start = (struct store_start){ STORE_FROM_ID, json_integer_value(jfrom) };
-	else if (jfrom)
-		return send_error(cl, "bad_request", "hello: from must be %s\"live\" or a history id",
-		    jname ? "\"stored\", " : "");
-	snprintf(cl->filter, sizeof(cl->filter), "%s", filter);
-
-	if (jname) {
-		struct name_search search = { json_string_value(jname), cl, false };
+	snprintf(cl->filter, sizeof(cl->filter), "%s", req->filter);
+	if (req->named) {
+		struct name_search search = { req->name, cl, false };
 		server_foreach(cl->cs->server, match_name, &search);
 		if (search.found) {
 			send_error(cl, "consumer_busy", "consumer %s is connected already", search.name);
 			conn_close(cl->conn);
 			return;
 		}
-		if (store_consumer_open(cl->cs->store, search.name, filter, &start, &resume_after) == -1) {
+		if (store_consumer_open(cl->cs->store, req->name, req->filter, &req->start,
+		    &resume_after) == -1) {
 			log_warnx("consumer %s: %s", search.name, store_errmsg(cl->cs->store));
 			return send_error(cl, "storage", "the history cannot be written now; try again");
 		}
 		snprintf(cl->name, sizeof(cl->name), "%s", search.name);
 		cl->mode = CLIENT_NAMED;
 	} else {
-		resume_after = start.from == STORE_FROM_ID ? start.id : store_last_id(cl->cs->store);
+		resume_after = req->start.from == STORE_FROM_ID ? req->start.id :
+		    store_last_id(cl->cs->store);
 		if (resume_after < 0)
 			return send_error(cl, "storage", "the history cannot be read now; try again");
 		cl->mode = CLIENT_TAIL;
@@ -253,21 +196,13 @@ op_hello(struct client *cl, json_t *msg)
 }
 
 static void
-op_ack(struct client *cl, json_t *msg)
+op_ack(struct client *cl, const struct request *req)
 {
-	static const char *const keys[] = { "op", "id", NULL };
-	json_t *jid = json_object_get(msg, "id");
 	size_t window = (size_t)cl->cs->cfg->socket.window;
-	const char *bad;
-	int64_t id;
+	int64_t id = req->ack_id;
 
 	if (cl->mode != CLIENT_NAMED)
 		return send_error(cl, "not_named", "ack needs a hello with a consumer name first");
-	if ((bad = unknown_key(msg, keys)) != NULL)
-		return send_error(cl, "bad_request", "ack: unknown field \"%s\"", bad);
-	if (!json_is_integer(jid) || json_integer_value(jid) < 0)
-		return send_error(cl, "bad_request", "ack: id must be a history id");
-	id = json_integer_value(jid);
 	if (id > cl->sent_id)
 		return send_error(cl, "ack_unknown", "ack of #%" PRId64 ", but the last command sent "
 		    "is #%" PRId64, id, cl->sent_id);
@@ -323,11 +258,11 @@ consumers_stats(struct consumers *cs)
 }
 
 static void
-op_stats(struct client *cl, json_t *msg)
+op_stats(struct client *cl, const struct request *req)
 {
 	json_t *reply = consumers_stats(cl->cs);
 
-	(void)msg;
+	(void)req;
 	if (reply == NULL)
 		return send_error(cl, "internal", "out of memory");
 	send_json(cl, reply);
@@ -336,45 +271,24 @@ op_stats(struct client *cl, json_t *msg)
 static void
 on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 {
-	static const struct {
-		const char *name;
-		void (*fn)(struct client *, json_t *);
-	} ops[] = {
-		{ "hello", op_hello },
-		{ "ack", op_ack },
-		{ "stats", op_stats },
+	static void (*const ops[])(struct client *, const struct request *) = {
+		[REQUEST_HELLO] = op_hello,
+		[REQUEST_ACK] = op_ack,
+		[REQUEST_STATS] = op_stats,
 	};
 	struct client *cl = state;
-	json_error_t jerr;
-	json_t *msg;
-	const char *op;
+	struct request_error err;
+	struct request req;
 
 	(void)c;
 	(void)arg;
-	msg = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
-	if (msg == NULL || !json_is_object(msg)) {
-		if (msg == NULL)
-			send_error(cl, "bad_json", "not JSON (%s, column %d); closing", jerr.text, jerr.column);
-		else
-			send_error(cl, "bad_json", "a line must be a JSON object; closing");
-		json_decref(msg);
-		conn_close(cl->conn);
+	if (request_parse(line, len, &req, &err) == -1) {
+		send_error(cl, err.code, "%s", err.message);
+		if (err.fatal)
+			conn_close(cl->conn);
 		return;
 	}
-	if ((op = json_string_value(json_object_get(msg, "op"))) == NULL) {
-		send_error(cl, "bad_request", "the object has no \"op\" string");
-	} else {
-		size_t i;
-		for (i = 0; i < sizeof(ops) / sizeof(ops[0]); i++) {
-			if (strcmp(ops[i].name, op) == 0) {
-				ops[i].fn(cl, msg);
-				break;
-			}
-		}
-		if (i == sizeof(ops) / sizeof(ops[0]))
-			send_error(cl, "unknown_op", "unknown op \"%.64s\" (hello, ack, stats)", op);
-	}
-	json_decref(msg);
+	ops[req.op](cl, &req);
 }
 
 static void *

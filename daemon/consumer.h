@@ -11,9 +11,6 @@
 #include "event.h"
 #include "store.h"
 
-#define CONSUMER_NAME_MAX 64
-#define CONSUMER_FILTER_MAX 1024
-
 struct consumers;
 
 /* Adds the relay's own numbers to a stats reply. */

@@ -25,6 +25,7 @@ struct conn {
 	char *out;
 	size_t outlen, outpos, outcap;
 	bool closing;
+	bool write_failed;	/* the peer is gone for output; its input still counts */
 	struct ucred cred;
 	struct conn *next;
 };
@@ -128,6 +129,8 @@ conn_flush(struct conn *c)
 		if (n == -1) {
 			if (errno == EAGAIN || errno == EINTR)
 				break;
+			c->outpos = c->outlen = 0;
+			c->write_failed = true;
 			return -1;
 		}
 		c->outpos += (size_t)n;
@@ -140,6 +143,8 @@ conn_flush(struct conn *c)
 void
 conn_send(struct conn *c, const char *data, size_t len)
 {
+	if (c->write_failed)
+		return;
 	if (c->outpos > 0 && c->outlen + len > c->outcap) {
 		memmove(c->out, c->out + c->outpos, conn_queued(c));
 		c->outlen -= c->outpos;
@@ -160,8 +165,11 @@ conn_send(struct conn *c, const char *data, size_t len)
 	}
 	memcpy(c->out + c->outlen, data, len);
 	c->outlen += len;
-	if (conn_flush(c) == -1)
-		c->closing = true;
+	/*
+	 * A failed write does not end the connection here: an ack the peer sent
+	 * before it closed may still wait to be read, and must count.
+	 */
+	conn_flush(c);
 	conn_watch(c);
 }
 
@@ -169,7 +177,8 @@ void
 conn_close(struct conn *c)
 {
 	c->closing = true;
-	shutdown(c->fd, SHUT_RD);
+	/* With nothing left to write, the peer sees EOF now and poll says HUP. */
+	shutdown(c->fd, conn_queued(c) ? SHUT_RD : SHUT_RDWR);
 	conn_watch(c);
 }
 
@@ -215,7 +224,7 @@ conn_io(int fd, short revents, void *arg)
 		conn_read(c);
 		return;		/* c may be gone */
 	}
-	if (conn_flush(c) == -1 || (revents & (POLLERR | POLLHUP)) ||
+	if ((conn_flush(c) == -1 && c->closing) || (revents & (POLLERR | POLLHUP)) ||
 	    (c->closing && conn_queued(c) == 0)) {
 		conn_free(c);
 		return;

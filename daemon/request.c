@@ -1,0 +1,137 @@
+#include "request.h"
+
+#include <ctype.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <jansson.h>
+#include <mosquitto.h>
+
+static int __attribute__((format(printf, 4, 5)))
+fail(struct request_error *err, const char *code, bool fatal, const char *fmt, ...)
+{
+	va_list ap;
+
+	err->code = code;
+	err->fatal = fatal;
+	va_start(ap, fmt);
+	vsnprintf(err->message, sizeof(err->message), fmt, ap);
+	va_end(ap);
+	return -1;
+}
+
+static bool
+valid_name(const char *name)
+{
+	size_t len = strlen(name);
+
+	if (len == 0 || len > REQUEST_NAME_MAX)
+		return false;
+	for (const char *p = name; *p; p++)
+		if (!isalnum((unsigned char)*p) && !strchr("._-", *p))
+			return false;
+	return true;
+}
+
+/* The first key of msg that is not in allowed, or NULL. */
+static const char *
+unknown_key(json_t *msg, const char *const *allowed)
+{
+	const char *key;
+	json_t *value;
+
+	json_object_foreach(msg, key, value) {
+		bool ok = false;
+		for (const char *const *a = allowed; *a && !ok; a++)
+			ok = strcmp(*a, key) == 0;
+		if (!ok)
+			return key;
+	}
+	return NULL;
+}
+
+static int
+parse_hello(json_t *msg, struct request *req, struct request_error *err)
+{
+	static const char *const keys[] = { "op", "consumer", "filter", "from", NULL };
+	json_t *jname = json_object_get(msg, "consumer"), *jfilter = json_object_get(msg, "filter");
+	json_t *jfrom = json_object_get(msg, "from");
+	const char *s, *bad;
+
+	if ((bad = unknown_key(msg, keys)) != NULL)
+		return fail(err, "bad_request", false, "hello: unknown field \"%.64s\"", bad);
+	if (jname) {
+		if (!json_is_string(jname) || !valid_name(json_string_value(jname)))
+			return fail(err, "bad_request", false,
+			    "hello: consumer must be 1 to %d of A-Z a-z 0-9 . _ -", REQUEST_NAME_MAX);
+		req->named = true;
+		snprintf(req->name, sizeof(req->name), "%s", json_string_value(jname));
+	}
+	if (jfilter) {
+		s = json_string_value(jfilter);
+		if (s == NULL || strlen(s) == 0 || strlen(s) > REQUEST_FILTER_MAX ||
+		    json_string_length(jfilter) != strlen(s) ||
+		    mosquitto_sub_topic_check(s) != MOSQ_ERR_SUCCESS)
+			return fail(err, "bad_request", false,
+			    "hello: filter must be an MQTT topic filter of at most %d bytes", REQUEST_FILTER_MAX);
+		snprintf(req->filter, sizeof(req->filter), "%s", s);
+	}
+	req->start.from = req->named ? STORE_FROM_STORED : STORE_FROM_LIVE;
+	if (jfrom == NULL)
+		return 0;
+	s = json_string_value(jfrom);
+	if (s && strcmp(s, "live") == 0)
+		req->start.from = STORE_FROM_LIVE;
+	else if (s && strcmp(s, "stored") == 0 && req->named)
+		req->start.from = STORE_FROM_STORED;
+	else if (json_is_integer(jfrom) && json_integer_value(jfrom) >= 0)
+		req->start = (struct store_start){ STORE_FROM_ID, json_integer_value(jfrom) };
+	else
+		return fail(err, "bad_request", false, "hello: from must be %s\"live\" or a history id",
+		    req->named ? "\"stored\", " : "");
+	return 0;
+}
+
+static int
+parse_ack(json_t *msg, struct request *req, struct request_error *err)
+{
+	static const char *const keys[] = { "op", "id", NULL };
+	json_t *jid = json_object_get(msg, "id");
+	const char *bad;
+
+	if ((bad = unknown_key(msg, keys)) != NULL)
+		return fail(err, "bad_request", false, "ack: unknown field \"%.64s\"", bad);
+	if (!json_is_integer(jid) || json_integer_value(jid) < 0)
+		return fail(err, "bad_request", false, "ack: id must be a history id");
+	req->ack_id = json_integer_value(jid);
+	return 0;
+}
+
+int
+request_parse(const char *line, size_t len, struct request *req, struct request_error *err)
+{
+	json_error_t jerr;
+	json_t *msg;
+	const char *op;
+	int rc;
+
+	*req = (struct request){ .filter = "#" };
+	/* Jansson rejects invalid UTF-8 and, with this flag, duplicate keys. */
+	if ((msg = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr)) == NULL)
+		return fail(err, "bad_json", true, "not JSON (%s, column %d); closing", jerr.text, jerr.column);
+	if (!json_is_object(msg))
+		rc = fail(err, "bad_json", true, "a line must be a JSON object; closing");
+	else if ((op = json_string_value(json_object_get(msg, "op"))) == NULL)
+		rc = fail(err, "bad_request", false, "the object has no \"op\" string");
+	else if (strcmp(op, "hello") == 0)
+		rc = (req->op = REQUEST_HELLO, parse_hello(msg, req, err));
+	else if (strcmp(op, "ack") == 0)
+		rc = (req->op = REQUEST_ACK, parse_ack(msg, req, err));
+	else if (strcmp(op, "stats") == 0)
+		rc = (req->op = REQUEST_STATS, 0);
+	else
+		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats)", op);
+	json_decref(msg);
+	return rc;
+}

@@ -1,0 +1,40 @@
+/*
+ * Client lines of protocol v1, parsed and validated without side effects:
+ * what consumer.c acts on, and what the fuzzer feeds.
+ */
+#ifndef CMDRELAY_REQUEST_H
+#define CMDRELAY_REQUEST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "store.h"
+
+#define REQUEST_NAME_MAX 64
+#define REQUEST_FILTER_MAX 1024
+
+enum request_op {
+	REQUEST_HELLO,
+	REQUEST_ACK,
+	REQUEST_STATS,
+};
+
+struct request {
+	enum request_op op;
+	bool named;
+	char name[REQUEST_NAME_MAX + 1];
+	char filter[REQUEST_FILTER_MAX + 1];	/* "#" unless given */
+	struct store_start start;		/* stored for named, live for tails, unless given */
+	int64_t ack_id;
+};
+
+struct request_error {
+	const char *code;	/* bad_json, bad_request, unknown_op */
+	char message[256];
+	bool fatal;		/* the connection is closed after the error line */
+};
+
+int request_parse(const char *line, size_t len, struct request *req, struct request_error *err);
+
+#endif

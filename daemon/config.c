@@ -2,8 +2,10 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -26,6 +28,7 @@ enum key_type {
 	KEY_MODE,
 	KEY_LOG_LEVEL,
 	KEY_SUBSCRIPTIONS,
+	KEY_PEERS,
 };
 
 struct config_key {
@@ -72,6 +75,7 @@ static const struct config_key config_keys[] = {
 	  "/run/cmdrelay/cmdrelay.sock", CFG(socket.path), true },
 	{ "socket.mode", KEY_MODE, 0, 0777, "0660", CFG(socket.mode), true },
 	{ "socket.group", KEY_STRING, 1, 64, NULL, CFG(socket.group), true },
+	{ "socket.allow", KEY_PEERS, 1, CONFIG_MAX_PEERS, NULL, 0, false },
 	{ "socket.max_consumers", KEY_INT, 1, 1024, "64", CFG(socket.max_consumers), true },
 	{ "socket.window", KEY_INT, 1, 65536, "256", CFG(socket.window), true },
 	{ "metrics", KEY_SECTION, 0, 0, NULL, 0, false },
@@ -174,6 +178,7 @@ type_name(enum key_type type)
 	case KEY_SECTION:
 		return "a mapping";
 	case KEY_SUBSCRIPTIONS:
+	case KEY_PEERS:
 		return "a list";
 	default:
 		return "a single value";
@@ -316,6 +321,43 @@ walk_subscriptions(struct parser *p, const struct config_key *key, yaml_node_t *
 	return 0;
 }
 
+/* socket.allow: user names, and group names with a leading '@'. */
+static int
+walk_peers(struct parser *p, const struct config_key *key, yaml_node_t *seq)
+{
+	struct config *cfg = p->cfg;
+	size_t n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+
+	if ((int64_t)n < key->min || (int64_t)n > key->max)
+		return fail_at(p, seq, "%s: %zu entries, expected %" PRId64 " to %" PRId64,
+		    key->path, n, key->min, key->max);
+	if ((cfg->socket.allow = calloc(n, sizeof(*cfg->socket.allow))) == NULL)
+		return fail_at(p, seq, "out of memory");
+	for (size_t i = 0; i < n; i++) {
+		yaml_node_t *item = yaml_document_get_node(&p->doc, seq->data.sequence.items.start[i]);
+		struct config_peer *peer = &cfg->socket.allow[i];
+		const char *name;
+
+		if (item->type != YAML_SCALAR_NODE || item->data.scalar.length == 0)
+			return fail_at(p, item, "%s: each entry is a user name or @group", key->path);
+		name = (const char *)item->data.scalar.value;
+		peer->group = name[0] == '@';
+		if (peer->group) {
+			struct group *gr = getgrnam(name + 1);
+			if (gr == NULL)
+				return fail_at(p, item, "%s: no group '%s'", key->path, name + 1);
+			peer->id = gr->gr_gid;
+		} else {
+			struct passwd *pw = getpwnam(name);
+			if (pw == NULL)
+				return fail_at(p, item, "%s: no user '%s'", key->path, name);
+			peer->id = pw->pw_uid;
+		}
+		cfg->socket.nallow = i + 1;
+	}
+	return 0;
+}
+
 static int
 walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
 {
@@ -347,9 +389,11 @@ walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
 				return -1;
 			break;
 		case KEY_SUBSCRIPTIONS:
+		case KEY_PEERS:
 			if (v->type != YAML_SEQUENCE_NODE)
 				return fail_at(p, v, "%s: expected a list, got %s", path, node_kind(v));
-			if (walk_subscriptions(p, key, v) == -1)
+			if ((key->type == KEY_SUBSCRIPTIONS ? walk_subscriptions(p, key, v) :
+			    walk_peers(p, key, v)) == -1)
 				return -1;
 			break;
 		default:
@@ -579,6 +623,7 @@ config_free(struct config *cfg)
 	for (size_t i = 0; i < cfg->nsubs; i++)
 		free(cfg->subs[i].topic);
 	free(cfg->subs);
+	free(cfg->socket.allow);
 	if (cfg->broker.password)
 		explicit_bzero(cfg->broker.password, strlen(cfg->broker.password));
 	free(cfg->broker.password);

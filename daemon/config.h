@@ -2,6 +2,7 @@
 #ifndef CMDRELAY_CONFIG_H
 #define CMDRELAY_CONFIG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -12,10 +13,17 @@
 #define CONFIG_MAX_SUBSCRIPTIONS 256
 #define CONFIG_MAX_STRING 4096
 #define CONFIG_MAX_PASSWORD 1024
+#define CONFIG_MAX_PEERS 64
 
 struct config_subscription {
 	char *topic;
 	int64_t qos;
+};
+
+/* A user or group that socket.allow lets in. */
+struct config_peer {
+	bool group;
+	unsigned id;		/* uid or gid */
 };
 
 struct config {
@@ -47,6 +55,8 @@ struct config {
 		char *path;
 		int64_t mode;
 		char *group;
+		struct config_peer *allow;	/* NULL: whoever the file mode lets in */
+		size_t nallow;
 		int64_t max_consumers;
 		int64_t window;
 	} socket;

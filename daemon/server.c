@@ -3,6 +3,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -234,6 +236,35 @@ conn_io(int fd, short revents, void *arg)
 	conn_watch(c);
 }
 
+/*
+ * socket.allow, checked against SO_PEERCRED: root and our own user are
+ * always in; otherwise the peer's user, or one of its user's groups.
+ */
+static bool
+peer_allowed(const struct config *cfg, const struct ucred *cred)
+{
+	gid_t groups[NGROUPS_MAX];
+	int ngroups = NGROUPS_MAX;
+	struct passwd *pw;
+
+	if (cfg->socket.allow == NULL || cred->uid == 0 || cred->uid == geteuid())
+		return true;
+	pw = getpwuid(cred->uid);
+	if (pw == NULL || getgrouplist(pw->pw_name, cred->gid, groups, &ngroups) == -1)
+		ngroups = 0;
+	for (size_t i = 0; i < cfg->socket.nallow; i++) {
+		const struct config_peer *peer = &cfg->socket.allow[i];
+		if (!peer->group && peer->id == cred->uid)
+			return true;
+		if (peer->group && peer->id == cred->gid)
+			return true;
+		for (int g = 0; peer->group && g < ngroups; g++)
+			if (groups[g] == peer->id)
+				return true;
+	}
+	return false;
+}
+
 static void
 on_accept(int fd, short revents, void *arg)
 {
@@ -264,6 +295,15 @@ on_accept(int fd, short revents, void *arg)
 		    "\"message\":\"socket.max_consumers connections are open already\"}\n";
 		log_warnx("refused consumer pid %d uid %d: %zu connections are the limit",
 		    (int)c->cred.pid, (int)c->cred.uid, srv->limit);
+		conn_send(c, msg, sizeof(msg) - 1);
+		conn_close(c);
+		return;
+	}
+	if (!peer_allowed(srv->cfg, &c->cred)) {
+		static const char msg[] = "{\"type\":\"error\",\"code\":\"not_allowed\","
+		    "\"message\":\"this user may not use cmdrelayd (socket.allow)\"}\n";
+		log_warnx("refused consumer pid %d uid %d gid %d: not in socket.allow",
+		    (int)c->cred.pid, (int)c->cred.uid, (int)c->cred.gid);
 		conn_send(c, msg, sizeof(msg) - 1);
 		conn_close(c);
 		return;

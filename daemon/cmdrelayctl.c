@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <jansson.h>
+#include <mosquitto.h>
 #include <sqlite3.h>
 
 #include "config.h"
@@ -19,7 +20,7 @@
 #include "wire.h"
 
 #define DEFAULT_CONFIG "/etc/cmdrelay/cmdrelay.yaml"
-#define PAYLOAD_COLUMN 40
+#define PAYLOAD_COLUMN 40	/* characters */
 #define HISTORY_MAX_LIMIT 1000000
 
 void
@@ -101,41 +102,115 @@ ctl_open_history(struct ctl *ctl)
 	return db;
 }
 
-/* "2h", "7d" before now, or an ISO 8601 UTC date/time; Unix ms, -1 if malformed. */
-static int64_t
-parse_time(const char *text)
+/*
+ * "2h", "7d" before now, or an ISO 8601 UTC date or time as history prints
+ * it (2026-11-25T18:24:44.123Z; seconds, fraction and Z optional).
+ */
+static bool
+parse_time(const char *text, int64_t *out_ms)
 {
 	static const char *const formats[] = {
-		"%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S",
-		"%Y-%m-%dT%H:%MZ", "%Y-%m-%dT%H:%M", "%Y-%m-%d",
+		"%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d",
 	};
 	int64_t age;
 
-	if (parse_duration_ms(text, &age) == 0)
-		return (int64_t)time(NULL) * 1000 - age;
-	for (size_t i = 0; i < sizeof(formats) / sizeof(formats[0]); i++) {
-		struct tm tm = { 0 };
-		const char *end = strptime(text, formats[i], &tm);
-		if (end && *end == '\0')
-			return (int64_t)timegm(&tm) * 1000;
+	if (parse_duration_ms(text, &age) == 0) {
+		*out_ms = (int64_t)time(NULL) * 1000 - age;
+		return true;
 	}
-	return -1;
+	for (size_t i = 0; i < sizeof(formats) / sizeof(formats[0]); i++) {
+		struct tm tm = { 0 }, back;
+		const char *end = strptime(text, formats[i], &tm);
+		int64_t ms = 0;
+		time_t secs;
+
+		if (end == NULL)
+			continue;
+		if (*end == '.' && i < 2) {
+			int digits = 0;
+			for (end++; *end >= '0' && *end <= '9'; end++, digits++)
+				if (digits < 3)
+					ms = ms * 10 + (*end - '0');
+			if (digits == 0)
+				continue;
+			for (; digits < 3; digits++)
+				ms *= 10;
+		}
+		if (*end == 'Z' && i != 3)
+			end++;
+		if (*end != '\0')
+			continue;
+		/* timegm() would turn 2026-02-30 into March 2: refuse what it moved. */
+		back = tm;
+		secs = timegm(&back);
+		gmtime_r(&secs, &back);
+		if (back.tm_mday != tm.tm_mday || back.tm_mon != tm.tm_mon || back.tm_hour != tm.tm_hour)
+			return false;
+		*out_ms = (int64_t)secs * 1000 + ms;
+		return true;
+	}
+	return false;
 }
 
-/* Payload as text for the table: control bytes escaped, cut to the column. */
+/* Bytes in a valid UTF-8 sequence at p (at most len), 0 when it is not one. */
+static int
+utf8_sequence(const unsigned char *p, int len)
+{
+	int n = p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : p[0] >= 0xe0 ? 3 : p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : 0;
+
+	if (n == 0 || n > len)
+		return 0;
+	for (int i = 1; i < n; i++)
+		if ((p[i] & 0xc0) != 0x80)
+			return 0;
+	if ((p[0] == 0xe0 && p[1] < 0xa0) || (p[0] == 0xed && p[1] > 0x9f) ||
+	    (p[0] == 0xf0 && p[1] < 0x90) || (p[0] == 0xf4 && p[1] > 0x8f))
+		return 0;	/* overlong, surrogate, beyond U+10FFFF */
+	return n;
+}
+
+/* How one payload byte shows in the table: n bytes copied, or \xNN. */
+static int
+cell_char(const unsigned char *p, int len, int *width)
+{
+	int n = p[0] >= 0x20 && p[0] < 0x7f ? 1 : p[0] >= 0x80 ? utf8_sequence(p, len) : 0;
+
+	*width = n ? 1 : 4;
+	return n;
+}
+
+/*
+ * Payload as one table cell: valid UTF-8 as it is, control bytes and
+ * anything else as \xNN; longer than PAYLOAD_COLUMN characters, cut with
+ * "..." at the end.
+ */
 static void
 payload_cell(const unsigned char *p, int len, char *out, size_t outlen)
 {
+	int i, w, n, total = 0, limit;
 	size_t o = 0;
 
-	for (int i = 0; i < len && o + 5 < outlen; i++) {
-		if (p[i] >= 0x20 && p[i] != 0x7f)
-			out[o++] = (char)p[i];
-		else
-			o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", p[i]);
+	for (i = 0; i < len; i += n ? n : 1) {
+		n = cell_char(p + i, len - i, &w);
+		total += w;
 	}
-	if (o + 5 >= outlen && o >= 3)
-		memcpy(out + o - 3, "...", 3);
+	limit = total <= PAYLOAD_COLUMN ? PAYLOAD_COLUMN : PAYLOAD_COLUMN - 3;
+	for (i = 0, total = 0; i < len; i += n ? n : 1) {
+		n = cell_char(p + i, len - i, &w);
+		if (total + w > limit || o + 8 >= outlen)
+			break;
+		if (n) {
+			memcpy(out + o, p + i, (size_t)n);
+			o += (size_t)n;
+		} else {
+			o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", p[i]);
+		}
+		total += w;
+	}
+	if (i < len) {
+		memcpy(out + o, "...", 3);
+		o += 3;
+	}
 	out[o] = '\0';
 }
 
@@ -169,10 +244,12 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 			break;
 		case 't':
 			topic = optarg;
+			if (*topic == '\0' || mosquitto_sub_topic_check(topic) != MOSQ_ERR_SUCCESS)
+				ctl_die(EX_USAGE_STATUS, "--topic: '%s' is not an MQTT topic filter", optarg);
 			break;
 		case 's':
 		case 'u':
-			if ((ch == 's' ? (since = parse_time(optarg)) : (until = parse_time(optarg))) < 0)
+			if (!parse_time(optarg, ch == 's' ? &since : &until))
 				ctl_die(EX_USAGE_STATUS, "--%s: '%s' is neither ISO 8601 nor an age like 2h",
 				    ch == 's' ? "since" : "until", optarg);
 			break;
@@ -208,7 +285,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	    " ORDER BY id DESC LIMIT ?6) ORDER BY id",
 	    -1, &s, NULL);
 	if (rc != SQLITE_OK)
-		ctl_die(1, "%s", sqlite3_errmsg(db));
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
 	sqlite3_bind_text(s, 1, device, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(s, 2, since);
 	sqlite3_bind_int64(s, 3, until);
@@ -245,7 +322,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 			free(line);
 			json_decref(o);
 		} else {
-			char cell[PAYLOAD_COLUMN + 8];
+			char cell[PAYLOAD_COLUMN * 4 + 8];
 			payload_cell(payload, plen, cell, sizeof(cell));
 			printf("%-6lld %-24s %-14s %-9s %-15s %-6s %-3d %-3d %s\n",
 			    (long long)sqlite3_column_int64(s, 0), when,
@@ -257,7 +334,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		}
 	}
 	if (rc != SQLITE_DONE)
-		ctl_die(1, "%s", sqlite3_errmsg(db));
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
 	sqlite3_finalize(s);
 	sqlite3_close(db);
 	return 0;

@@ -158,6 +158,8 @@ reload(struct daemon_state *d, const char *file, bool verbose)
 	if (relay_reload(d->relay, next, err, sizeof(err)) == -1) {
 		log_errx("reload: %s; keeping the running configuration", err);
 		sd_notifyf(0, "READY=1\nSTATUS=reload failed, running the previous configuration: %s", err);
+		/* Swapping again gives the running config its own values back. */
+		config_keep_restart_keys(next, d->cfg, changed, sizeof(changed) / sizeof(changed[0]));
 		config_free(next);
 		return;
 	}

@@ -509,6 +509,18 @@ validate(struct parser *p, yaml_node_t *root)
 		return fail_at(p, key_node(p, root, "broker.tls"), "broker.tls: cert_file and key_file go together");
 	if ((cfg->broker.tls_cert_file || cfg->broker.tls_key_file) && cfg->broker.tls_ca_file == NULL)
 		return fail_at(p, key_node(p, root, "broker.tls"), "broker.tls: a client certificate needs ca_file");
+	{
+		static const char *const tls_keys[] = {
+			"broker.tls.ca_file", "broker.tls.cert_file", "broker.tls.key_file",
+		};
+		const char *const tls_files[] = {
+			cfg->broker.tls_ca_file, cfg->broker.tls_cert_file, cfg->broker.tls_key_file,
+		};
+		for (size_t i = 0; i < 3; i++)
+			if (tls_files[i] && access(tls_files[i], R_OK) == -1)
+				return fail_at(p, key_node(p, root, tls_keys[i]), "%s: %s: %s", tls_keys[i],
+				    tls_files[i], strerror(errno));
+	}
 	if (cfg->broker.password_file && cfg->broker.username == NULL)
 		return fail_at(p, key_node(p, root, "broker.password_file"),
 		    "broker.password_file needs broker.username");

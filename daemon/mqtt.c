@@ -150,9 +150,8 @@ on_disconnect(struct mosquitto *mosq, void *arg, int rc)
 	if (m->state == MQTT_CONNECTED || m->last_error[0] == '\0')
 		set_error(m, "connection lost: %s", why);
 	log_warnx("%s:%d: %s", m->cfg->broker.host, (int)m->cfg->broker.port, m->last_error);
-	if (m->state == MQTT_CONNECTED)
-		m->h.disconnected(m->h.arg, m->last_error);
 	schedule_reconnect(m);
+	m->h.disconnected(m->h.arg, m->last_error);
 }
 
 static void
@@ -305,6 +304,7 @@ on_reconnect_timer(void *arg)
 	    mosquitto_strerror(rc));
 	log_warnx("%s:%d: %s", m->cfg->broker.host, (int)m->cfg->broker.port, m->last_error);
 	schedule_reconnect(m);
+	m->h.disconnected(m->h.arg, m->last_error);
 }
 
 static int

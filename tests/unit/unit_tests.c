@@ -366,9 +366,9 @@ TEST(test_config_full_non_default)
 	    "  username: rabbit_user\n"
 	    "  password_file: %s\n"
 	    "  tls:\n"
-	    "    ca_file: /etc/cmdrelay/ca.pem\n"
-	    "    cert_file: /etc/cmdrelay/client.pem\n"
-	    "    key_file: /etc/cmdrelay/client.key\n"
+	    "    ca_file: ../configs/tls/ca.pem\n"
+	    "    cert_file: ../configs/tls/client.pem\n"
+	    "    key_file: ../configs/tls/client.key\n"
 	    "  reconnect: { min_delay: 250ms, max_delay: 5m }\n"
 	    "subscriptions:\n"
 	    "  - topic: /cf/v1/AAA/012C/012C000003AX/set\n"
@@ -398,9 +398,9 @@ TEST(test_config_full_non_default)
 	assert_string_equal(cfg->broker.username, "rabbit_user");
 	assert_string_equal(cfg->broker.password_file, pwpath);
 	assert_string_equal(cfg->broker.password, "s3cret");
-	assert_string_equal(cfg->broker.tls_ca_file, "/etc/cmdrelay/ca.pem");
-	assert_string_equal(cfg->broker.tls_cert_file, "/etc/cmdrelay/client.pem");
-	assert_string_equal(cfg->broker.tls_key_file, "/etc/cmdrelay/client.key");
+	assert_string_equal(cfg->broker.tls_ca_file, "../configs/tls/ca.pem");
+	assert_string_equal(cfg->broker.tls_cert_file, "../configs/tls/client.pem");
+	assert_string_equal(cfg->broker.tls_key_file, "../configs/tls/client.key");
 	assert_int_equal(cfg->broker.reconnect_min_ms, 250);
 	assert_int_equal(cfg->broker.reconnect_max_ms, 300000);
 	assert_int_equal(cfg->nsubs, 3);
@@ -555,7 +555,7 @@ TEST(test_config_unknown_keys)
 	static const struct error_case cases[] = {
 		{ HEAD "subscription:\n  - topic: a/b\n", "3:1: unknown key 'subscription'" },
 		{ HEAD "  prot: 1883\n" SUBS, "3:3: unknown key 'broker.prot'" },
-		{ HEAD "  tls:\n    ca_fle: /etc/cmdrelay/ca.pem\n" SUBS,
+		{ HEAD "  tls:\n    ca_fle: ../configs/tls/ca.pem\n" SUBS,
 		  "4:5: unknown key 'broker.tls.ca_fle'" },
 		{ HEAD SUBS "    qso: 1\n", "5:5: unknown key 'subscriptions[].qso'" },
 		{ HEAD SUBS "store:\n  retention: { max_age: 90d, maxrows: 5 }\n",
@@ -851,11 +851,11 @@ TEST(test_config_cross_field)
 		/* max_delay defaults to 60s */
 		{ HEAD "  reconnect:\n    min_delay: 2m\n" SUBS,
 		  "4:5: broker.reconnect: min_delay is longer than max_delay" },
-		{ HEAD "  tls:\n    ca_file: /etc/cmdrelay/ca.pem\n    cert_file: /etc/cmdrelay/client.pem\n" SUBS,
+		{ HEAD "  tls:\n    ca_file: ../configs/tls/ca.pem\n    cert_file: ../configs/tls/client.pem\n" SUBS,
 		  "3:3: broker.tls: cert_file and key_file go together" },
-		{ HEAD "  tls:\n    ca_file: /etc/cmdrelay/ca.pem\n    key_file: /etc/cmdrelay/client.key\n" SUBS,
+		{ HEAD "  tls:\n    ca_file: ../configs/tls/ca.pem\n    key_file: ../configs/tls/client.key\n" SUBS,
 		  "3:3: broker.tls: cert_file and key_file go together" },
-		{ HEAD "  tls:\n    cert_file: /etc/cmdrelay/client.pem\n    key_file: /etc/cmdrelay/client.key\n" SUBS,
+		{ HEAD "  tls:\n    cert_file: ../configs/tls/client.pem\n    key_file: ../configs/tls/client.key\n" SUBS,
 		  "3:3: broker.tls: a client certificate needs ca_file" },
 		{ HEAD "  password_file: /etc/cmdrelay/password\n" SUBS,
 		  "3:3: broker.password_file needs broker.username" },
@@ -866,9 +866,9 @@ TEST(test_config_cross_field)
 
 TEST(test_config_tls_ca_only)
 {
-	struct config *cfg = load_ok(HEAD "  tls:\n    ca_file: /etc/cmdrelay/ca.pem\n" SUBS);
+	struct config *cfg = load_ok(HEAD "  tls:\n    ca_file: ../configs/tls/ca.pem\n" SUBS);
 
-	assert_string_equal(cfg->broker.tls_ca_file, "/etc/cmdrelay/ca.pem");
+	assert_string_equal(cfg->broker.tls_ca_file, "../configs/tls/ca.pem");
 	assert_null(cfg->broker.tls_cert_file);
 	assert_null(cfg->broker.tls_key_file);
 	config_free(cfg);
@@ -1133,7 +1133,7 @@ TEST(test_config_dotted_keys_rejected)
 		{ "broker.client_id: gw-1\n" SUBS, "1:1: " PLAIN_NAMES },
 		{ HEAD SUBS "store.retention.max_rows: 5000\n", "5:1: " PLAIN_NAMES },
 		/* in a section */
-		{ HEAD "  tls.ca_file: /etc/cmdrelay/ca.pem\n" SUBS, "3:3: " PLAIN_NAMES },
+		{ HEAD "  tls.ca_file: ../configs/tls/ca.pem\n" SUBS, "3:3: " PLAIN_NAMES },
 		{ HEAD "  reconnect.min_delay: 5s\n" SUBS, "3:3: " PLAIN_NAMES },
 		{ HEAD SUBS "store:\n  retention[max_age]: 1d\n", "6:3: " PLAIN_NAMES },
 		/* in a subscription */

@@ -13,12 +13,26 @@ CFLAGS += -std=c11 -D_GNU_SOURCE $(WARN) -Idaemon -Ibuild
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS))
 PKG_LIBS = $(shell pkg-config --libs $(PKGS))
 
-B := build
-COMMON := log config topic event dedup store mqtt relay wire server request consumer retention metrics
+# make check SANITIZE=1 (or make check-sanitize): AddressSanitizer and
+# UndefinedBehaviorSanitizer, built in build/asan (not build/), and the tests
+# run against those binaries; any report makes the program fail.
+ifeq ($(SANITIZE),1)
+SANITIZE_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+CFLAGS += $(SANITIZE_FLAGS)
+LDFLAGS += $(SANITIZE_FLAGS)
+B ?= build/asan
+export CMDRELAY_BUILD ?= $(B)
+export ASAN_OPTIONS ?= abort_on_error=1:detect_leaks=1
+export UBSAN_OPTIONS ?= halt_on_error=1:print_stacktrace=1
+endif
+
+B ?= build
+COMMON := log config topic event dedup store mqtt relay wire server request consumer retention metrics uplink
 COMMON_OBJS := $(COMMON:%=$(B)/%.o) $(B)/migrations.o
 MIGRATIONS := $(sort $(wildcard sql/[0-9][0-9][0-9]_*.sql))
 
-.PHONY: all check unit integration deps demo run clean install uninstall
+.PHONY: all check unit integration deps demo run clean install uninstall \
+	check-sanitize fuzz fuzz-build fuzz-merge valgrind
 all: $(B)/cmdrelayd $(B)/cmdrelayctl
 
 $(B):
@@ -124,3 +138,66 @@ uninstall:
 	rm -rf $(DESTDIR)$(DATADIR) $(DESTDIR)$(DOCDIR)
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "uninstall: kept $(DESTDIR)$(CONFDIR) (config, password), the user cmdrelay and /var/lib/cmdrelay (history); remove them by hand"
+
+# ---- sanitizers, fuzzing, valgrind -------------------------------------------
+# make check-sanitize: make check with SANITIZE=1 (see the top), in build/asan.
+check-sanitize:
+	$(MAKE) check SANITIZE=1
+
+# make fuzz [FUZZ_SECONDS=60]: the libFuzzer targets of tests/fuzz/ (config
+# loader, topic fields and filters, consumer request lines), built with clang,
+# ASan and UBSan from daemon/*.c into build/fuzz/, each run for FUZZ_SECONDS
+# from its kept corpus tests/fuzz/corpus/TARGET; fails when one finds a crash,
+# a leak, a timeout or undefined behaviour (the input is in build/fuzz/artifacts/).
+# make fuzz-merge: adds to the kept corpora the inputs of the last run that
+# reach new code (libFuzzer -merge=1).
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := config topic request
+FB := build/fuzz
+FUZZ_BINS := $(FUZZ_TARGETS:%=$(FB)/fuzz_%)
+FUZZ_CFLAGS := -g -O1 -std=c11 -D_GNU_SOURCE -Wall -Wextra -Idaemon \
+	-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+
+$(FB):
+	mkdir -p $(FB)
+
+$(FB)/%.o: daemon/%.c daemon/*.h | $(FB)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link $(PKG_CFLAGS) -c -o $@ $<
+
+$(FB)/fuzz_config: tests/fuzz/fuzz_config.c $(FB)/config.o $(FB)/log.o $(FB)/topic.o
+$(FB)/fuzz_topic: tests/fuzz/fuzz_topic.c $(FB)/topic.o
+$(FB)/fuzz_request: tests/fuzz/fuzz_request.c $(FB)/request.o
+$(FUZZ_BINS): | $(FB)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $(PKG_CFLAGS) -o $@ $^ $(PKG_LIBS)
+
+fuzz-build: $(FUZZ_BINS)
+
+fuzz: deps
+	$(MAKE) fuzz-build
+	tests/fuzz/run.sh $(FUZZ_SECONDS) $(FB) $(FUZZ_TARGETS)
+
+fuzz-merge: fuzz-build
+	for t in $(FUZZ_TARGETS); do \
+		$(FB)/fuzz_$$t -merge=1 tests/fuzz/corpus/$$t $(FB)/corpus/$$t || exit 1; \
+	done
+
+# make valgrind: the integration suite with cmdrelayd and cmdrelayctl under
+# valgrind memcheck: build/valgrind/ holds scripts of those names that exec
+# the programs of build/ under $(VALGRIND), and the tests run them
+# (CMDRELAY_BUILD). A memory error or a definite or indirect leak makes the
+# program exit 99, which fails the test. VALGRIND_TESTS deselects what is too
+# slow or measures what valgrind changes (timing, memory).
+VALGRIND ?= valgrind -q --leak-check=full --show-leak-kinds=definite,indirect \
+	--errors-for-leak-kinds=definite,indirect --error-exitcode=99
+VALGRIND_TESTS ?=
+VG_B := build/valgrind
+
+valgrind: deps
+	$(MAKE) all
+	mkdir -p $(VG_B)
+	for p in cmdrelayd cmdrelayctl; do \
+		printf '#!/bin/sh\nexec %s "%s" "$$@"\n' '$(VALGRIND)' "$(CURDIR)/$(B)/$$p" > $(VG_B)/$$p.tmp && \
+		chmod 0755 $(VG_B)/$$p.tmp && mv -f $(VG_B)/$$p.tmp $(VG_B)/$$p || exit 1; \
+	done
+	CMDRELAY_BUILD=$(VG_B) $(PYTHON) -m pytest -v -p no:cacheprovider $(VALGRIND_TESTS) tests/

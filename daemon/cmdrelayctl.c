@@ -32,6 +32,8 @@ ctl_usage(int status)
 	    "  history [--device D] [--topic FILTER] [--since T] [--until T]\n"
 	    "          [--status accepted|duplicate|all] [--limit N] [--json]\n"
 	    "  consumers [--json]\n"
+	    "  publish TOPIC PAYLOAD [--qos 0|1] [--retain]\n"
+	    "  outbox [--status queued|sent|all] [--limit N] [--json]\n"
 	    "  tail [--consumer NAME] [--filter F] [--from stored|live|ID] [--json]\n"
 	    "  stats\n"
 	    "  check-config\n"
@@ -236,7 +238,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	char *end;
 	int ch, rc;
 
-	optind = 1;
+	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
 	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (ch) {
 		case 'd':
@@ -352,7 +354,7 @@ cmd_consumers(struct ctl *ctl, int argc, char *argv[])
 	sqlite3 *db;
 	int ch, rc;
 
-	optind = 1;
+	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
 	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		if (ch != 'j')
 			ctl_usage(EX_USAGE_STATUS);
@@ -392,6 +394,98 @@ cmd_consumers(struct ctl *ctl, int argc, char *argv[])
 }
 
 static int
+cmd_outbox(struct ctl *ctl, int argc, char *argv[])
+{
+	static const struct option opts[] = {
+		{ "status", required_argument, NULL, 'S' },
+		{ "limit", required_argument, NULL, 'l' },
+		{ "json", no_argument, NULL, 'j' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *status = "all";
+	bool json = false;
+	long limit = 100;
+	sqlite3_stmt *s;
+	sqlite3 *db;
+	char *end;
+	int ch, rc;
+
+	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
+	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (ch) {
+		case 'S':
+			if (strcmp(optarg, "queued") && strcmp(optarg, "sent") && strcmp(optarg, "all"))
+				ctl_die(EX_USAGE_STATUS, "--status: '%s' is not queued, sent or all", optarg);
+			status = optarg;
+			break;
+		case 'l':
+			errno = 0;
+			limit = strtol(optarg, &end, 10);
+			if (errno || *end || end == optarg || limit < 1 || limit > HISTORY_MAX_LIMIT)
+				ctl_die(EX_USAGE_STATUS, "--limit: '%s' is not a number from 1 to %d",
+				    optarg, HISTORY_MAX_LIMIT);
+			break;
+		case 'j':
+			json = true;
+			break;
+		default:
+			ctl_usage(EX_USAGE_STATUS);
+		}
+	}
+	if (optind != argc)
+		ctl_usage(EX_USAGE_STATUS);
+	db = ctl_open_history(ctl);
+	if (sqlite3_prepare_v2(db, "SELECT * FROM (SELECT id, queued_at, topic, payload, qos, retain,"
+	    " status, sent_at, attempts, origin FROM outbox WHERE ?1 = 'all' OR status = ?1"
+	    " ORDER BY id DESC LIMIT ?2) ORDER BY id", -1, &s, NULL) != SQLITE_OK)
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	sqlite3_bind_text(s, 1, status, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 2, limit);
+	if (!json)
+		printf("%-6s %-24s %-6s %-24s %-3s %-3s %-8s %s\n", "ID", "QUEUED", "STATUS", "SENT",
+		    "QOS", "RET", "ATTEMPTS", "TOPIC / PAYLOAD");
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		const unsigned char *payload = sqlite3_column_blob(s, 3);
+		int plen = sqlite3_column_bytes(s, 3);
+		char queued[40], sent[40] = "-";
+
+		wire_time(sqlite3_column_int64(s, 1), queued, sizeof(queued));
+		if (sqlite3_column_type(s, 7) != SQLITE_NULL)
+			wire_time(sqlite3_column_int64(s, 7), sent, sizeof(sent));
+		if (json) {
+			const char *encoding;
+			json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:s, s:s?, s:i, s:s}",
+			    "id", (json_int_t)sqlite3_column_int64(s, 0), "queued_at", queued,
+			    "topic", (const char *)sqlite3_column_text(s, 2),
+			    "payload", wire_payload(payload, (size_t)plen, &encoding),
+			    "qos", sqlite3_column_int(s, 4), "retain", sqlite3_column_int(s, 5),
+			    "status", (const char *)sqlite3_column_text(s, 6),
+			    "sent_at", sqlite3_column_type(s, 7) == SQLITE_NULL ? NULL : sent,
+			    "attempts", sqlite3_column_int(s, 8), "origin", (const char *)sqlite3_column_text(s, 9));
+			char *line;
+			json_object_set_new(o, "encoding", json_string(encoding));
+			line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
+			puts(line);
+			free(line);
+			json_decref(o);
+		} else {
+			char cell[PAYLOAD_COLUMN * 4 + 8];
+			payload_cell(payload, plen, cell, sizeof(cell));
+			printf("%-6lld %-24s %-6s %-24s %-3d %-3d %-8d %s %s\n",
+			    (long long)sqlite3_column_int64(s, 0), queued,
+			    (const char *)sqlite3_column_text(s, 6), sent, sqlite3_column_int(s, 4),
+			    sqlite3_column_int(s, 5), sqlite3_column_int(s, 8),
+			    (const char *)sqlite3_column_text(s, 2), cell);
+		}
+	}
+	if (rc != SQLITE_DONE)
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	sqlite3_finalize(s);
+	sqlite3_close(db);
+	return 0;
+}
+
+static int
 cmd_check_config(struct ctl *ctl, int argc, char *argv[])
 {
 	(void)argv;
@@ -411,6 +505,8 @@ main(int argc, char *argv[])
 	} commands[] = {
 		{ "history", cmd_history },
 		{ "consumers", cmd_consumers },
+		{ "outbox", cmd_outbox },
+		{ "publish", cmd_publish },
 		{ "tail", cmd_tail },
 		{ "stats", cmd_stats },
 		{ "check-config", cmd_check_config },

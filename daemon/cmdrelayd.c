@@ -97,6 +97,14 @@ on_commit(void *arg)
 }
 
 static void
+on_queued(void *arg)
+{
+	struct daemon_state *d = arg;
+
+	relay_uplink_kick(d->relay);
+}
+
+static void
 add_relay_stats(json_t *reply, void *arg)
 {
 	struct daemon_state *d = arg;
@@ -188,6 +196,7 @@ main(int argc, char *argv[])
 	const char *config_file = DEFAULT_CONFIG;
 	char err[CONFIG_ERR_MAX];
 	struct daemon_state d = { 0 };
+	const struct consumers_hooks hooks = { add_relay_stats, on_queued, &d };
 	bool check_only = false, verbose = false;
 	sigset_t sleep_mask;
 	uint64_t usec;
@@ -235,7 +244,7 @@ main(int argc, char *argv[])
 		fatalx("out of memory");
 	if ((d.relay = relay_new(d.loop, d.cfg, err, sizeof(err))) == NULL)
 		fatalx("%s", err);
-	if ((d.consumers = consumers_new(d.loop, d.cfg, relay_store(d.relay), add_relay_stats, &d,
+	if ((d.consumers = consumers_new(d.loop, d.cfg, relay_store(d.relay), &hooks,
 	    err, sizeof(err))) == NULL)
 		fatalx("%s", err);
 	if ((d.retention = retention_new(d.loop, d.cfg, relay_store(d.relay))) == NULL)

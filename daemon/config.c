@@ -29,6 +29,7 @@ enum key_type {
 	KEY_LOG_LEVEL,
 	KEY_SUBSCRIPTIONS,
 	KEY_PEERS,
+	KEY_PATTERNS,
 };
 
 struct config_key {
@@ -78,6 +79,9 @@ static const struct config_key config_keys[] = {
 	{ "socket.allow", KEY_PEERS, 1, CONFIG_MAX_PEERS, NULL, 0, false },
 	{ "socket.max_consumers", KEY_INT, 1, 1024, "64", CFG(socket.max_consumers), true },
 	{ "socket.window", KEY_INT, 1, 65536, "256", CFG(socket.window), true },
+	{ "uplink", KEY_SECTION, 0, 0, NULL, 0, false },
+	{ "uplink.allow", KEY_PATTERNS, 1, CONFIG_MAX_UPLINK_PATTERNS, NULL, 0, false },
+	{ "uplink.max_queued", KEY_INT, 1, 10000000, "100000", CFG(uplink.max_queued), false },
 	{ "metrics", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "metrics.textfile", KEY_STRING, 1, PATH_MAX, NULL, CFG(metrics.textfile), false },
 	{ "metrics.interval", KEY_DURATION, 1000, 3600 * 1000, "5s", CFG(metrics.interval_ms), false },
@@ -179,6 +183,7 @@ type_name(enum key_type type)
 		return "a mapping";
 	case KEY_SUBSCRIPTIONS:
 	case KEY_PEERS:
+	case KEY_PATTERNS:
 		return "a list";
 	default:
 		return "a single value";
@@ -358,6 +363,61 @@ walk_peers(struct parser *p, const struct config_key *key, yaml_node_t *seq)
 	return 0;
 }
 
+/*
+ * uplink.allow: topics local programs may publish to, with {name} for one
+ * topic level; kept as MQTT filters ({name} as +) for topic_matches().
+ */
+static int
+walk_patterns(struct parser *p, const struct config_key *key, yaml_node_t *seq)
+{
+	struct config *cfg = p->cfg;
+	size_t n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+
+	if ((int64_t)n < key->min || (int64_t)n > key->max)
+		return fail_at(p, seq, "%s: %zu entries, expected %" PRId64 " to %" PRId64,
+		    key->path, n, key->min, key->max);
+	if ((cfg->uplink.allow = calloc(n, sizeof(char *))) == NULL)
+		return fail_at(p, seq, "out of memory");
+	for (size_t i = 0; i < n; i++) {
+		yaml_node_t *item = yaml_document_get_node(&p->doc, seq->data.sequence.items.start[i]);
+		const char *text;
+		char *filter, *o;
+		bool ok = true;
+
+		if (item->type != YAML_SCALAR_NODE || item->data.scalar.length == 0 ||
+		    item->data.scalar.length > 1024)
+			return fail_at(p, item, "%s: each entry is a topic of at most 1024 bytes", key->path);
+		text = (const char *)item->data.scalar.value;
+		if ((filter = o = malloc(strlen(text) + 1)) == NULL)
+			return fail_at(p, item, "out of memory");
+		cfg->uplink.allow[i] = filter;
+		cfg->uplink.nallow = i + 1;
+		for (const char *seg = text; ok; ) {
+			const char *end = strchr(seg, '/');
+			size_t len = end ? (size_t)(end - seg) : strlen(seg);
+
+			if (len >= 2 && seg[0] == '{' && seg[len - 1] == '}')
+				*o++ = '+';
+			else if (memchr(seg, '+', len) || memchr(seg, '#', len) ||
+			    memchr(seg, '{', len) || memchr(seg, '}', len))
+				ok = false;
+			else {
+				memcpy(o, seg, len);
+				o += len;
+			}
+			if (end == NULL)
+				break;
+			*o++ = '/';
+			seg = end + 1;
+		}
+		*o = '\0';
+		if (!ok)
+			return fail_at(p, item, "%s: '%s': each level is literal text or one {name}",
+			    key->path, text);
+	}
+	return 0;
+}
+
 static int
 walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
 {
@@ -390,10 +450,11 @@ walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
 			break;
 		case KEY_SUBSCRIPTIONS:
 		case KEY_PEERS:
+		case KEY_PATTERNS:
 			if (v->type != YAML_SEQUENCE_NODE)
 				return fail_at(p, v, "%s: expected a list, got %s", path, node_kind(v));
 			if ((key->type == KEY_SUBSCRIPTIONS ? walk_subscriptions(p, key, v) :
-			    walk_peers(p, key, v)) == -1)
+			    key->type == KEY_PEERS ? walk_peers(p, key, v) : walk_patterns(p, key, v)) == -1)
 				return -1;
 			break;
 		default:
@@ -636,6 +697,9 @@ config_free(struct config *cfg)
 		free(cfg->subs[i].topic);
 	free(cfg->subs);
 	free(cfg->socket.allow);
+	for (size_t i = 0; i < cfg->uplink.nallow; i++)
+		free(cfg->uplink.allow[i]);
+	free(cfg->uplink.allow);
 	if (cfg->broker.password)
 		explicit_bzero(cfg->broker.password, strlen(cfg->broker.password));
 	free(cfg->broker.password);

@@ -14,6 +14,7 @@
 #define CONFIG_MAX_STRING 4096
 #define CONFIG_MAX_PASSWORD 1024
 #define CONFIG_MAX_PEERS 64
+#define CONFIG_MAX_UPLINK_PATTERNS 64
 
 struct config_subscription {
 	char *topic;
@@ -60,6 +61,11 @@ struct config {
 		int64_t max_consumers;
 		int64_t window;
 	} socket;
+	struct {
+		char **allow;		/* MQTT filters; NULL: no uplink */
+		size_t nallow;
+		int64_t max_queued;
+	} uplink;
 	struct {
 		char *textfile;		/* Prometheus textfile; NULL: none */
 		int64_t interval_ms;

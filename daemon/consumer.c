@@ -39,8 +39,7 @@ struct consumers {
 	const struct config *cfg;
 	struct store *store;
 	struct server *server;
-	consumers_stats_fn *stats;
-	void *stats_arg;
+	struct consumers_hooks hooks;
 };
 
 static void __attribute__((format(printf, 3, 4)))
@@ -249,7 +248,7 @@ consumers_stats(struct consumers *cs)
 		json_decref(ctx.list);
 		return NULL;
 	}
-	cs->stats(reply, cs->stats_arg);
+	cs->hooks.stats(reply, cs->hooks.arg);
 	json_object_set_new(reply, "connections", json_integer((json_int_t)server_connections(cs->server)));
 	if (store_consumers(cs->store, add_consumer_stats, &ctx) == -1)
 		log_warnx("stats: %s", store_errmsg(cs->store));
@@ -268,6 +267,46 @@ op_stats(struct client *cl, const struct request *req)
 	send_json(cl, reply);
 }
 
+static bool
+uplink_allowed(const struct config *cfg, const char *topic)
+{
+	for (size_t i = 0; i < cfg->uplink.nallow; i++)
+		if (topic_matches(cfg->uplink.allow[i], topic))
+			return true;
+	return false;
+}
+
+/* The message is committed to the outbox before we say "queued". */
+static void
+op_publish(struct client *cl, const struct request *req)
+{
+	const struct outbox_msg msg = {
+		.topic = req->publish.topic,
+		.payload = req->publish.payload,
+		.payloadlen = req->publish.payloadlen,
+		.qos = req->publish.qos,
+		.retain = req->publish.retain,
+	};
+	char origin[128];
+	int64_t id;
+	int rc;
+
+	if (!uplink_allowed(cl->cs->cfg, msg.topic))
+		return send_error(cl, "not_allowed", "publish: %.256s is not in uplink.allow", msg.topic);
+	snprintf(origin, sizeof(origin), "%s uid %d pid %d", cl->mode == CLIENT_NAMED ? cl->name : "-",
+	    (int)conn_uid(cl->conn), (int)conn_pid(cl->conn));
+	rc = store_outbox_add(cl->cs->store, &msg, origin, cl->cs->cfg->uplink.max_queued, &id);
+	if (rc == -2)
+		return send_error(cl, "outbox_full", "publish: %" PRId64 " messages wait to be sent "
+		    "(uplink.max_queued); try again later", cl->cs->cfg->uplink.max_queued);
+	if (rc == -1) {
+		log_warnx("publish: %s", store_errmsg(cl->cs->store));
+		return send_error(cl, "storage", "publish: the outbox cannot be written now; try again");
+	}
+	send_json(cl, json_pack("{s:s, s:I}", "type", "queued", "id", (json_int_t)id));
+	cl->cs->hooks.queued(cl->cs->hooks.arg);
+}
+
 static void
 on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 {
@@ -275,10 +314,11 @@ on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 		[REQUEST_HELLO] = op_hello,
 		[REQUEST_ACK] = op_ack,
 		[REQUEST_STATS] = op_stats,
+		[REQUEST_PUBLISH] = op_publish,
 	};
 	struct client *cl = state;
 	struct request_error err;
-	struct request req;
+	static struct request req;	/* 64 KiB: not on the stack */
 
 	(void)c;
 	(void)arg;
@@ -355,7 +395,7 @@ consumers_connected(const struct consumers *cs)
 
 struct consumers *
 consumers_new(struct event_loop *loop, const struct config *cfg, struct store *store,
-    consumers_stats_fn *stats, void *stats_arg, char *err, size_t errlen)
+    const struct consumers_hooks *hooks, char *err, size_t errlen)
 {
 	struct consumers *cs = calloc(1, sizeof(*cs));
 	struct server_handler h = {
@@ -368,8 +408,7 @@ consumers_new(struct event_loop *loop, const struct config *cfg, struct store *s
 	}
 	cs->cfg = cfg;
 	cs->store = store;
-	cs->stats = stats;
-	cs->stats_arg = stats_arg;
+	cs->hooks = *hooks;
 	h.arg = cs;
 	if ((cs->server = server_new(loop, cfg, &h, err, errlen)) == NULL) {
 		free(cs);

@@ -13,11 +13,16 @@
 
 struct consumers;
 
-/* Adds the relay's own numbers to a stats reply. */
-typedef void consumers_stats_fn(json_t *reply, void *arg);
+struct consumers_hooks {
+	/* Adds the relay's own numbers to a stats reply. */
+	void (*stats)(json_t *reply, void *arg);
+	/* A publish op committed a message to the outbox. */
+	void (*queued)(void *arg);
+	void *arg;
+};
 
 struct consumers *consumers_new(struct event_loop *loop, const struct config *cfg,
-    struct store *store, consumers_stats_fn *stats, void *stats_arg, char *err, size_t errlen);
+    struct store *store, const struct consumers_hooks *hooks, char *err, size_t errlen);
 void consumers_free(struct consumers *cs);
 /* A reloaded config; its socket settings equal the running ones. */
 void consumers_set_config(struct consumers *cs, const struct config *cfg);

@@ -12,6 +12,7 @@
 #include <jansson.h>
 
 #include "ctl.h"
+#include "wire.h"
 
 /* Connects to the consumer socket; -1 (errno set) when nobody listens. */
 static int
@@ -92,7 +93,7 @@ cmd_tail(struct ctl *ctl, int argc, char *argv[])
 	FILE *in;
 	int ch, fd;
 
-	optind = 1;
+	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
 	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		char *end;
 		long long id;
@@ -226,4 +227,62 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 	free(text);
 	json_decref(reply);
 	return 0;
+}
+
+int
+cmd_publish(struct ctl *ctl, int argc, char *argv[])
+{
+	static const struct option opts[] = {
+		{ "retain", no_argument, NULL, 'r' },
+		{ "qos", required_argument, NULL, 'q' },
+		{ NULL, 0, NULL, 0 },
+	};
+	json_t *msg = json_pack("{s:s}", "op", "publish"), *reply;
+	const char *path, *type;
+	FILE *in;
+	int ch, fd;
+
+	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
+	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (ch) {
+		case 'r':
+			json_object_set_new(msg, "retain", json_true());
+			break;
+		case 'q':
+			if (strcmp(optarg, "0") != 0 && strcmp(optarg, "1") != 0)
+				ctl_die(EX_USAGE_STATUS, "--qos: '%s' is not 0 or 1", optarg);
+			json_object_set_new(msg, "qos", json_integer(optarg[0] - '0'));
+			break;
+		default:
+			ctl_usage(EX_USAGE_STATUS);
+		}
+	}
+	if (argc - optind != 2)
+		ctl_usage(EX_USAGE_STATUS);
+	json_object_set_new(msg, "topic", json_string(argv[optind]));
+	if (json_object_get(msg, "topic") == NULL)
+		ctl_die(EX_USAGE_STATUS, "TOPIC must be UTF-8");
+	/* A payload that is not UTF-8 travels as base64. */
+	{
+		const char *encoding;
+		json_t *payload = wire_payload(argv[optind + 1], strlen(argv[optind + 1]), &encoding);
+		json_object_set_new(msg, "payload", payload);
+		json_object_set_new(msg, "encoding", json_string(encoding));
+	}
+	path = ctl_socket_path(ctl);
+	if ((fd = connect_socket(path)) == -1)
+		ctl_die(EX_UNAVAILABLE_STATUS, "cannot connect to %s: %s (is cmdrelayd running?)", path,
+		    strerror(errno));
+	if ((in = fdopen(dup(fd), "r")) == NULL)
+		ctl_die(1, "fdopen: %s", strerror(errno));
+	send_json(fd, msg);
+	reply = read_json(in);
+	type = json_string_value(json_object_get(reply, "type"));
+	if (type && strcmp(type, "queued") == 0) {
+		printf("queued as outbox #%" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(reply, "id")));
+		json_decref(reply);
+		return 0;
+	}
+	ctl_die(1, "cmdrelayd refused it: %s: %s", json_string_value(json_object_get(reply, "code")),
+	    json_string_value(json_object_get(reply, "message")));
 }

@@ -197,6 +197,15 @@ on_unsubscribe(struct mosquitto *mosq, void *arg, int mid)
 	m->h.unsubscribed(m->h.arg, mid);
 }
 
+static void
+on_publish(struct mosquitto *mosq, void *arg, int mid)
+{
+	struct mqtt *m = arg;
+
+	(void)mosq;
+	m->h.published(m->h.arg, mid);
+}
+
 static bool
 socket_has_data(int fd)
 {
@@ -319,6 +328,7 @@ configure(struct mqtt *m, char *err, size_t errlen)
 	mosquitto_message_callback_set(m->mosq, on_message);
 	mosquitto_subscribe_callback_set(m->mosq, on_subscribe);
 	mosquitto_unsubscribe_callback_set(m->mosq, on_unsubscribe);
+	mosquitto_publish_callback_set(m->mosq, on_publish);
 	if (cfg->broker.username &&
 	    (rc = mosquitto_username_pw_set(m->mosq, cfg->broker.username, cfg->broker.password))) {
 		snprintf(err, errlen, "broker.username: %s", mosquitto_strerror(rc));
@@ -444,5 +454,16 @@ mqtt_unsubscribe(struct mqtt *m, const char *filter, int *mid)
 
 	if (rc != MOSQ_ERR_SUCCESS)
 		log_warnx("UNSUBSCRIBE %s: %s", filter, mosquitto_strerror(rc));
+	return rc == MOSQ_ERR_SUCCESS ? 0 : -1;
+}
+
+int
+mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t len, int qos,
+    bool retain, int *mid)
+{
+	int rc = mosquitto_publish(m->mosq, mid, topic, (int)len, payload, qos, retain);
+
+	if (rc != MOSQ_ERR_SUCCESS)
+		log_warnx("PUBLISH %s: %s", topic, mosquitto_strerror(rc));
 	return rc == MOSQ_ERR_SUCCESS ? 0 : -1;
 }

@@ -32,6 +32,8 @@ struct mqtt_handler {
 	void (*abort)(void *arg);
 	void (*subscribed)(void *arg, int mid, bool granted);
 	void (*unsubscribed)(void *arg, int mid);
+	/* A publication of ours is done: PUBACK (QoS 1) or written (QoS 0). */
+	void (*published)(void *arg, int mid);
 	void *arg;
 };
 
@@ -53,5 +55,7 @@ const char *mqtt_last_error(const struct mqtt *m);
 
 int mqtt_subscribe(struct mqtt *m, const char *filter, int qos, int *mid);
 int mqtt_unsubscribe(struct mqtt *m, const char *filter, int *mid);
+int mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t len, int qos,
+    bool retain, int *mid);
 
 #endif

@@ -13,6 +13,7 @@
 #include "mqtt.h"
 #include "store.h"
 #include "topic.h"
+#include "uplink.h"
 
 #define PENDING_MAX (2 * CONFIG_MAX_SUBSCRIPTIONS)
 
@@ -29,6 +30,7 @@ struct relay {
 	const struct config *cfg;
 	struct store *store;
 	struct mqtt *mqtt;
+	struct uplink *uplink;
 	struct topic_pattern *pattern;
 	struct dedup_state dedup;
 	char session_key[512];
@@ -101,6 +103,7 @@ relay_stats(const struct relay *r, json_t *obj)
 	json_object_set_new(obj, "commit_failures", json_integer((json_int_t)r->total.commit_failures));
 	json_object_set_new(obj, "last_commit_seconds", json_real((double)r->last_commit_us / 1e6));
 	json_object_set_new(obj, "database_bytes", json_integer((json_int_t)file_bytes(r->cfg->store.path)));
+	uplink_stats(r->uplink, obj);
 }
 
 void
@@ -227,6 +230,7 @@ on_connected(void *arg, bool session_present)
 	if (store_connection_start(r->store) == -1)
 		log_warnx("%s", store_errmsg(r->store));
 	sync_subscriptions(r, session_present);
+	uplink_connected(r->uplink);
 	status_changed(r);
 }
 
@@ -237,6 +241,7 @@ on_disconnected(void *arg, const char *why)
 
 	(void)why;
 	pending_clear(r);
+	uplink_disconnected(r->uplink);
 	status_changed(r);
 }
 
@@ -346,6 +351,14 @@ on_commit(void *arg)
 	return 0;
 }
 
+static void
+on_published(void *arg, int mid)
+{
+	struct relay *r = arg;
+
+	uplink_published(r->uplink, mid);
+}
+
 static const struct mqtt_handler *
 handler(struct relay *r)
 {
@@ -357,6 +370,7 @@ handler(struct relay *r)
 		.abort = on_abort,
 		.subscribed = on_subscribed,
 		.unsubscribed = on_unsubscribed,
+		.published = on_published,
 	};
 
 	h.arg = r;
@@ -394,6 +408,7 @@ relay_reload(struct relay *r, const struct config *cfg, char *err, size_t errlen
 		mqtt_free(r->mqtt);
 		pending_clear(r);
 		r->mqtt = fresh;
+		uplink_attach(r->uplink, r->mqtt);
 		mqtt_start(r->mqtt);
 	} else {
 		mqtt_set_config(r->mqtt, cfg);
@@ -417,10 +432,14 @@ relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t e
 	set_config(r, cfg);
 	if ((r->pattern = topic_pattern_new(cfg->topic_fields, err, errlen)) == NULL ||
 	    (r->store = store_new(cfg->store.path, err, errlen)) == NULL ||
-	    (r->mqtt = mqtt_new(loop, cfg, handler(r), err, errlen)) == NULL) {
+	    (r->mqtt = mqtt_new(loop, cfg, handler(r), err, errlen)) == NULL ||
+	    (r->uplink = uplink_new(r->store)) == NULL) {
+		if (r->store && r->mqtt && !r->uplink)
+			snprintf(err, errlen, "out of memory");
 		relay_free(r);
 		return NULL;
 	}
+	uplink_attach(r->uplink, r->mqtt);
 	return r;
 }
 
@@ -431,9 +450,16 @@ relay_free(struct relay *r)
 		return;
 	pending_clear(r);
 	mqtt_free(r->mqtt);
+	uplink_free(r->uplink);
 	store_free(r->store);
 	topic_pattern_free(r->pattern);
 	free(r);
+}
+
+void
+relay_uplink_kick(struct relay *r)
+{
+	uplink_kick(r->uplink);
 }
 
 void

@@ -30,6 +30,8 @@ struct relay *relay_new(struct event_loop *loop, const struct config *cfg,
     char *err, size_t errlen);
 void relay_free(struct relay *r);
 void relay_start(struct relay *r);
+/* The outbox has something new for the broker. */
+void relay_uplink_kick(struct relay *r);
 /*
  * Switches to a new, valid config: subscriptions follow at once (G8), a
  * changed broker means a new connection. On -1 nothing changed.

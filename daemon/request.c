@@ -7,6 +7,7 @@
 
 #include <jansson.h>
 #include <mosquitto.h>
+#include <openssl/evp.h>
 
 static int __attribute__((format(printf, 4, 5)))
 fail(struct request_error *err, const char *code, bool fatal, const char *fmt, ...)
@@ -108,6 +109,70 @@ parse_ack(json_t *msg, struct request *req, struct request_error *err)
 	return 0;
 }
 
+/* Strict base64 into out; -1 when text is not base64 or does not fit. */
+static int
+decode_base64(const char *text, size_t len, unsigned char *out, size_t outmax, size_t *outlen)
+{
+	int n, pad = 0;
+
+	if (len % 4 != 0 || len / 4 * 3 > outmax)
+		return -1;
+	if (len == 0) {
+		*outlen = 0;
+		return 0;
+	}
+	if ((n = EVP_DecodeBlock(out, (const unsigned char *)text, (int)len)) < 0)
+		return -1;
+	/* EVP_DecodeBlock counts the padding as zero bytes. */
+	pad = (text[len - 1] == '=') + (text[len - 2] == '=');
+	*outlen = (size_t)n - (size_t)pad;
+	return 0;
+}
+
+static int
+parse_publish(json_t *msg, struct request *req, struct request_error *err)
+{
+	static const char *const keys[] = { "op", "topic", "payload", "encoding", "qos", "retain", NULL };
+	json_t *jtopic = json_object_get(msg, "topic"), *jpayload = json_object_get(msg, "payload");
+	json_t *jenc = json_object_get(msg, "encoding"), *jqos = json_object_get(msg, "qos");
+	json_t *jretain = json_object_get(msg, "retain");
+	const char *topic = json_string_value(jtopic), *enc = jenc ? json_string_value(jenc) : "utf8";
+	const char *bad;
+
+	if ((bad = unknown_key(msg, keys)) != NULL)
+		return fail(err, "bad_request", false, "publish: unknown field \"%.64s\"", bad);
+	if (topic == NULL || strlen(topic) == 0 || strlen(topic) > REQUEST_TOPIC_MAX ||
+	    json_string_length(jtopic) != strlen(topic) ||
+	    mosquitto_pub_topic_check(topic) != MOSQ_ERR_SUCCESS)
+		return fail(err, "bad_request", false,
+		    "publish: topic must be an MQTT topic without wildcards, at most %d bytes",
+		    REQUEST_TOPIC_MAX);
+	snprintf(req->publish.topic, sizeof(req->publish.topic), "%s", topic);
+	if (!json_is_string(jpayload))
+		return fail(err, "bad_request", false, "publish: payload must be a string");
+	if (enc && strcmp(enc, "utf8") == 0) {
+		if (json_string_length(jpayload) > REQUEST_PAYLOAD_MAX)
+			return fail(err, "bad_request", false, "publish: payload too long");
+		memcpy(req->publish.payload, json_string_value(jpayload), json_string_length(jpayload));
+		req->publish.payloadlen = json_string_length(jpayload);
+	} else if (enc && strcmp(enc, "base64") == 0) {
+		if (decode_base64(json_string_value(jpayload), json_string_length(jpayload),
+		    req->publish.payload, sizeof(req->publish.payload), &req->publish.payloadlen) == -1)
+			return fail(err, "bad_request", false, "publish: payload is not base64");
+	} else {
+		return fail(err, "bad_request", false, "publish: encoding must be \"utf8\" or \"base64\"");
+	}
+	req->publish.qos = 1;
+	if (jqos && (!json_is_integer(jqos) || json_integer_value(jqos) < 0 || json_integer_value(jqos) > 1))
+		return fail(err, "bad_request", false, "publish: qos must be 0 or 1");
+	if (jqos)
+		req->publish.qos = (int)json_integer_value(jqos);
+	if (jretain && !json_is_boolean(jretain))
+		return fail(err, "bad_request", false, "publish: retain must be true or false");
+	req->publish.retain = jretain && json_is_true(jretain);
+	return 0;
+}
+
 int
 request_parse(const char *line, size_t len, struct request *req, struct request_error *err)
 {
@@ -116,7 +181,14 @@ request_parse(const char *line, size_t len, struct request *req, struct request_
 	const char *op;
 	int rc;
 
-	*req = (struct request){ .filter = "#" };
+	/* Field by field: zeroing the 64 KiB payload buffer for every ack costs. */
+	req->named = false;
+	req->name[0] = '\0';
+	snprintf(req->filter, sizeof(req->filter), "#");
+	req->start = (struct store_start){ .from = STORE_FROM_LIVE };
+	req->ack_id = 0;
+	req->publish.topic[0] = '\0';
+	req->publish.payloadlen = 0;
 	/* Jansson rejects invalid UTF-8 and, with this flag, duplicate keys. */
 	if ((msg = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr)) == NULL)
 		return fail(err, "bad_json", true, "not JSON (%s, column %d); closing", jerr.text, jerr.column);
@@ -130,8 +202,10 @@ request_parse(const char *line, size_t len, struct request *req, struct request_
 		rc = (req->op = REQUEST_ACK, parse_ack(msg, req, err));
 	else if (strcmp(op, "stats") == 0)
 		rc = (req->op = REQUEST_STATS, 0);
+	else if (strcmp(op, "publish") == 0)
+		rc = (req->op = REQUEST_PUBLISH, parse_publish(msg, req, err));
 	else
-		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats)", op);
+		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats, publish)", op);
 	json_decref(msg);
 	return rc;
 }

@@ -13,11 +13,14 @@
 
 #define REQUEST_NAME_MAX 64
 #define REQUEST_FILTER_MAX 1024
+#define REQUEST_TOPIC_MAX 1024
+#define REQUEST_PAYLOAD_MAX 65536	/* a line is at most 64 KiB anyway */
 
 enum request_op {
 	REQUEST_HELLO,
 	REQUEST_ACK,
 	REQUEST_STATS,
+	REQUEST_PUBLISH,
 };
 
 struct request {
@@ -27,6 +30,13 @@ struct request {
 	char filter[REQUEST_FILTER_MAX + 1];	/* "#" unless given */
 	struct store_start start;		/* stored for named, live for tails, unless given */
 	int64_t ack_id;
+	struct {			/* REQUEST_PUBLISH */
+		char topic[REQUEST_TOPIC_MAX + 1];
+		unsigned char payload[REQUEST_PAYLOAD_MAX];
+		size_t payloadlen;
+		int qos;
+		bool retain;
+	} publish;
 };
 
 struct request_error {

@@ -37,6 +37,11 @@ enum stmt_id {
 	STMT_TOPIC_LAST,
 	STMT_PRUNE_AGE,
 	STMT_PRUNE_ROWS,
+	STMT_OUTBOX_QUEUED,
+	STMT_OUTBOX_ADD,
+	STMT_OUTBOX_NEXT,
+	STMT_OUTBOX_HANDED,
+	STMT_OUTBOX_SENT,
 	STMT_COUNT
 };
 
@@ -98,6 +103,15 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    " AND NOT EXISTS (SELECT 1 FROM consumers c JOIN filter_topics f ON f.filter = c.filter"
 	    "   WHERE f.topic = m.topic AND m.id > c.acked_id AND m.status = 'accepted')"
 	    " ORDER BY m.id LIMIT ?2)",
+	[STMT_OUTBOX_QUEUED] = "SELECT count(*) FROM outbox WHERE status = 'queued'",
+	[STMT_OUTBOX_ADD] =
+	    "INSERT INTO outbox (queued_at, topic, payload, qos, retain, origin)"
+	    " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+	[STMT_OUTBOX_NEXT] =
+	    "SELECT id, topic, payload, qos, retain FROM outbox"
+	    " WHERE status = 'queued' AND id > ?1 ORDER BY id LIMIT ?2",
+	[STMT_OUTBOX_HANDED] = "UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1",
+	[STMT_OUTBOX_SENT] = "UPDATE outbox SET status = 'sent', sent_at = ?2 WHERE id = ?1",
 };
 
 struct store {
@@ -583,6 +597,71 @@ store_prune(struct store *st, int64_t older_than_ms, int64_t keep_rows, int limi
 	if (step_int(st, STMT_PRUNE_ROWS, NULL) == -1)
 		return -1;
 	return n + sqlite3_changes(st->db);
+}
+
+int
+store_outbox_add(struct store *st, const struct outbox_msg *msg, const char *origin,
+    int64_t max_queued, int64_t *id)
+{
+	sqlite3_stmt *s = st->stmt[STMT_OUTBOX_ADD];
+	int64_t queued;
+
+	if (step_int(st, STMT_OUTBOX_QUEUED, &queued) == -1)
+		return -1;
+	if (queued >= max_queued)
+		return -2;
+	sqlite3_bind_int64(s, 1, (int64_t)event_wall_ms());
+	sqlite3_bind_text(s, 2, msg->topic, -1, SQLITE_STATIC);
+	sqlite3_bind_blob(s, 3, msg->payloadlen ? msg->payload : "", (int)msg->payloadlen, SQLITE_STATIC);
+	sqlite3_bind_int(s, 4, msg->qos);
+	sqlite3_bind_int(s, 5, msg->retain);
+	sqlite3_bind_text(s, 6, origin, -1, SQLITE_STATIC);
+	if (step_int(st, STMT_OUTBOX_ADD, NULL) == -1)
+		return -1;
+	*id = sqlite3_last_insert_rowid(st->db);
+	return 0;
+}
+
+int
+store_outbox_next(struct store *st, int64_t after_id, int limit, store_outbox_fn *fn, void *arg)
+{
+	sqlite3_stmt *s = st->stmt[STMT_OUTBOX_NEXT];
+	int n = 0, rc;
+
+	sqlite3_bind_int64(s, 1, after_id);
+	sqlite3_bind_int(s, 2, limit);
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct outbox_msg msg = {
+			.id = sqlite3_column_int64(s, 0),
+			.topic = (const char *)sqlite3_column_text(s, 1),
+			.payload = sqlite3_column_blob(s, 2),
+			.payloadlen = (size_t)sqlite3_column_bytes(s, 2),
+			.qos = sqlite3_column_int(s, 3),
+			.retain = sqlite3_column_int(s, 4),
+		};
+		n++;
+		if (fn(&msg, arg) == -1)
+			break;
+	}
+	sqlite3_reset(s);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return store_fail(st, "%s", stmt_sql[STMT_OUTBOX_NEXT]);
+	return n;
+}
+
+int
+store_outbox_handed(struct store *st, int64_t id)
+{
+	sqlite3_bind_int64(st->stmt[STMT_OUTBOX_HANDED], 1, id);
+	return step_int(st, STMT_OUTBOX_HANDED, NULL);
+}
+
+int
+store_outbox_sent(struct store *st, int64_t id)
+{
+	sqlite3_bind_int64(st->stmt[STMT_OUTBOX_SENT], 1, id);
+	sqlite3_bind_int64(st->stmt[STMT_OUTBOX_SENT], 2, (int64_t)event_wall_ms());
+	return step_int(st, STMT_OUTBOX_SENT, NULL);
 }
 
 int

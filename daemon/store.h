@@ -86,6 +86,25 @@ int64_t store_last_id(struct store *st);
 int store_fetch(struct store *st, const char *filter, int64_t after_id, int limit,
     store_command_fn *fn, void *arg);
 
+/* A local program's publication in the outbox. */
+struct outbox_msg {
+	int64_t id;
+	const char *topic;
+	const void *payload;
+	size_t payloadlen;
+	int qos;
+	bool retain;
+};
+typedef int store_outbox_fn(const struct outbox_msg *msg, void *arg);
+
+/* Commits msg to the outbox; -2 when max_queued messages wait already. */
+int store_outbox_add(struct store *st, const struct outbox_msg *msg, const char *origin,
+    int64_t max_queued, int64_t *id);
+/* Queued messages after after_id, in order; returns how many, -1 on error. */
+int store_outbox_next(struct store *st, int64_t after_id, int limit, store_outbox_fn *fn, void *arg);
+int store_outbox_handed(struct store *st, int64_t id);
+int store_outbox_sent(struct store *st, int64_t id);
+
 /*
  * The subscriptions the broker session holds, as last confirmed by SUBACK.
  * They belong to one session (client id at a broker): under another

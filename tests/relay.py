@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CMDRELAYD = ROOT / "build" / "cmdrelayd"
-CMDRELAYCTL = ROOT / "build" / "cmdrelayctl"
+CMDRELAYD = ROOT / os.environ.get("CMDRELAY_BUILD", "build") / "cmdrelayd"
+CMDRELAYCTL = ROOT / os.environ.get("CMDRELAY_BUILD", "build") / "cmdrelayctl"
 
 
 class NotifyListener:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DAEMON = REPO / "build" / "cmdrelayd"
+DAEMON = REPO / os.environ.get("CMDRELAY_BUILD", "build") / "cmdrelayd"
 SHIPPED = REPO / "conf" / "cmdrelay.yaml"
 CONFIGS = REPO / "tests" / "configs"
 GOOD = sorted((CONFIGS / "good").glob("*.yaml"))

@@ -51,6 +51,8 @@ static const struct config_key config_keys[] = {
 	{ "broker.port", KEY_INT, 1, 65535, "1883", CFG(broker.port), false },
 	{ "broker.client_id", KEY_STRING, 1, 256, NULL, CFG(broker.client_id), false },
 	{ "broker.keepalive", KEY_INT, 5, 65535, "60", CFG(broker.keepalive), false },
+	{ "broker.protocol", KEY_STRING, 1, 16, "mqttv311", CFG(broker.protocol), false },
+	{ "broker.session_expiry", KEY_DURATION, 1000, 4294967295LL * 1000, "7d", CFG(broker.session_expiry_ms), false },
 	{ "broker.username", KEY_STRING, 1, 256, NULL, CFG(broker.username), false },
 	{ "broker.password_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.password_file), false },
 	{ "broker.tls", KEY_SECTION, 0, 0, NULL, 0, false },
@@ -563,6 +565,9 @@ validate(struct parser *p, yaml_node_t *root)
 		return fail_at(p, root, "missing required key 'broker.client_id'");
 	if (cfg->subs == NULL)
 		return fail_at(p, root, "missing required key 'subscriptions'");
+	if (strcmp(cfg->broker.protocol, "mqttv311") != 0 && strcmp(cfg->broker.protocol, "mqttv5") != 0)
+		return fail_at(p, key_node(p, root, "broker.protocol"),
+		    "broker.protocol: '%s' is not mqttv311 or mqttv5", cfg->broker.protocol);
 	if (cfg->broker.reconnect_min_ms > cfg->broker.reconnect_max_ms)
 		return fail_at(p, key_node(p, root, "broker.reconnect.min_delay"),
 		    "broker.reconnect: min_delay is longer than max_delay");

@@ -34,6 +34,8 @@ struct config {
 		int64_t port;
 		char *client_id;
 		int64_t keepalive;
+		char *protocol;			/* "mqttv311" or "mqttv5" */
+		int64_t session_expiry_ms;	/* MQTT 5 only */
 		char *username;
 		char *password_file;
 		char *password;		/* loaded from the credential or password_file */

@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include <mosquitto.h>
+#include <mqtt_protocol.h>
 
 #include "log.h"
 
@@ -40,6 +41,7 @@ enum mqtt_state {
 
 struct mqtt {
 	struct mosquitto *mosq;
+	bool v5;
 	struct event_loop *loop;
 	const struct config *cfg;
 	struct mqtt_handler h;
@@ -52,6 +54,7 @@ struct mqtt {
 	size_t batch_messages;
 	bool batch_failed;
 	bool dropping;		/* closing unacknowledged: ignore what is still read */
+	const char *abort_reason;	/* drop the connection when the read pass ends */
 	char last_error[256];
 };
 
@@ -138,6 +141,44 @@ on_connect(struct mosquitto *mosq, void *arg, int rc, int flags)
 	m->h.connected(m->h.arg, flags & 1);
 }
 
+/* MQTT 5 says why in a reason code and maybe a reason string: log both. */
+static void
+log_reason(struct mqtt *m, const char *what, int rc, const mosquitto_property *props)
+{
+	char *reason = NULL;
+
+	mosquitto_property_read_string(props, MQTT_PROP_REASON_STRING, &reason, false);
+	if (rc != 0 || reason)
+		log_warnx("%s:%d: %s: reason code %d (%s)%s%s", m->cfg->broker.host, (int)m->cfg->broker.port,
+		    what, rc, mosquitto_reason_string(rc), reason ? ": " : "", reason ? reason : "");
+	free(reason);
+}
+
+static void
+on_connect_v5(struct mosquitto *mosq, void *arg, int rc, int flags, const mosquitto_property *props)
+{
+	(void)mosq;
+	(void)flags;
+	log_reason(arg, "CONNACK", rc, props);
+}
+
+static void
+on_disconnect_v5(struct mosquitto *mosq, void *arg, int rc, const mosquitto_property *props)
+{
+	(void)mosq;
+	log_reason(arg, "DISCONNECT", rc, props);
+}
+
+static void
+on_subscribe_v5(struct mosquitto *mosq, void *arg, int mid, int count, const int *granted,
+    const mosquitto_property *props)
+{
+	(void)mosq;
+	(void)mid;
+	for (int i = 0; i < count; i++)
+		log_reason(arg, "SUBACK", granted[i] >= 0x80 ? granted[i] : 0, props);
+}
+
 static void
 on_disconnect(struct mosquitto *mosq, void *arg, int rc)
 {
@@ -147,7 +188,8 @@ on_disconnect(struct mosquitto *mosq, void *arg, int rc)
 	(void)mosq;
 	if (m->state == MQTT_STOPPED)
 		return;
-	if (m->state == MQTT_CONNECTED || m->last_error[0] == '\0')
+	/* A connection we dropped ourselves keeps the reason we gave. */
+	if (!m->dropping && (m->state == MQTT_CONNECTED || m->last_error[0] == '\0'))
 		set_error(m, "connection lost: %s", why);
 	log_warnx("%s:%d: %s", m->cfg->broker.host, (int)m->cfg->broker.port, m->last_error);
 	schedule_reconnect(m);
@@ -246,6 +288,14 @@ read_pass(struct mqtt *m)
 		    mosquitto_socket(m->mosq) != fd || !socket_has_data(fd))
 			break;
 	}
+	if (m->abort_reason) {
+		const char *why = m->abort_reason;
+		m->abort_reason = NULL;
+		if (m->batch_messages)
+			m->h.abort(m->h.arg);
+		drop_connection(m, why);
+		return;
+	}
 	if (m->batch_messages == 0)
 		return;
 	if (m->batch_failed) {
@@ -329,6 +379,30 @@ configure(struct mqtt *m, char *err, size_t errlen)
 	mosquitto_subscribe_callback_set(m->mosq, on_subscribe);
 	mosquitto_unsubscribe_callback_set(m->mosq, on_unsubscribe);
 	mosquitto_publish_callback_set(m->mosq, on_publish);
+	if (m->v5) {
+		mosquitto_property *props = NULL;
+
+		mosquitto_int_option(m->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5);
+		mosquitto_connect_v5_callback_set(m->mosq, on_connect_v5);
+		mosquitto_disconnect_v5_callback_set(m->mosq, on_disconnect_v5);
+		mosquitto_subscribe_v5_callback_set(m->mosq, on_subscribe_v5);
+		/*
+		 * clean_start = 0 keeps the session only for its expiry interval.
+		 * libmosquitto 2.0 has no asynchronous connect with properties,
+		 * but keeps those of a connect for every reconnect: a connect with
+		 * port -1 stores them and fails before it touches the network.
+		 */
+		rc = mosquitto_property_add_int32(&props, MQTT_PROP_SESSION_EXPIRY_INTERVAL,
+		    (uint32_t)(cfg->broker.session_expiry_ms / 1000));
+		if (rc == MOSQ_ERR_SUCCESS)
+			rc = mosquitto_connect_bind_v5(m->mosq, cfg->broker.host, -1, (int)cfg->broker.keepalive,
+			    NULL, props);
+		mosquitto_property_free_all(&props);
+		if (rc != MOSQ_ERR_INVAL) {
+			snprintf(err, errlen, "broker.session_expiry: %s", mosquitto_strerror(rc));
+			return -1;
+		}
+	}
 	if (cfg->broker.username &&
 	    (rc = mosquitto_username_pw_set(m->mosq, cfg->broker.username, cfg->broker.password))) {
 		snprintf(err, errlen, "broker.username: %s", mosquitto_strerror(rc));
@@ -364,6 +438,7 @@ mqtt_new(struct event_loop *loop, const struct config *cfg, const struct mqtt_ha
 	m->state = MQTT_IDLE;
 	event_timer_init(&m->reconnect_timer, on_reconnect_timer, m);
 	event_timer_init(&m->misc_timer, on_misc_timer, m);
+	m->v5 = strcmp(cfg->broker.protocol, "mqttv5") == 0;
 	/* clean_session = false: the broker keeps our queue while we are away. */
 	if ((m->mosq = mosquitto_new(cfg->broker.client_id, false, m)) == NULL) {
 		snprintf(err, errlen, "mosquitto_new: %s", strerror(errno));
@@ -409,7 +484,9 @@ mqtt_same_broker(const struct config *a, const struct config *b)
 	for (size_t i = 0; i < sizeof(sa) / sizeof(sa[0]); i++)
 		if ((sa[i] == NULL) != (sb[i] == NULL) || (sa[i] && strcmp(sa[i], sb[i]) != 0))
 			return false;
-	return a->broker.port == b->broker.port && a->broker.keepalive == b->broker.keepalive;
+	return a->broker.port == b->broker.port && a->broker.keepalive == b->broker.keepalive &&
+	    strcmp(a->broker.protocol, b->broker.protocol) == 0 &&
+	    a->broker.session_expiry_ms == b->broker.session_expiry_ms;
 }
 
 void
@@ -437,10 +514,21 @@ mqtt_stop(struct mqtt *m)
 	}
 }
 
+void
+mqtt_abort(struct mqtt *m, const char *why)
+{
+	m->abort_reason = why;
+}
+
 int
 mqtt_subscribe(struct mqtt *m, const char *filter, int qos, int *mid)
 {
-	int rc = mosquitto_subscribe(m->mosq, mid, filter, qos);
+	/*
+	 * MQTT 5 Retain Handling 1: retained messages only for a subscription
+	 * the session did not have, so the broker itself stops the replays.
+	 */
+	int rc = m->v5 ? mosquitto_subscribe_v5(m->mosq, mid, filter, qos, MQTT_SUB_OPT_SEND_RETAIN_NEW, NULL) :
+	    mosquitto_subscribe(m->mosq, mid, filter, qos);
 
 	if (rc != MOSQ_ERR_SUCCESS)
 		log_warnx("SUBSCRIBE %s: %s", filter, mosquitto_strerror(rc));

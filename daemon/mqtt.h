@@ -53,6 +53,11 @@ void mqtt_stop(struct mqtt *m);
 bool mqtt_is_connected(const struct mqtt *m);
 const char *mqtt_last_error(const struct mqtt *m);
 
+/*
+ * From a handler callback: close the connection without the queued PUBACKs
+ * once the current read pass ends; why stays the last error.
+ */
+void mqtt_abort(struct mqtt *m, const char *why);
 int mqtt_subscribe(struct mqtt *m, const char *filter, int qos, int *mid);
 int mqtt_unsubscribe(struct mqtt *m, const char *filter, int *mid);
 int mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t len, int qos,

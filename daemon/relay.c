@@ -227,8 +227,12 @@ on_connected(void *arg, bool session_present)
 	struct relay *r = arg;
 
 	dedup_connection_start(&r->dedup);
-	if (store_connection_start(r->store) == -1)
-		log_warnx("%s", store_errmsg(r->store));
+	/* Without its own number, redeliveries on it could not be matched. */
+	if (store_connection_start(r->store) == -1) {
+		log_errx("history: %s", store_errmsg(r->store));
+		mqtt_abort(r->mqtt, "could not number the connection in the history; dropped it");
+		return;
+	}
 	sync_subscriptions(r, session_present);
 	uplink_connected(r->uplink);
 	status_changed(r);

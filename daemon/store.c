@@ -344,9 +344,12 @@ store_rollback(struct store *st)
 int64_t
 store_connection_start(struct store *st)
 {
-	if (step_int(st, STMT_CONNECTION_NEXT, &st->connection) == -1)
+	int64_t next;
+
+	if (step_int(st, STMT_CONNECTION_NEXT, &next) == -1)
 		return -1;
-	return st->connection;
+	st->connection = next;
+	return next;
 }
 
 const struct dedup_source *

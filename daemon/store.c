@@ -37,6 +37,7 @@ enum stmt_id {
 	STMT_TOPIC_LAST,
 	STMT_PRUNE_AGE,
 	STMT_PRUNE_ROWS,
+	STMT_PRUNE_OUTBOX,
 	STMT_OUTBOX_QUEUED,
 	STMT_OUTBOX_ADD,
 	STMT_OUTBOX_NEXT,
@@ -103,6 +104,10 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    " AND NOT EXISTS (SELECT 1 FROM consumers c JOIN filter_topics f ON f.filter = c.filter"
 	    "   WHERE f.topic = m.topic AND m.id > c.acked_id AND m.status = 'accepted')"
 	    " ORDER BY m.id LIMIT ?2)",
+	/* Sent uplink messages older than max_age: gone; queued ones never. */
+	[STMT_PRUNE_OUTBOX] =
+	    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
+	    " WHERE status = 'sent' AND sent_at < ?1 ORDER BY id LIMIT ?2)",
 	[STMT_OUTBOX_QUEUED] = "SELECT count(*) FROM outbox WHERE status = 'queued'",
 	[STMT_OUTBOX_ADD] =
 	    "INSERT INTO outbox (queued_at, topic, payload, qos, retain, origin)"
@@ -594,6 +599,12 @@ store_prune(struct store *st, int64_t older_than_ms, int64_t keep_rows, int limi
 	if (step_int(st, STMT_PRUNE_AGE, NULL) == -1)
 		return -1;
 	if ((n = sqlite3_changes(st->db)) == limit)
+		return n;
+	sqlite3_bind_int64(st->stmt[STMT_PRUNE_OUTBOX], 1, older_than_ms);
+	sqlite3_bind_int(st->stmt[STMT_PRUNE_OUTBOX], 2, limit - n);
+	if (step_int(st, STMT_PRUNE_OUTBOX, NULL) == -1)
+		return -1;
+	if ((n += sqlite3_changes(st->db)) == limit)
 		return n;
 	sqlite3_bind_int64(st->stmt[STMT_PRUNE_ROWS], 1, keep_rows);
 	sqlite3_bind_int(st->stmt[STMT_PRUNE_ROWS], 2, limit - n);

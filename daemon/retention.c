@@ -10,7 +10,7 @@
 #define SLICE_BUDGET_MS 5	/* the loop is ours at most this long per slice */
 #define BATCH_TARGET_MS 2	/* one DELETE transaction should take about this */
 #define BATCH_MIN 16
-#define BATCH_MAX 4096
+#define BATCH_MAX 4096	/* tests/test_retention.py asserts this bound */
 
 struct retention {
 	struct event_loop *loop;
@@ -20,6 +20,7 @@ struct retention {
 	int batch;
 	uint64_t pruned;
 	uint64_t longest_slice_ms;
+	int largest_batch;	/* most rows one DELETE transaction removed */
 	bool failing;		/* log a failure once, and its end */
 };
 
@@ -45,6 +46,8 @@ on_timer(void *arg)
 			log_info("retention: pruning works again");
 		ret->failing = false;
 		ret->pruned += (uint64_t)n;
+		if (n > ret->largest_batch)
+			ret->largest_batch = n;
 		/* Keep each transaction near BATCH_TARGET_MS whatever the disk. */
 		if (took > BATCH_TARGET_MS && ret->batch > BATCH_MIN)
 			ret->batch /= 2;
@@ -90,8 +93,9 @@ retention_set_config(struct retention *ret, const struct config *cfg)
 void
 retention_stats(const struct retention *ret, json_t *obj)
 {
-	json_object_set_new(obj, "retention", json_pack("{s:I, s:I, s:I, s:I}",
+	json_object_set_new(obj, "retention", json_pack("{s:I, s:I, s:I, s:I, s:i}",
 	    "max_age_ms", (json_int_t)ret->cfg->store.max_age_ms,
 	    "max_rows", (json_int_t)ret->cfg->store.max_rows,
-	    "pruned", (json_int_t)ret->pruned, "longest_slice_ms", (json_int_t)ret->longest_slice_ms));
+	    "pruned", (json_int_t)ret->pruned, "longest_slice_ms", (json_int_t)ret->longest_slice_ms,
+	    "largest_batch", ret->largest_batch));
 }

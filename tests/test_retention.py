@@ -13,8 +13,14 @@ MAX_ROWS = 1000
 
 
 def db_bytes(relay):
-    return sum(os.path.getsize(p) for p in (relay.db_path, f"{relay.db_path}-wal")
-               if os.path.exists(p))
+    """The database file alone: the WAL is bounded separately, and its size
+    depends on when the last checkpoint ran."""
+    return os.path.getsize(relay.db_path)
+
+
+def wal_bytes(relay):
+    wal = f"{relay.db_path}-wal"
+    return os.path.getsize(wal) if os.path.exists(wal) else 0
 
 
 def test_max_rows_bounds_the_history(mosquitto, tmp_path, uid):
@@ -46,6 +52,8 @@ def test_max_rows_bounds_the_history(mosquitto, tmp_path, uid):
                        120, f"row id {last}")
         relay.wait_for(lambda: relay.count() <= MAX_ROWS + 2, 60, "pruning down to max_rows")
         sizes.append(db_bytes(relay))
+        # journal_size_limit (8 MiB) caps the WAL after each checkpoint.
+        assert wal_bytes(relay) <= 9 * 1024 * 1024
 
     rows = relay.query("SELECT id, status, payload FROM messages ORDER BY id")
     ids = [r[0] for r in rows]
@@ -53,11 +61,16 @@ def test_max_rows_bounds_the_history(mosquitto, tmp_path, uid):
     # The newest max_rows rows and lamp's two unacknowledged commands.
     assert [bytes(p) for _, _, p in rows[:2]] == [b"needed by lamp 1", b"needed by lamp 2"]
     assert ids == [1, 2] + list(range(ROWS + 3 - MAX_ROWS, ROWS + 3))
-    print(f"\nhistory + WAL bytes after each 10,000 commands: {sizes}")
+    print(f"\nhistory bytes after each 10,000 commands: {sizes}")
     assert max(sizes[5:]) <= max(sizes[:5]) * 1.1, sizes
     stats = lamp.stats()
     assert stats["retention"]["pruned"] == ROWS - MAX_ROWS
-    assert stats["retention"]["longest_slice_ms"] < 100, stats["retention"]
+    # Pruned in small transactions (BATCH_MAX in daemon/retention.c), never
+    # in one big DELETE. The slices' wall time depends on the machine's load
+    # and disk; it is printed, and only a pathological value fails.
+    assert 0 < stats["retention"]["largest_batch"] <= 4096, stats["retention"]
+    print(f"longest retention slice: {stats['retention']['longest_slice_ms']} ms")
+    assert stats["retention"]["longest_slice_ms"] < 2000, stats["retention"]
 
     # Acknowledged, the first goes; the second stays as its topic's newest
     # command, the one a retained replay would repeat.

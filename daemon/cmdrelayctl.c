@@ -33,7 +33,7 @@ ctl_usage(int status)
 	    "          [--status accepted|duplicate|all] [--limit N] [--json]\n"
 	    "  consumers [--json]\n"
 	    "  publish TOPIC PAYLOAD [--qos 0|1] [--retain]\n"
-	    "  outbox [--status queued|sent|all] [--limit N] [--json]\n"
+	    "  outbox [--status queued|sent|failed|all] [--limit N] [--json]\n"
 	    "  tail [--consumer NAME] [--filter F] [--from stored|live|ID] [--json]\n"
 	    "  stats\n"
 	    "  check-config\n"
@@ -414,8 +414,8 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (ch) {
 		case 'S':
-			if (strcmp(optarg, "queued") && strcmp(optarg, "sent") && strcmp(optarg, "all"))
-				ctl_die(EX_USAGE_STATUS, "--status: '%s' is not queued, sent or all", optarg);
+			if (strcmp(optarg, "queued") && strcmp(optarg, "sent") && strcmp(optarg, "failed") && strcmp(optarg, "all"))
+				ctl_die(EX_USAGE_STATUS, "--status: '%s' is not queued, sent, failed or all", optarg);
 			status = optarg;
 			break;
 		case 'l':

@@ -545,7 +545,7 @@ mqtt_unsubscribe(struct mqtt *m, const char *filter, int *mid)
 	return rc == MOSQ_ERR_SUCCESS ? 0 : -1;
 }
 
-int
+enum mqtt_publish_result
 mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t len, int qos,
     bool retain, int *mid)
 {
@@ -553,5 +553,7 @@ mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t len,
 
 	if (rc != MOSQ_ERR_SUCCESS)
 		log_warnx("PUBLISH %s: %s", topic, mosquitto_strerror(rc));
-	return rc == MOSQ_ERR_SUCCESS ? 0 : -1;
+	if (rc == MOSQ_ERR_SUCCESS)
+		return MQTT_PUBLISH_OK;
+	return rc == MOSQ_ERR_NO_CONN || rc == MOSQ_ERR_NOMEM ? MQTT_PUBLISH_LATER : MQTT_PUBLISH_NEVER;
 }

@@ -60,7 +60,12 @@ const char *mqtt_last_error(const struct mqtt *m);
 void mqtt_abort(struct mqtt *m, const char *why);
 int mqtt_subscribe(struct mqtt *m, const char *filter, int qos, int *mid);
 int mqtt_unsubscribe(struct mqtt *m, const char *filter, int *mid);
-int mqtt_publish(struct mqtt *m, const char *topic, const void *payload, size_t len, int qos,
-    bool retain, int *mid);
+enum mqtt_publish_result {
+	MQTT_PUBLISH_OK,
+	MQTT_PUBLISH_LATER,	/* not now (no connection, no memory) */
+	MQTT_PUBLISH_NEVER,	/* libmosquitto refuses this message */
+};
+enum mqtt_publish_result mqtt_publish(struct mqtt *m, const char *topic, const void *payload,
+    size_t len, int qos, bool retain, int *mid);
 
 #endif

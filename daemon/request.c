@@ -73,6 +73,7 @@ parse_hello(json_t *msg, struct request *req, struct request_error *err)
 		s = json_string_value(jfilter);
 		if (s == NULL || strlen(s) == 0 || strlen(s) > REQUEST_FILTER_MAX ||
 		    json_string_length(jfilter) != strlen(s) ||
+		    mosquitto_validate_utf8(s, (int)strlen(s)) != MOSQ_ERR_SUCCESS ||
 		    mosquitto_sub_topic_check(s) != MOSQ_ERR_SUCCESS)
 			return fail(err, "bad_request", false,
 			    "hello: filter must be an MQTT topic filter of at most %d bytes", REQUEST_FILTER_MAX);
@@ -117,6 +118,14 @@ decode_base64(const char *text, size_t len, unsigned char *out, size_t outmax, s
 
 	if (len % 4 != 0 || len / 4 * 3 > outmax)
 		return -1;
+	/* EVP_DecodeBlock would take '=' anywhere: only the last two may be. */
+	for (size_t i = 0; i < len; i++) {
+		char c = text[i];
+		bool alpha = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+		    c == '+' || c == '/';
+		if (!alpha && !(c == '=' && i >= len - 2 && (i == len - 1 || text[len - 1] == '=')))
+			return -1;
+	}
 	if (len == 0) {
 		*outlen = 0;
 		return 0;
@@ -143,10 +152,11 @@ parse_publish(json_t *msg, struct request *req, struct request_error *err)
 		return fail(err, "bad_request", false, "publish: unknown field \"%.64s\"", bad);
 	if (topic == NULL || strlen(topic) == 0 || strlen(topic) > REQUEST_TOPIC_MAX ||
 	    json_string_length(jtopic) != strlen(topic) ||
+	    mosquitto_validate_utf8(topic, (int)strlen(topic)) != MOSQ_ERR_SUCCESS ||
 	    mosquitto_pub_topic_check(topic) != MOSQ_ERR_SUCCESS)
 		return fail(err, "bad_request", false,
-		    "publish: topic must be an MQTT topic without wildcards, at most %d bytes",
-		    REQUEST_TOPIC_MAX);
+		    "publish: topic must be an MQTT topic without wildcards or control characters, "
+		    "at most %d bytes", REQUEST_TOPIC_MAX);
 	snprintf(req->publish.topic, sizeof(req->publish.topic), "%s", topic);
 	if (!json_is_string(jpayload))
 		return fail(err, "bad_request", false, "publish: payload must be a string");

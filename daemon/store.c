@@ -43,6 +43,7 @@ enum stmt_id {
 	STMT_OUTBOX_NEXT,
 	STMT_OUTBOX_HANDED,
 	STMT_OUTBOX_SENT,
+	STMT_OUTBOX_FAILED,
 	STMT_COUNT
 };
 
@@ -117,6 +118,7 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    " WHERE status = 'queued' AND id > ?1 ORDER BY id LIMIT ?2",
 	[STMT_OUTBOX_HANDED] = "UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1",
 	[STMT_OUTBOX_SENT] = "UPDATE outbox SET status = 'sent', sent_at = ?2 WHERE id = ?1",
+	[STMT_OUTBOX_FAILED] = "UPDATE outbox SET status = 'failed' WHERE id = ?1",
 };
 
 struct store {
@@ -645,7 +647,7 @@ store_outbox_next(struct store *st, int64_t after_id, int limit, store_outbox_fn
 	sqlite3_bind_int64(s, 1, after_id);
 	sqlite3_bind_int(s, 2, limit);
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		struct outbox_msg msg = {
+		const struct outbox_msg msg = {
 			.id = sqlite3_column_int64(s, 0),
 			.topic = (const char *)sqlite3_column_text(s, 1),
 			.payload = sqlite3_column_blob(s, 2),
@@ -676,6 +678,13 @@ store_outbox_sent(struct store *st, int64_t id)
 	sqlite3_bind_int64(st->stmt[STMT_OUTBOX_SENT], 1, id);
 	sqlite3_bind_int64(st->stmt[STMT_OUTBOX_SENT], 2, (int64_t)event_wall_ms());
 	return step_int(st, STMT_OUTBOX_SENT, NULL);
+}
+
+int
+store_outbox_failed(struct store *st, int64_t id)
+{
+	sqlite3_bind_int64(st->stmt[STMT_OUTBOX_FAILED], 1, id);
+	return step_int(st, STMT_OUTBOX_FAILED, NULL);
 }
 
 int

@@ -104,6 +104,7 @@ int store_outbox_add(struct store *st, const struct outbox_msg *msg, const char 
 int store_outbox_next(struct store *st, int64_t after_id, int limit, store_outbox_fn *fn, void *arg);
 int store_outbox_handed(struct store *st, int64_t id);
 int store_outbox_sent(struct store *st, int64_t id);
+int store_outbox_failed(struct store *st, int64_t id);
 
 /*
  * The subscriptions the broker session holds, as last confirmed by SUBACK.

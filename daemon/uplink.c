@@ -15,6 +15,7 @@ struct uplink {
 	struct store *store;
 	struct mqtt *mqtt;
 	bool connected;
+	bool stalled;		/* a hand-over failed for now: wait for the next event */
 	int64_t cursor;		/* the last outbox id handed to this connection object */
 	struct handed inflight[UPLINK_WINDOW];
 	size_t ninflight;
@@ -65,9 +66,22 @@ hand(const struct outbox_msg *msg, void *arg)
 	struct uplink *u = arg;
 	int mid;
 
-	if (mqtt_publish(u->mqtt, msg->topic, msg->payload, msg->payloadlen, msg->qos, msg->retain,
-	    &mid) == -1)
+	switch (mqtt_publish(u->mqtt, msg->topic, msg->payload, msg->payloadlen, msg->qos, msg->retain,
+	    &mid)) {
+	case MQTT_PUBLISH_LATER:
+		u->stalled = true;
 		return -1;
+	case MQTT_PUBLISH_NEVER:
+		/* It can never go out; it must not hold up the rows behind it. */
+		log_errx("uplink: outbox #%" PRId64 " to %s cannot be published; marked failed",
+		    msg->id, msg->topic);
+		u->cursor = msg->id;
+		if (store_outbox_failed(u->store, msg->id) == -1)
+			log_warnx("uplink: %s", store_errmsg(u->store));
+		return 0;
+	case MQTT_PUBLISH_OK:
+		break;
+	}
 	u->cursor = msg->id;
 	u->handed_total++;
 	if (store_outbox_handed(u->store, msg->id) == -1)
@@ -85,7 +99,8 @@ uplink_kick(struct uplink *u)
 {
 	int n;
 
-	while (u->connected && u->ninflight < UPLINK_WINDOW) {
+	u->stalled = false;
+	while (u->connected && !u->stalled && u->ninflight < UPLINK_WINDOW) {
 		int want = (int)(UPLINK_WINDOW - u->ninflight);
 		if ((n = store_outbox_next(u->store, u->cursor, want, hand, u)) < 0)
 			log_warnx("uplink: %s", store_errmsg(u->store));

@@ -216,6 +216,19 @@ payload_cell(const unsigned char *p, int len, char *out, size_t outlen)
 	out[o] = '\0';
 }
 
+static long
+parse_limit(const char *arg)
+{
+	char *end;
+	long limit;
+
+	errno = 0;
+	limit = strtol(arg, &end, 10);
+	if (errno || *end || end == arg || limit < 1 || limit > HISTORY_MAX_LIMIT)
+		ctl_die(EX_USAGE_STATUS, "--limit: '%s' is not a number from 1 to %d", arg, HISTORY_MAX_LIMIT);
+	return limit;
+}
+
 static int
 cmd_history(struct ctl *ctl, int argc, char *argv[])
 {
@@ -235,7 +248,6 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	bool json = false;
 	sqlite3_stmt *s;
 	sqlite3 *db;
-	char *end;
 	int ch, rc;
 
 	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
@@ -261,11 +273,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 			status = optarg;
 			break;
 		case 'l':
-			errno = 0;
-			limit = strtol(optarg, &end, 10);
-			if (errno || *end || limit < 1 || limit > HISTORY_MAX_LIMIT)
-				ctl_die(EX_USAGE_STATUS, "--limit: '%s' is not a number from 1 to %d",
-				    optarg, HISTORY_MAX_LIMIT);
+			limit = parse_limit(optarg);
 			break;
 		case 'j':
 			json = true;
@@ -407,23 +415,19 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 	long limit = 100;
 	sqlite3_stmt *s;
 	sqlite3 *db;
-	char *end;
 	int ch, rc;
 
 	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
 	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (ch) {
 		case 'S':
-			if (strcmp(optarg, "queued") && strcmp(optarg, "sent") && strcmp(optarg, "failed") && strcmp(optarg, "all"))
+			if (strcmp(optarg, "queued") && strcmp(optarg, "sent") && strcmp(optarg, "failed") &&
+			    strcmp(optarg, "all"))
 				ctl_die(EX_USAGE_STATUS, "--status: '%s' is not queued, sent, failed or all", optarg);
 			status = optarg;
 			break;
 		case 'l':
-			errno = 0;
-			limit = strtol(optarg, &end, 10);
-			if (errno || *end || end == optarg || limit < 1 || limit > HISTORY_MAX_LIMIT)
-				ctl_die(EX_USAGE_STATUS, "--limit: '%s' is not a number from 1 to %d",
-				    optarg, HISTORY_MAX_LIMIT);
+			limit = parse_limit(optarg);
 			break;
 		case 'j':
 			json = true;

@@ -293,17 +293,27 @@ apply_defaults(struct parser *p, const char *prefix, void *base)
 }
 
 static int walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base);
+
+/* The number of entries of a list key, within its bounds. */
+static int
+sequence_length(struct parser *p, const struct config_key *key, yaml_node_t *seq, size_t *n)
+{
+	*n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+	if ((int64_t)*n < key->min || (int64_t)*n > key->max)
+		return fail_at(p, seq, "%s: %zu entries, expected %" PRId64 " to %" PRId64,
+		    key->path, *n, key->min, key->max);
+	return 0;
+}
 static yaml_node_t *node_at(struct parser *p, yaml_node_t *map, const char *path);
 
 static int
 walk_subscriptions(struct parser *p, const struct config_key *key, yaml_node_t *seq)
 {
 	struct config *cfg = p->cfg;
-	size_t n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+	size_t n;
 
-	if ((int64_t)n < key->min || (int64_t)n > key->max)
-		return fail_at(p, seq, "%s: %zu entries, expected %" PRId64 " to %" PRId64,
-		    key->path, n, key->min, key->max);
+	if (sequence_length(p, key, seq, &n) == -1)
+		return -1;
 	cfg->subs = calloc(n, sizeof(*cfg->subs));
 	if (cfg->subs == NULL)
 		return fail_at(p, seq, "out of memory");
@@ -333,11 +343,10 @@ static int
 walk_peers(struct parser *p, const struct config_key *key, yaml_node_t *seq)
 {
 	struct config *cfg = p->cfg;
-	size_t n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+	size_t n;
 
-	if ((int64_t)n < key->min || (int64_t)n > key->max)
-		return fail_at(p, seq, "%s: %zu entries, expected %" PRId64 " to %" PRId64,
-		    key->path, n, key->min, key->max);
+	if (sequence_length(p, key, seq, &n) == -1)
+		return -1;
 	if ((cfg->socket.allow = calloc(n, sizeof(*cfg->socket.allow))) == NULL)
 		return fail_at(p, seq, "out of memory");
 	for (size_t i = 0; i < n; i++) {
@@ -373,11 +382,10 @@ static int
 walk_patterns(struct parser *p, const struct config_key *key, yaml_node_t *seq)
 {
 	struct config *cfg = p->cfg;
-	size_t n = (size_t)(seq->data.sequence.items.top - seq->data.sequence.items.start);
+	size_t n;
 
-	if ((int64_t)n < key->min || (int64_t)n > key->max)
-		return fail_at(p, seq, "%s: %zu entries, expected %" PRId64 " to %" PRId64,
-		    key->path, n, key->min, key->max);
+	if (sequence_length(p, key, seq, &n) == -1)
+		return -1;
 	if ((cfg->uplink.allow = calloc(n, sizeof(char *))) == NULL)
 		return fail_at(p, seq, "out of memory");
 	for (size_t i = 0; i < n; i++) {

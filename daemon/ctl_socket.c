@@ -37,6 +37,21 @@ connect_socket(const char *path)
 	return fd;
 }
 
+/* The daemon's socket, for writing (fd) and reading lines (returned). */
+static FILE *
+open_daemon(struct ctl *ctl, int *fd)
+{
+	const char *path = ctl_socket_path(ctl);
+	FILE *in;
+
+	if ((*fd = connect_socket(path)) == -1)
+		ctl_die(EX_UNAVAILABLE_STATUS, "cannot connect to %s: %s (is cmdrelayd running?)", path,
+		    strerror(errno));
+	if ((in = fdopen(dup(*fd), "r")) == NULL)
+		ctl_die(1, "fdopen: %s", strerror(errno));
+	return in;
+}
+
 static void
 send_json(int fd, json_t *msg)
 {
@@ -88,7 +103,7 @@ cmd_tail(struct ctl *ctl, int argc, char *argv[])
 		{ NULL, 0, NULL, 0 },
 	};
 	json_t *hello = json_pack("{s:s}", "op", "hello");
-	const char *name = NULL, *path;
+	const char *name = NULL;
 	bool json = false;
 	FILE *in;
 	int ch, fd;
@@ -125,12 +140,7 @@ cmd_tail(struct ctl *ctl, int argc, char *argv[])
 	}
 	if (optind != argc)
 		ctl_usage(EX_USAGE_STATUS);
-	path = ctl_socket_path(ctl);
-	if ((fd = connect_socket(path)) == -1)
-		ctl_die(EX_UNAVAILABLE_STATUS, "cannot connect to %s: %s (is cmdrelayd running?)", path,
-		    strerror(errno));
-	if ((in = fdopen(dup(fd), "r")) == NULL)
-		ctl_die(1, "fdopen: %s", strerror(errno));
+	in = open_daemon(ctl, &fd);
 	send_json(fd, hello);
 	for (;;) {
 		json_t *msg = read_json(in);
@@ -238,7 +248,7 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 		{ NULL, 0, NULL, 0 },
 	};
 	json_t *msg = json_pack("{s:s}", "op", "publish"), *reply;
-	const char *path, *type;
+	const char *type;
 	FILE *in;
 	int ch, fd;
 
@@ -269,12 +279,7 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 		json_object_set_new(msg, "payload", payload);
 		json_object_set_new(msg, "encoding", json_string(encoding));
 	}
-	path = ctl_socket_path(ctl);
-	if ((fd = connect_socket(path)) == -1)
-		ctl_die(EX_UNAVAILABLE_STATUS, "cannot connect to %s: %s (is cmdrelayd running?)", path,
-		    strerror(errno));
-	if ((in = fdopen(dup(fd), "r")) == NULL)
-		ctl_die(1, "fdopen: %s", strerror(errno));
+	in = open_daemon(ctl, &fd);
 	send_json(fd, msg);
 	reply = read_json(in);
 	type = json_string_value(json_object_get(reply, "type"));

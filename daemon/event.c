@@ -20,33 +20,30 @@ struct event_loop {
 };
 
 static uint64_t
-clock_ms(clockid_t clock)
+clock_us(clockid_t clock)
 {
 	struct timespec ts;
 
 	clock_gettime(clock, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
 }
 
 uint64_t
 event_now_ms(void)
 {
-	return clock_ms(CLOCK_MONOTONIC);
+	return clock_us(CLOCK_MONOTONIC) / 1000;
 }
 
 uint64_t
 event_now_us(void)
 {
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+	return clock_us(CLOCK_MONOTONIC);
 }
 
 uint64_t
 event_wall_ms(void)
 {
-	return clock_ms(CLOCK_REALTIME);
+	return clock_us(CLOCK_REALTIME) / 1000;
 }
 
 struct event_loop *

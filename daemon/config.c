@@ -595,6 +595,9 @@ validate(struct parser *p, yaml_node_t *root)
 				return fail_at(p, key_node(p, root, tls_keys[i]), "%s: %s: %s", tls_keys[i],
 				    tls_files[i], strerror(errno));
 	}
+	if (cfg->socket.group && getgrnam(cfg->socket.group) == NULL)
+		return fail_at(p, key_node(p, root, "socket.group"), "socket.group: no group '%s'",
+		    cfg->socket.group);
 	if (cfg->broker.password_file && cfg->broker.username == NULL)
 		return fail_at(p, key_node(p, root, "broker.password_file"),
 		    "broker.password_file needs broker.username");

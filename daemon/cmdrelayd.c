@@ -260,6 +260,9 @@ main(int argc, char *argv[])
 		event_timer_init(&d.watchdog, on_watchdog, &d);
 		event_timer_arm(d.loop, &d.watchdog, d.watchdog_ms);
 	}
+	if (store_created(relay_store(d.relay)))
+		log_warnx("%s did not exist: began a new, empty history; consumer positions and the "
+		    "session's subscriptions start afresh", d.cfg->store.path);
 	log_info("started %s, history %s", CMDRELAY_VERSION, d.cfg->store.path);
 	sd_notify(0, "READY=1");
 	notify_status(&d);

@@ -32,6 +32,8 @@ struct mosquitto20_message_all {
 	uint32_t expiry_interval;
 };
 
+#define STABLE_CONNECTION_MS 10000
+
 enum mqtt_state {
 	MQTT_IDLE,		/* waiting for the reconnect timer */
 	MQTT_CONNECTING,	/* TCP and CONNECT under way */
@@ -48,7 +50,8 @@ struct mqtt {
 	enum mqtt_state state;
 	bool started;		/* mosquitto_connect_async succeeded once */
 	int watched_fd;
-	unsigned attempt;	/* failed connects since the last CONNACK */
+	unsigned attempt;	/* connects since the last one that lasted */
+	uint64_t connected_at_ms;	/* of the current connection; 0: none */
 	struct event_timer reconnect_timer;
 	struct event_timer misc_timer;
 	size_t batch_messages;
@@ -56,6 +59,7 @@ struct mqtt {
 	bool dropping;		/* closing unacknowledged: ignore what is still read */
 	const char *abort_reason;	/* drop the connection when the read pass ends */
 	char last_error[256];
+	char lib_error[256];	/* libmosquitto's last error or warning message */
 };
 
 int
@@ -114,7 +118,16 @@ backoff_ms(struct mqtt *m)
 static void
 schedule_reconnect(struct mqtt *m)
 {
-	uint64_t delay = backoff_ms(m);
+	uint64_t delay;
+
+	/*
+	 * Only a connection that lasted resets the backoff: one that fails
+	 * right after CONNACK (the history cannot commit) must back off too.
+	 */
+	if (m->connected_at_ms && event_now_ms() - m->connected_at_ms >= STABLE_CONNECTION_MS)
+		m->attempt = 0;
+	m->connected_at_ms = 0;
+	delay = backoff_ms(m);
 
 	m->state = MQTT_IDLE;
 	log_info("reconnecting to %s:%d in %llu ms", m->cfg->broker.host,
@@ -134,7 +147,7 @@ on_connect(struct mosquitto *mosq, void *arg, int rc, int flags)
 		return;		/* libmosquitto closes; on_disconnect follows */
 	}
 	m->state = MQTT_CONNECTED;
-	m->attempt = 0;
+	m->connected_at_ms = event_now_ms();
 	m->last_error[0] = '\0';
 	log_info("connected to %s:%d as %s (session present: %s)", m->cfg->broker.host,
 	    (int)m->cfg->broker.port, m->cfg->broker.client_id, (flags & 1) ? "yes" : "no");
@@ -183,7 +196,7 @@ static void
 on_disconnect(struct mosquitto *mosq, void *arg, int rc)
 {
 	struct mqtt *m = arg;
-	const char *why = rc == 0 ? "disconnected" : mosquitto_strerror(rc);
+	const char *why = rc == 0 ? "disconnected" : m->lib_error[0] ? m->lib_error : mosquitto_strerror(rc);
 
 	(void)mosq;
 	if (m->state == MQTT_STOPPED)
@@ -276,15 +289,15 @@ drop_connection(struct mqtt *m, const char *why)
 	m->dropping = false;
 }
 
-static void
+static int
 read_pass(struct mqtt *m)
 {
-	int fd = mosquitto_socket(m->mosq);
+	int fd = mosquitto_socket(m->mosq), rc = MOSQ_ERR_SUCCESS;
 
 	m->batch_messages = 0;
 	m->batch_failed = false;
 	for (size_t i = 0; i < MQTT_MAX_BATCH; i++) {
-		if (mosquitto_loop_read(m->mosq, 1) != MOSQ_ERR_SUCCESS ||
+		if ((rc = mosquitto_loop_read(m->mosq, 1)) != MOSQ_ERR_SUCCESS ||
 		    mosquitto_socket(m->mosq) != fd || !socket_has_data(fd))
 			break;
 	}
@@ -294,28 +307,62 @@ read_pass(struct mqtt *m)
 		if (m->batch_messages)
 			m->h.abort(m->h.arg);
 		drop_connection(m, why);
-		return;
+		return rc;
 	}
 	if (m->batch_messages == 0)
-		return;
+		return rc;
 	if (m->batch_failed) {
 		m->h.abort(m->h.arg);
 		drop_connection(m, "could not store a message; dropped the connection unacknowledged");
 	} else if (m->h.commit(m->h.arg) == -1) {
 		drop_connection(m, "could not commit to the history; dropped the connection unacknowledged");
 	}
+	return rc;
+}
+
+/*
+ * libmosquitto closes the socket of a failed TLS handshake itself and
+ * calls no disconnect callback; without this the relay would wait forever.
+ */
+static void
+check_connect_failed(struct mqtt *m, int rc)
+{
+	if (m->state != MQTT_CONNECTING || mosquitto_socket(m->mosq) >= 0)
+		return;
+	if (m->lib_error[0])
+		set_error(m, "cannot connect: %s", m->lib_error);
+	else
+		set_error(m, "cannot connect: %s", mosquitto_strerror(rc));
+	log_warnx("%s:%d: %s", m->cfg->broker.host, (int)m->cfg->broker.port, m->last_error);
+	schedule_reconnect(m);
+	m->h.disconnected(m->h.arg, m->last_error);
 }
 
 static void
 on_io(int fd, short revents, void *arg)
 {
 	struct mqtt *m = arg;
+	int rc = MOSQ_ERR_SUCCESS;
 
 	(void)fd;
 	if (revents & (POLLIN | POLLHUP | POLLERR))
-		read_pass(m);
+		rc = read_pass(m);
 	if (mosquitto_socket(m->mosq) >= 0 && mosquitto_want_write(m->mosq))
-		mosquitto_loop_write(m->mosq, 1);
+		rc = mosquitto_loop_write(m->mosq, 1);
+	check_connect_failed(m, rc);
+}
+
+/* libmosquitto's own errors (TLS, certificates) name the cause: keep the last. */
+static void
+on_log(struct mosquitto *mosq, void *arg, int level, const char *text)
+{
+	struct mqtt *m = arg;
+
+	(void)mosq;
+	if (level & (MOSQ_LOG_ERR | MOSQ_LOG_WARNING)) {
+		snprintf(m->lib_error, sizeof(m->lib_error), "%s", text);
+		log_debug("libmosquitto: %s", text);
+	}
 }
 
 /* Keeps the event loop watching whatever socket libmosquitto has now. */
@@ -350,6 +397,7 @@ on_reconnect_timer(void *arg)
 	int rc;
 
 	m->state = MQTT_CONNECTING;
+	m->lib_error[0] = '\0';
 	if (m->started)
 		rc = mosquitto_reconnect_async(m->mosq);
 	else
@@ -379,6 +427,7 @@ configure(struct mqtt *m, char *err, size_t errlen)
 	mosquitto_subscribe_callback_set(m->mosq, on_subscribe);
 	mosquitto_unsubscribe_callback_set(m->mosq, on_unsubscribe);
 	mosquitto_publish_callback_set(m->mosq, on_publish);
+	mosquitto_log_callback_set(m->mosq, on_log);
 	if (m->v5) {
 		mosquitto_property *props = NULL;
 

@@ -4,7 +4,6 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
-#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,7 +25,8 @@ struct conn {
 	size_t inlen;
 	char *out;
 	size_t outlen, outpos, outcap;
-	bool closing;
+	bool closing;		/* nothing more is read or answered */
+	struct event_timer close_timer;
 	bool write_failed;	/* the peer is gone for output; its input still counts */
 	struct ucred cred;
 	struct conn *next;
@@ -43,6 +43,9 @@ struct server {
 	size_t nconns;
 	size_t limit;
 };
+
+/* How long a closing connection may take to read our last line and leave. */
+#define CLOSE_LINGER_MS 2000
 
 static void conn_io(int fd, short revents, void *arg);
 
@@ -106,6 +109,7 @@ conn_free(struct conn *c)
 		}
 	}
 	srv->nconns--;
+	event_timer_disarm(srv->loop, &c->close_timer);
 	if (c->state)
 		srv->h.close(c, c->state, srv->h.arg);
 	event_io_del(srv->loop, c->fd);
@@ -117,7 +121,7 @@ conn_free(struct conn *c)
 static void
 conn_watch(struct conn *c)
 {
-	short events = (c->closing ? 0 : POLLIN) | (conn_queued(c) ? POLLOUT : 0);
+	short events = POLLIN | (conn_queued(c) ? POLLOUT : 0);
 
 	event_io_set(c->srv->loop, c->fd, events, conn_io, c);
 }
@@ -175,12 +179,33 @@ conn_send(struct conn *c, const char *data, size_t len)
 	conn_watch(c);
 }
 
+static void
+on_close_timeout(void *arg)
+{
+	conn_free(arg);
+}
+
+/* Our last line is out: the peer sees EOF, and has a while to leave. */
+static void
+start_linger(struct conn *c)
+{
+	shutdown(c->fd, SHUT_WR);
+	event_timer_arm(c->srv->loop, &c->close_timer, CLOSE_LINGER_MS);
+}
+
+/*
+ * Once the error line is written we shut down our side and read what the
+ * peer still sends until its EOF: closing with unread input would make the
+ * kernel send a reset, and the peer might never read our error line.
+ */
 void
 conn_close(struct conn *c)
 {
+	if (c->closing)
+		return;
 	c->closing = true;
-	/* With nothing left to write, the peer sees EOF now and poll says HUP. */
-	shutdown(c->fd, conn_queued(c) ? SHUT_RD : SHUT_RDWR);
+	if (conn_queued(c) == 0)
+		start_linger(c);
 	conn_watch(c);
 }
 
@@ -222,43 +247,51 @@ conn_io(int fd, short revents, void *arg)
 	size_t before = conn_queued(c);
 
 	(void)fd;
-	if ((revents & (POLLIN | POLLHUP | POLLERR)) && !c->closing) {
+	if (c->closing) {
+		char discard[4096];
+		if ((revents & (POLLIN | POLLHUP | POLLERR)) && recv(c->fd, discard, sizeof(discard), 0) <= 0) {
+			conn_free(c);
+			return;
+		}
+		if (conn_queued(c) && (conn_flush(c) == -1 || conn_queued(c) == 0))
+			start_linger(c);
+		conn_watch(c);
+		return;
+	}
+	if (revents & (POLLIN | POLLHUP | POLLERR)) {
 		conn_read(c);
 		return;		/* c may be gone */
 	}
-	if ((conn_flush(c) == -1 && c->closing) || (revents & (POLLERR | POLLHUP)) ||
-	    (c->closing && conn_queued(c) == 0)) {
-		conn_free(c);
-		return;
-	}
+	/* A failed write is noted in the conn; its input is still read to EOF. */
+	conn_flush(c);
 	if (before >= SERVER_OUT_LOW_WATER && conn_queued(c) < SERVER_OUT_LOW_WATER && !c->closing)
 		c->srv->h.drained(c, c->state, c->srv->h.arg);
 	conn_watch(c);
 }
 
 /*
- * socket.allow, checked against SO_PEERCRED: root and our own user are
- * always in; otherwise the peer's user, or one of its user's groups.
+ * socket.allow, checked against SO_PEERCRED and SO_PEERGROUPS: root and our
+ * own user are always in; otherwise the peer's user, or one of the groups
+ * the peer process holds (as the kernel sees them, SupplementaryGroups=
+ * and sg included).
  */
 static bool
-peer_allowed(const struct config *cfg, const struct ucred *cred)
+peer_allowed(const struct config *cfg, int fd, const struct ucred *cred)
 {
 	gid_t groups[NGROUPS_MAX];
-	int ngroups = NGROUPS_MAX;
-	struct passwd *pw;
+	socklen_t len = sizeof(groups);
+	size_t ngroups;
 
 	if (cfg->socket.allow == NULL || cred->uid == 0 || cred->uid == geteuid())
 		return true;
-	pw = getpwuid(cred->uid);
-	if (pw == NULL || getgrouplist(pw->pw_name, cred->gid, groups, &ngroups) == -1)
-		ngroups = 0;
+	ngroups = getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) == 0 ? len / sizeof(gid_t) : 0;
 	for (size_t i = 0; i < cfg->socket.nallow; i++) {
 		const struct config_peer *peer = &cfg->socket.allow[i];
 		if (!peer->group && peer->id == cred->uid)
 			return true;
 		if (peer->group && peer->id == cred->gid)
 			return true;
-		for (int g = 0; peer->group && g < ngroups; g++)
+		for (size_t g = 0; peer->group && g < ngroups; g++)
 			if (groups[g] == peer->id)
 				return true;
 	}
@@ -286,6 +319,7 @@ on_accept(int fd, short revents, void *arg)
 	}
 	c->srv = srv;
 	c->fd = cfd;
+	event_timer_init(&c->close_timer, on_close_timeout, c);
 	getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &c->cred, &len);
 	c->next = srv->conns;
 	srv->conns = c;
@@ -299,7 +333,7 @@ on_accept(int fd, short revents, void *arg)
 		conn_close(c);
 		return;
 	}
-	if (!peer_allowed(srv->cfg, &c->cred)) {
+	if (!peer_allowed(srv->cfg, cfd, &c->cred)) {
 		static const char msg[] = "{\"type\":\"error\",\"code\":\"not_allowed\","
 		    "\"message\":\"this user may not use cmdrelayd (socket.allow)\"}\n";
 		log_warnx("refused consumer pid %d uid %d gid %d: not in socket.allow",

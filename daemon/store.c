@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <jansson.h>
 #include <sqlite3.h>
@@ -125,6 +126,7 @@ struct store {
 	sqlite3 *db;
 	sqlite3_stmt *stmt[STMT_COUNT];
 	int64_t connection;
+	bool created;		/* the file did not exist: a new, empty history */
 	struct dedup_source dedup;
 	char err[STORE_ERR_MAX];
 };
@@ -270,6 +272,41 @@ dedup_earlier_connection_same(void *ctx, const struct delivery *d, int64_t since
 	return step_int(st, STMT_EARLIER_SAME, &id) == 0 ? id : -1;
 }
 
+/*
+ * Before anything is written: an SQLite file that is neither empty nor a
+ * cmdrelay history (user_version 0 with tables of its own) is someone
+ * else's, and is left as it is. Garbage fails the first read.
+ */
+static int
+check_ours(struct store *st)
+{
+	sqlite3_stmt *s;
+	int version = -1, tables = -1;
+
+	if (sqlite3_prepare_v2(st->db, "SELECT (SELECT user_version FROM pragma_user_version),"
+	    " (SELECT count(*) FROM sqlite_schema)", -1, &s, NULL) != SQLITE_OK)
+		return store_fail(st, "cannot read it as an SQLite database");
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		version = sqlite3_column_int(s, 0);
+		tables = sqlite3_column_int(s, 1);
+	}
+	sqlite3_finalize(s);
+	if (version < 0)
+		return store_fail(st, "cannot read it as an SQLite database");
+	if (version == 0 && tables > 0) {
+		snprintf(st->err, sizeof(st->err), "an SQLite database, but not a cmdrelay history "
+		    "(user_version 0 and %d tables of its own); refusing to change it", tables);
+		return -1;
+	}
+	return 0;
+}
+
+bool
+store_created(const struct store *st)
+{
+	return st->created;
+}
+
 struct store *
 store_new(const char *path, char *err, size_t errlen)
 {
@@ -287,12 +324,15 @@ store_new(const char *path, char *err, size_t errlen)
 		snprintf(err, errlen, "%s: out of memory", path);
 		return NULL;
 	}
+	st->created = access(path, F_OK) == -1;
 	if (sqlite3_open_v2(path, &st->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
 	    SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
 		store_fail(st, "cannot open");
 		goto fail;
 	}
 	sqlite3_extended_result_codes(st->db, 1);
+	if (check_ours(st) == -1)
+		goto fail;
 	if (sqlite3_exec(st->db, setup, NULL, NULL, NULL) != SQLITE_OK) {
 		store_fail(st, "cannot set up");
 		goto fail;

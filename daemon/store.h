@@ -21,6 +21,8 @@ struct store_subscription {
 /* Opens (creating if needed) and migrates the history at path. */
 struct store *store_new(const char *path, char *err, size_t errlen);
 void store_free(struct store *st);
+/* True when store_new() found no file and began a new history. */
+bool store_created(const struct store *st);
 const char *store_errmsg(const struct store *st);
 int store_schema_version(void);
 

@@ -1336,3 +1336,113 @@ class Subscriber:
 
     def __exit__(self, *exc) -> None:
         self.disconnect()
+
+
+# --------------------------------------------------------------------------
+# Mosquitto with a TLS listener (tests/test_tls.py)
+# --------------------------------------------------------------------------
+
+class TLSMosquitto(Mosquitto):
+    """A private mosquitto with its plain listener on ``port`` (what
+    publish() and the other helpers use) plus one TLS listener on
+    ``tls_port``, both on 127.0.0.1 and sharing one broker state.
+
+    ``tls_version``: mosquitto's ``tls_version`` option (one protocol version
+    only, e.g. "tlsv1.2"); None leaves mosquitto's default (1.2 and 1.3).
+    ``ciphers``: mosquitto's ``ciphers`` option (an OpenSSL cipher list, e.g.
+    "DEFAULT:@SECLEVEL=0", which OpenSSL 3 needs before it will speak TLS 1.1).
+    ``tls``: False makes the second listener plain MQTT (a broker without TLS
+    on the port the relay expects TLS on). ``extra``: more mosquitto.conf
+    lines for the TLS listener (e.g. "use_identity_as_username true")."""
+
+    def __init__(self, workdir: Union[str, Path], cafile: Union[str, Path, None] = None,
+                 certfile: Union[str, Path, None] = None, keyfile: Union[str, Path, None] = None,
+                 require_certificate: bool = False, tls_version: Optional[str] = None,
+                 ciphers: Optional[str] = None, tls: bool = True, tls_port: Optional[int] = None,
+                 extra: Sequence[str] = (), **kw):
+        super().__init__(workdir, **kw)
+        self.cafile, self.certfile, self.keyfile = cafile, certfile, keyfile
+        self.require_certificate = require_certificate
+        self.tls_version = tls_version
+        self.ciphers = ciphers
+        self.tls = tls
+        self.extra = list(extra)
+        self.tls_port = tls_port or free_port()
+        while self.tls_port == self.port:
+            self.tls_port = free_port()
+
+    def __repr__(self) -> str:
+        return (f"<TLSMosquitto {self.host}:{self.port} tls {self.host}:{self.tls_port} "
+                f"running={self.is_running()}>")
+
+    def _write_conf(self) -> None:
+        super()._write_conf()
+        lines = [f"listener {self.tls_port} {self.host}"]
+        if self.tls:
+            lines += [f"cafile {self.cafile}", f"certfile {self.certfile}", f"keyfile {self.keyfile}",
+                      f"require_certificate {'true' if self.require_certificate else 'false'}"]
+            if self.tls_version:
+                lines.append(f"tls_version {self.tls_version}")
+            if self.ciphers:
+                lines.append(f"ciphers {self.ciphers}")
+        lines += self.extra
+        with open(self.conf_path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def start(self, persistence: Optional[bool] = None, timeout: float = 15.0) -> "TLSMosquitto":
+        super().start(persistence=persistence, timeout=timeout)
+        if not wait_port(self.host, self.tls_port, timeout, self.proc):
+            status = self.proc.poll() if self.proc else None
+            self.stop(timeout=2)
+            raise BrokerStartError(
+                f"mosquitto did not listen on TLS port {self.host}:{self.tls_port} within {timeout}s "
+                f"(exit status {status})\n--- {self.conf_path}\n{_tail(self.conf_path)}"
+                f"\n--- {self.log_path}\n{_tail(self.log_path)}")
+        return self
+
+
+def tls_connack(host: str, port: int, cafile: Union[str, Path, None], certfile=None, keyfile=None,
+                min_version=None, max_version=None, ciphers: Optional[str] = None,
+                timeout: float = 5.0):
+    """CONNECT over TLS with paho (clean session). Returns (CONNACK code or
+    None, error text or ""). The TLS context verifies the server against
+    cafile (hostname included); min/max_version are ssl.TLSVersion values."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cafile:
+        ctx.load_verify_locations(str(cafile))
+    if certfile:
+        ctx.load_cert_chain(str(certfile), str(keyfile))
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    import warnings
+    with warnings.catch_warnings():     # TLSVersion.TLSv1_1 is deprecated, and meant
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if min_version is not None:
+            ctx.minimum_version = min_version
+        if max_version is not None:
+            ctx.maximum_version = max_version
+    rc: List[Optional[int]] = [None]
+    c = paho.Client(client_id="tlsprobe-" + secrets.token_hex(4), clean_session=True,
+                    protocol=paho.MQTTv311)
+    c.tls_set_context(ctx)
+    c.on_connect = lambda _c, _u, _f, code: rc.__setitem__(0, code)
+    error = ""
+    try:
+        c.connect(host, port, keepalive=10)
+        deadline = time.monotonic() + timeout
+        while rc[0] is None and time.monotonic() < deadline:
+            if c.loop(0.1) != paho.MQTT_ERR_SUCCESS:
+                error = "connection closed before CONNACK"
+                break
+        if rc[0] == 0:
+            c.disconnect()
+            c.loop(0.1)
+    except (OSError, ValueError, ssl.SSLError) as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            c.socket() and c.socket().close()
+        except Exception:
+            pass
+    return rc[0], error

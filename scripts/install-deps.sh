@@ -20,6 +20,9 @@ PACKAGES=(
     sqlite3 openssl procps iproute2 util-linux socat systemd
     mosquitto mosquitto-clients rabbitmq-server
     python3 python3-pytest python3-paho-mqtt python3-yaml python3-prometheus-client
+    # make fuzz (clang 14's libFuzzer and sanitizer runtimes are in libclang-rt-14-dev,
+    # only recommended by clang), llvm-symbolizer for sanitizer stacks, make valgrind
+    clang libclang-rt-14-dev llvm valgrind
 )
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }

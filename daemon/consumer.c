@@ -387,12 +387,6 @@ consumers_notify(struct consumers *cs)
 	server_foreach(cs->server, notify_one, NULL);
 }
 
-size_t
-consumers_connected(const struct consumers *cs)
-{
-	return server_connections(cs->server);
-}
-
 struct consumers *
 consumers_new(struct event_loop *loop, const struct config *cfg, struct store *store,
     const struct consumers_hooks *hooks, char *err, size_t errlen)

@@ -28,7 +28,6 @@ void consumers_free(struct consumers *cs);
 void consumers_set_config(struct consumers *cs, const struct config *cfg);
 /* New commands were committed: send them to whoever waits. */
 void consumers_notify(struct consumers *cs);
-size_t consumers_connected(const struct consumers *cs);
 /* The stats op's reply: the relay's numbers, connections, consumers with lag. */
 json_t *consumers_stats(struct consumers *cs);
 

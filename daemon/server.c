@@ -49,12 +49,6 @@ struct server {
 
 static void conn_io(int fd, short revents, void *arg);
 
-bool
-server_activated(const struct server *srv)
-{
-	return srv->activated;
-}
-
 void
 server_set_config(struct server *srv, const struct config *cfg)
 {

@@ -35,7 +35,6 @@ struct server *server_new(struct event_loop *loop, const struct config *cfg,
     const struct server_handler *handler, char *err, size_t errlen);
 void server_free(struct server *srv);
 void server_set_config(struct server *srv, const struct config *cfg);
-bool server_activated(const struct server *srv);
 size_t server_connections(const struct server *srv);
 void server_foreach(struct server *srv, void (*fn)(struct conn *c, void *state, void *arg), void *arg);
 

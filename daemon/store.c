@@ -156,7 +156,7 @@ store_errmsg(const struct store *st)
 	return st->err;
 }
 
-int
+static int
 store_schema_version(void)
 {
 	return migrations[nmigrations - 1].version;

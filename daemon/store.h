@@ -24,7 +24,6 @@ void store_free(struct store *st);
 /* True when store_new() found no file and began a new history. */
 bool store_created(const struct store *st);
 const char *store_errmsg(const struct store *st);
-int store_schema_version(void);
 
 int store_begin(struct store *st);
 int store_commit(struct store *st);

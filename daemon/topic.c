@@ -125,15 +125,6 @@ topic_pattern_new(const char *text, char *err, size_t errlen)
 	return p;
 }
 
-bool
-topic_pattern_has_field(const struct topic_pattern *pattern, const char *name)
-{
-	for (size_t i = 0; i < pattern->nsegments; i++)
-		if (pattern->segments[i].field && strcmp(pattern->segments[i].field, name) == 0)
-			return true;
-	return false;
-}
-
 void
 topic_fields_clear(struct topic_fields *fields)
 {

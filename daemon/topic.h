@@ -23,7 +23,6 @@ struct topic_fields {
 /* NULL with a reason in err when the pattern is malformed. */
 struct topic_pattern *topic_pattern_new(const char *text, char *err, size_t errlen);
 void topic_pattern_free(struct topic_pattern *pattern);
-bool topic_pattern_has_field(const struct topic_pattern *pattern, const char *name);
 
 /*
  * Fills out with the named segments of topic. Returns 1 when the topic fits

@@ -102,9 +102,9 @@ cmd_tail(struct ctl *ctl, int argc, char *argv[])
 		{ "json", no_argument, NULL, 'j' },
 		{ NULL, 0, NULL, 0 },
 	};
-	json_t *hello = json_pack("{s:s}", "op", "hello");
-	const char *name = NULL;
+	const char *name = NULL, *filter = NULL, *from = NULL;
 	bool json = false;
+	json_t *hello;
 	FILE *in;
 	int ch, fd;
 
@@ -116,20 +116,17 @@ cmd_tail(struct ctl *ctl, int argc, char *argv[])
 		switch (ch) {
 		case 'n':
 			name = optarg;
-			json_object_set_new(hello, "consumer", json_string(optarg));
 			break;
 		case 'f':
-			json_object_set_new(hello, "filter", json_string(optarg));
+			filter = optarg;
 			break;
 		case 'F':
 			errno = 0;
 			id = strtoll(optarg, &end, 10);
-			if (strcmp(optarg, "stored") == 0 || strcmp(optarg, "live") == 0)
-				json_object_set_new(hello, "from", json_string(optarg));
-			else if (errno == 0 && *end == '\0' && end != optarg && id >= 0)
-				json_object_set_new(hello, "from", json_integer(id));
-			else
+			if (strcmp(optarg, "stored") != 0 && strcmp(optarg, "live") != 0 &&
+			    (errno != 0 || *end != '\0' || end == optarg || id < 0))
 				ctl_die(EX_USAGE_STATUS, "--from: '%s' is not stored, live or a history id", optarg);
+			from = optarg;
 			break;
 		case 'j':
 			json = true;
@@ -141,6 +138,15 @@ cmd_tail(struct ctl *ctl, int argc, char *argv[])
 	if (optind != argc)
 		ctl_usage(EX_USAGE_STATUS);
 	in = open_daemon(ctl, &fd);
+	hello = json_pack("{s:s}", "op", "hello");
+	if (name)
+		json_object_set_new(hello, "consumer", json_string(name));
+	if (filter)
+		json_object_set_new(hello, "filter", json_string(filter));
+	if (from && (strcmp(from, "stored") == 0 || strcmp(from, "live") == 0))
+		json_object_set_new(hello, "from", json_string(from));
+	else if (from)
+		json_object_set_new(hello, "from", json_integer(strtoll(from, NULL, 10)));
 	send_json(fd, hello);
 	for (;;) {
 		json_t *msg = read_json(in);
@@ -247,8 +253,11 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 		{ "qos", required_argument, NULL, 'q' },
 		{ NULL, 0, NULL, 0 },
 	};
-	json_t *msg = json_pack("{s:s}", "op", "publish"), *reply;
-	const char *type;
+	json_t *msg, *reply, *topic, *payload;
+	const char *type, *encoding;
+	char why[512];
+	bool retain = false;
+	int qos = 1;
 	FILE *in;
 	int ch, fd;
 
@@ -256,12 +265,12 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (ch) {
 		case 'r':
-			json_object_set_new(msg, "retain", json_true());
+			retain = true;
 			break;
 		case 'q':
 			if (strcmp(optarg, "0") != 0 && strcmp(optarg, "1") != 0)
 				ctl_die(EX_USAGE_STATUS, "--qos: '%s' is not 0 or 1", optarg);
-			json_object_set_new(msg, "qos", json_integer(optarg[0] - '0'));
+			qos = optarg[0] - '0';
 			break;
 		default:
 			ctl_usage(EX_USAGE_STATUS);
@@ -269,25 +278,25 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	}
 	if (argc - optind != 2)
 		ctl_usage(EX_USAGE_STATUS);
-	json_object_set_new(msg, "topic", json_string(argv[optind]));
-	if (json_object_get(msg, "topic") == NULL)
+	if ((topic = json_string(argv[optind])) == NULL)
 		ctl_die(EX_USAGE_STATUS, "TOPIC must be UTF-8");
-	/* A payload that is not UTF-8 travels as base64. */
-	{
-		const char *encoding;
-		json_t *payload = wire_payload(argv[optind + 1], strlen(argv[optind + 1]), &encoding);
-		json_object_set_new(msg, "payload", payload);
-		json_object_set_new(msg, "encoding", json_string(encoding));
-	}
+	json_decref(topic);
 	in = open_daemon(ctl, &fd);
+	/* A payload that is not UTF-8 travels as base64. */
+	payload = wire_payload(argv[optind + 1], strlen(argv[optind + 1]), &encoding);
+	msg = json_pack("{s:s, s:s, s:o, s:s, s:i, s:b}", "op", "publish", "topic", argv[optind],
+	    "payload", payload, "encoding", encoding, "qos", qos, "retain", retain);
 	send_json(fd, msg);
 	reply = read_json(in);
 	type = json_string_value(json_object_get(reply, "type"));
 	if (type && strcmp(type, "queued") == 0) {
-		printf("queued as outbox #%" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(reply, "id")));
+		printf("queued as outbox #%" JSON_INTEGER_FORMAT "\n",
+		    json_integer_value(json_object_get(reply, "id")));
 		json_decref(reply);
 		return 0;
 	}
-	ctl_die(1, "cmdrelayd refused it: %s: %s", json_string_value(json_object_get(reply, "code")),
+	snprintf(why, sizeof(why), "%s: %s", json_string_value(json_object_get(reply, "code")),
 	    json_string_value(json_object_get(reply, "message")));
+	json_decref(reply);
+	ctl_die(1, "cmdrelayd refused it: %s", why);
 }

@@ -183,14 +183,14 @@ stats_from_history(struct ctl *ctl)
 {
 	sqlite3 *db = ctl_open_history(ctl);
 	sqlite3_stmt *s;
-	json_t *reply = json_pack("{s:s, s:s}", "type", "stats",
-	    "source", "history (cmdrelayd is not running)");
-	json_t *consumers = json_array();
+	json_t *reply, *consumers;
 
+	/* Objects are made only once nothing can exit any more: no leak at exit. */
 	if (sqlite3_prepare_v2(db, "SELECT count(*), coalesce(sum(status = 'accepted'), 0),"
 	    " coalesce(sum(reason = 'retained_replay'), 0), coalesce(sum(reason = 'redelivery'), 0)"
 	    " FROM messages", -1, &s, NULL) != SQLITE_OK || sqlite3_step(s) != SQLITE_ROW)
 		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	reply = json_pack("{s:s, s:s}", "type", "stats", "source", "history (cmdrelayd is not running)");
 	json_object_set_new(reply, "received", json_integer(sqlite3_column_int64(s, 0)));
 	json_object_set_new(reply, "accepted", json_integer(sqlite3_column_int64(s, 1)));
 	json_object_set_new(reply, "duplicates", json_pack("{s:I, s:I}",
@@ -198,8 +198,11 @@ stats_from_history(struct ctl *ctl)
 	    "redelivery", (json_int_t)sqlite3_column_int64(s, 3)));
 	sqlite3_finalize(s);
 	if (sqlite3_prepare_v2(db, "SELECT consumer, filter, acked_id, lag FROM consumer_lag ORDER BY consumer",
-	    -1, &s, NULL) != SQLITE_OK)
+	    -1, &s, NULL) != SQLITE_OK) {
+		json_decref(reply);
 		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	}
+	consumers = json_array();
 	while (sqlite3_step(s) == SQLITE_ROW)
 		json_array_append_new(consumers, json_pack("{s:s, s:s, s:I, s:I, s:b}",
 		    "name", (const char *)sqlite3_column_text(s, 0),

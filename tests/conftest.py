@@ -96,3 +96,15 @@ def broker(request):
     except BrokerStartError as e:
         pytest.fail(f"rabbitmq failed to start:\n{e}", pytrace=False)
     return r
+
+
+@pytest.fixture
+def cleanup():
+    """Callables run at teardown, last first; a failing one does not stop the rest."""
+    todo = []
+    yield todo.append
+    for fn in reversed(todo):
+        try:
+            fn()
+        except Exception:
+            pass

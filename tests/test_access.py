@@ -149,17 +149,6 @@ def sockdir():
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def cleanup():
-    todo = []
-    yield todo.append
-    for fn in reversed(todo):
-        try:
-            fn()
-        except Exception:
-            pass
-
-
 def run_as(path, user=None, gid=None, groups="clear", hello=None):
     """Runs CLIENT against the socket at path as `user` (a pwd struct; None
     = root, as we are) with real and effective gid `gid` (default: the

@@ -136,17 +136,6 @@ def openssl_conf(directory, min_protocol, max_protocol, seclevel=None):
 
 
 @pytest.fixture
-def cleanup():
-    todo = []
-    yield todo.append
-    for fn in reversed(todo):
-        try:
-            fn()
-        except Exception:
-            pass
-
-
-@pytest.fixture
 def tls_broker(tmp_path, pki, cleanup):
     """start(cert=pki.server, openssl_conf=None, persistence=False, **TLSMosquitto options)."""
     count = [0]

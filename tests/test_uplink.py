@@ -40,18 +40,6 @@ def sock_path(relay):
     return relay.workdir / "cmdrelay.sock"
 
 
-@pytest.fixture
-def cleanup():
-    """Callables run at teardown, last first."""
-    todo = []
-    yield todo.append
-    for fn in reversed(todo):
-        try:
-            fn()
-        except Exception:
-            pass
-
-
 def make_relay(tmp_path, broker, uid, cleanup, uplink=None, **overrides):
     up = {"allow": ALLOW}
     up.update(uplink or {})

@@ -31,7 +31,7 @@ export PYTEST_ADDOPTS ?= \
 endif
 
 B ?= build
-COMMON := log config topic event dedup store mqtt relay wire server request consumer retention metrics uplink
+COMMON := log config topic event dedup store store_dedup mqtt relay wire server request consumer retention metrics uplink
 COMMON_OBJS := $(COMMON:%=$(B)/%.o) $(B)/migrations.o
 MIGRATIONS := $(sort $(wildcard sql/[0-9][0-9][0-9]_*.sql))
 
@@ -57,21 +57,23 @@ $(B)/cmdrelayd: $(B)/cmdrelayd.o $(COMMON_OBJS)
 $(B)/cmdrelayctl: $(B)/cmdrelayctl.o $(B)/ctl_socket.o $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 
-$(B)/unit_tests: tests/unit/unit_tests.c $(COMMON_OBJS)
+UNIT_TESTS := unit_tests dedup_tests
+
+$(B)/%_tests: tests/unit/%_tests.c $(COMMON_OBJS)
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(shell pkg-config --cflags cmocka) -o $@ $^ \
 		$(PKG_LIBS) $(shell pkg-config --libs cmocka)
 
 deps:
 	scripts/install-deps.sh
 
-unit: $(B)/unit_tests
-	cd tests/unit && ../../$(B)/unit_tests
+unit: $(UNIT_TESTS:%=$(B)/%)
+	cd tests/unit && for t in $(UNIT_TESTS); do ../../$(B)/$$t || exit 1; done
 
 integration: all
 	$(PYTHON) -m pytest -v -p no:cacheprovider tests/
 
 check: deps
-	$(MAKE) all $(B)/unit_tests
+	$(MAKE) all $(UNIT_TESTS:%=$(B)/%)
 	$(MAKE) unit
 	$(MAKE) integration
 

@@ -53,6 +53,8 @@ static const struct config_key config_keys[] = {
 	{ "broker.keepalive", KEY_INT, 5, 65535, "60", CFG(broker.keepalive), false },
 	{ "broker.protocol", KEY_STRING, 1, 16, "mqttv311", CFG(broker.protocol), false },
 	{ "broker.session_expiry", KEY_DURATION, 1000, 4294967295LL * 1000, "7d", CFG(broker.session_expiry_ms), false },
+	{ "broker.packet_ids", KEY_STRING, 1, 16, "renumbered", CFG(broker.packet_ids), false },
+	{ "broker.barrier_topic", KEY_STRING, 1, 1024, "$cmdrelay/barrier", CFG(broker.barrier_topic), false },
 	{ "broker.username", KEY_STRING, 1, 256, NULL, CFG(broker.username), false },
 	{ "broker.password_file", KEY_STRING, 1, PATH_MAX, NULL, CFG(broker.password_file), false },
 	{ "broker.tls", KEY_SECTION, 0, 0, NULL, 0, false },
@@ -576,6 +578,13 @@ validate(struct parser *p, yaml_node_t *root)
 	if (strcmp(cfg->broker.protocol, "mqttv311") != 0 && strcmp(cfg->broker.protocol, "mqttv5") != 0)
 		return fail_at(p, key_node(p, root, "broker.protocol"),
 		    "broker.protocol: '%s' is not mqttv311 or mqttv5", cfg->broker.protocol);
+	if (strcmp(cfg->broker.packet_ids, "kept") != 0 && strcmp(cfg->broker.packet_ids, "renumbered") != 0)
+		return fail_at(p, key_node(p, root, "broker.packet_ids"),
+		    "broker.packet_ids: '%s' is not kept or renumbered", cfg->broker.packet_ids);
+	if (mosquitto_pub_topic_check(cfg->broker.barrier_topic) != MOSQ_ERR_SUCCESS)
+		return fail_at(p, key_node(p, root, "broker.barrier_topic"),
+		    "broker.barrier_topic: '%s' is not a topic name without wildcards",
+		    cfg->broker.barrier_topic);
 	if (cfg->broker.reconnect_min_ms > cfg->broker.reconnect_max_ms)
 		return fail_at(p, key_node(p, root, "broker.reconnect.min_delay"),
 		    "broker.reconnect: min_delay is longer than max_delay");

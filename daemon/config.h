@@ -36,6 +36,8 @@ struct config {
 		int64_t keepalive;
 		char *protocol;			/* "mqttv311" or "mqttv5" */
 		int64_t session_expiry_ms;	/* MQTT 5 only */
+		char *packet_ids;		/* "kept" or "renumbered" on redelivery */
+		char *barrier_topic;		/* subscribed and unsubscribed as a barrier */
 		char *username;
 		char *password_file;
 		char *password;		/* loaded from the credential or password_file */

@@ -28,6 +28,8 @@ struct metric {
 static const struct metric metrics_table[] = {
 	{ "cmdrelay_received_total", "counter", "Deliveries received from the broker.", "received", NULL },
 	{ "cmdrelay_accepted_total", "counter", "Deliveries accepted as new commands.", "accepted", NULL },
+	{ "cmdrelay_possible_repeats_total", "counter", "Accepted deliveries flagged possible_repeat.",
+	  "possible_repeats", NULL },
 	{ "cmdrelay_commit_failures_total", "counter", "History commits that failed.", "commit_failures", NULL },
 	{ "cmdrelay_broker_connected", "gauge", "1 while the broker connection is up.", "broker", "connected" },
 	{ "cmdrelay_database_bytes", "gauge", "Size of the history and its WAL.", "database_bytes", NULL },

@@ -16,21 +16,15 @@
 #include "log.h"
 
 /*
- * libmosquitto 2.0 hands on_message the msg member of its private
- * struct mosquitto_message_all (lib/mosquitto_internal.h), which keeps the
- * DUP flag just before it; the public API offers no other way to read DUP.
- * mqtt_library_check() refuses any other major.minor.
+ * The DUP flag of an incoming PUBLISH is in no public API of libmosquitto.
+ * Its read path logs every PUBLISH, on our thread, right before on_message:
+ * "Client <id> received PUBLISH (d<dup>, q<qos>, r<retain>, m<mid>, '<topic>', ..."
+ * (lib/handle_publish.c, the same in 2.0.11 and 2.1.2). on_log keeps the
+ * fields and on_message takes them when qos, retain and mid agree. A PUBLISH
+ * without its line (another libmosquitto) is taken as DUP=1 and the
+ * packet-id proof is given up (mqtt_dup_readable()): flagged, never dropped.
  */
-struct mosquitto20_message_all {
-	void *next;
-	void *prev;
-	void *properties;
-	time_t timestamp;
-	int state;
-	bool dup;
-	struct mosquitto_message msg;
-	uint32_t expiry_interval;
-};
+#define PUBLISH_LOG_FORMAT " received PUBLISH (d%d, q%d, r%d, m%d, "
 
 #define STABLE_CONNECTION_MS 10000
 
@@ -57,6 +51,14 @@ struct mqtt {
 	size_t batch_messages;
 	bool batch_failed;
 	bool dropping;		/* closing unacknowledged: ignore what is still read */
+	char publish_log_prefix[300];	/* "Client <client_id>" */
+	struct {
+		bool valid;
+		int dup, qos, retain, mid;
+	} logged;		/* the fields of the last PUBLISH libmosquitto logged */
+	bool dup_unreadable;	/* a PUBLISH came without its log line */
+	int barrier_mid;	/* the barrier request in flight; 0: none */
+	bool barrier_subscribed;	/* on this connection: the next barrier unsubscribes */
 	const char *abort_reason;	/* drop the connection when the read pass ends */
 	char last_error[256];
 	char lib_error[256];	/* libmosquitto's last error or warning message */
@@ -67,13 +69,20 @@ mqtt_library_check(char *err, size_t errlen)
 {
 	int major, minor, revision;
 
+	/* 2.0 and 2.1 share the soname, the callbacks and the PUBLISH log line. */
 	mosquitto_lib_version(&major, &minor, &revision);
-	if (major != 2 || minor != 0) {
-		snprintf(err, errlen, "libmosquitto %d.%d.%d is not supported: reading the DUP flag "
-		    "needs libmosquitto 2.0.x", major, minor, revision);
+	if (major != 2 || minor > 1) {
+		snprintf(err, errlen, "libmosquitto %d.%d.%d is not supported: cmdrelayd needs "
+		    "libmosquitto 2.0 or 2.1", major, minor, revision);
 		return -1;
 	}
 	return 0;
+}
+
+bool
+mqtt_dup_readable(const struct mqtt *m)
+{
+	return !m->dup_unreadable;
 }
 
 static void __attribute__((format(printf, 2, 3)))
@@ -148,6 +157,8 @@ on_connect(struct mosquitto *mosq, void *arg, int rc, int flags)
 	}
 	m->state = MQTT_CONNECTED;
 	m->connected_at_ms = event_now_ms();
+	m->barrier_mid = 0;
+	m->barrier_subscribed = false;
 	m->last_error[0] = '\0';
 	log_info("connected to %s:%d as %s (session present: %s)", m->cfg->broker.host,
 	    (int)m->cfg->broker.port, m->cfg->broker.client_id, (flags & 1) ? "yes" : "no");
@@ -209,19 +220,34 @@ on_disconnect(struct mosquitto *mosq, void *arg, int rc)
 	m->h.disconnected(m->h.arg, m->last_error);
 }
 
+/* DUP as libmosquitto logged it just before calling on_message. */
+static bool
+publish_dup(struct mqtt *m, const struct mosquitto_message *msg)
+{
+	bool fits = m->logged.valid && m->logged.qos == msg->qos &&
+	    m->logged.retain == (int)msg->retain && m->logged.mid == msg->mid;
+
+	m->logged.valid = false;
+	if (fits)
+		return m->logged.dup != 0;
+	if (!m->dup_unreadable)
+		log_errx("libmosquitto did not log a PUBLISH it delivered: the DUP flag is unknown; "
+		    "every repeat is now accepted and flagged possible_repeat");
+	m->dup_unreadable = true;
+	return true;
+}
+
 static void
 on_message(struct mosquitto *mosq, void *arg, const struct mosquitto_message *msg)
 {
 	struct mqtt *m = arg;
-	const struct mosquitto20_message_all *all = (const void *)((const char *)msg -
-	    offsetof(struct mosquitto20_message_all, msg));
 	struct delivery d = {
 		.topic = msg->topic,
 		.payload = msg->payload,
 		.payloadlen = (size_t)msg->payloadlen,
 		.qos = msg->qos,
 		.retain = msg->retain,
-		.dup = all->dup,
+		.dup = publish_dup(m, msg),
 		.mid = msg->qos > 0 ? msg->mid : 0,
 		.received_at_ms = (int64_t)event_wall_ms(),
 	};
@@ -234,12 +260,25 @@ on_message(struct mosquitto *mosq, void *arg, const struct mosquitto_message *ms
 		m->batch_failed = true;
 }
 
+/* True for the answer to the barrier in flight, which is then done. */
+static bool
+barrier_answered(struct mqtt *m, int mid)
+{
+	if (m->barrier_mid == 0 || mid != m->barrier_mid)
+		return false;
+	m->barrier_mid = 0;
+	m->h.barrier(m->h.arg);
+	return true;
+}
+
 static void
 on_subscribe(struct mosquitto *mosq, void *arg, int mid, int count, const int *granted)
 {
 	struct mqtt *m = arg;
 
 	(void)mosq;
+	if (barrier_answered(m, mid))
+		return;
 	m->h.subscribed(m->h.arg, mid, count > 0 && granted[0] >= 0 && granted[0] <= 2);
 }
 
@@ -249,6 +288,8 @@ on_unsubscribe(struct mosquitto *mosq, void *arg, int mid)
 	struct mqtt *m = arg;
 
 	(void)mosq;
+	if (barrier_answered(m, mid))
+		return;
 	m->h.unsubscribed(m->h.arg, mid);
 }
 
@@ -359,6 +400,15 @@ on_log(struct mosquitto *mosq, void *arg, int level, const char *text)
 	struct mqtt *m = arg;
 
 	(void)mosq;
+	if (level == MOSQ_LOG_DEBUG) {
+		size_t n = strlen(m->publish_log_prefix);
+		/* Other lines (the PUBACK it queues) come between; they change nothing. */
+		if (strncmp(text, m->publish_log_prefix, n) == 0 &&
+		    sscanf(text + n, PUBLISH_LOG_FORMAT, &m->logged.dup, &m->logged.qos,
+		    &m->logged.retain, &m->logged.mid) == 4)
+			m->logged.valid = true;
+		return;
+	}
 	if (level & (MOSQ_LOG_ERR | MOSQ_LOG_WARNING)) {
 		snprintf(m->lib_error, sizeof(m->lib_error), "%s", text);
 		log_debug("libmosquitto: %s", text);
@@ -488,6 +538,7 @@ mqtt_new(struct event_loop *loop, const struct config *cfg, const struct mqtt_ha
 	event_timer_init(&m->reconnect_timer, on_reconnect_timer, m);
 	event_timer_init(&m->misc_timer, on_misc_timer, m);
 	m->v5 = strcmp(cfg->broker.protocol, "mqttv5") == 0;
+	snprintf(m->publish_log_prefix, sizeof(m->publish_log_prefix), "Client %s", cfg->broker.client_id);
 	/* clean_session = false: the broker keeps our queue while we are away. */
 	if ((m->mosq = mosquitto_new(cfg->broker.client_id, false, m)) == NULL) {
 		snprintf(err, errlen, "mosquitto_new: %s", strerror(errno));
@@ -525,9 +576,9 @@ mqtt_set_config(struct mqtt *m, const struct config *cfg)
 bool
 mqtt_same_broker(const struct config *a, const struct config *b)
 {
-	const char *const sa[] = { a->broker.host, a->broker.client_id, a->broker.username,
+	const char *const sa[] = { a->broker.host, a->broker.client_id, a->broker.barrier_topic, a->broker.username,
 		a->broker.password, a->broker.tls_ca_file, a->broker.tls_cert_file, a->broker.tls_key_file };
-	const char *const sb[] = { b->broker.host, b->broker.client_id, b->broker.username,
+	const char *const sb[] = { b->broker.host, b->broker.client_id, b->broker.barrier_topic, b->broker.username,
 		b->broker.password, b->broker.tls_ca_file, b->broker.tls_cert_file, b->broker.tls_key_file };
 
 	for (size_t i = 0; i < sizeof(sa) / sizeof(sa[0]); i++)
@@ -582,6 +633,34 @@ mqtt_subscribe(struct mqtt *m, const char *filter, int qos, int *mid)
 	if (rc != MOSQ_ERR_SUCCESS)
 		log_warnx("SUBSCRIBE %s: %s", filter, mosquitto_strerror(rc));
 	return rc == MOSQ_ERR_SUCCESS ? 0 : -1;
+}
+
+/*
+ * SUBSCRIBE and UNSUBSCRIBE of barrier_topic in turn, QoS 0. Both brokers
+ * handle a connection's packets in order: Mosquitto each at once, RabbitMQ
+ * 3.10 by turning a PUBACK into a basic.ack cast to the channel and a
+ * (UN)SUBSCRIBE into a bind or unbind call through the same channel, which
+ * answers only after the casts before it. An UNSUBSCRIBE of a filter this
+ * connection did not subscribe is answered at once by RabbitMQ, without the
+ * channel: hence the pair. Nobody publishes there, so nothing arrives.
+ */
+int
+mqtt_barrier(struct mqtt *m)
+{
+	const char *topic = m->cfg->broker.barrier_topic;
+	int rc, mid;
+
+	if (m->state != MQTT_CONNECTED || m->barrier_mid)
+		return -1;
+	rc = m->barrier_subscribed ? mosquitto_unsubscribe(m->mosq, &mid, topic) :
+	    mosquitto_subscribe(m->mosq, &mid, topic, 0);
+	if (rc != MOSQ_ERR_SUCCESS) {
+		log_warnx("barrier on %s: %s", topic, mosquitto_strerror(rc));
+		return -1;
+	}
+	m->barrier_subscribed = !m->barrier_subscribed;
+	m->barrier_mid = mid;
+	return 0;
 }
 
 int

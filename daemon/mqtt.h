@@ -32,6 +32,11 @@ struct mqtt_handler {
 	void (*abort)(void *arg);
 	void (*subscribed)(void *arg, int mid, bool granted);
 	void (*unsubscribed)(void *arg, int mid);
+	/*
+	 * The broker answered mqtt_barrier(): it has received every packet,
+	 * PUBACKs included, that we sent on this connection before it.
+	 */
+	void (*barrier)(void *arg);
 	/* A publication of ours is done: PUBACK (QoS 1) or written (QoS 0). */
 	void (*published)(void *arg, int mid);
 	void *arg;
@@ -39,6 +44,8 @@ struct mqtt_handler {
 
 /* Checks that the running libmosquitto is one whose DUP flag we can read. */
 int mqtt_library_check(char *err, size_t errlen);
+/* False once a PUBLISH came whose DUP flag libmosquitto did not tell. */
+bool mqtt_dup_readable(const struct mqtt *m);
 
 struct mqtt *mqtt_new(struct event_loop *loop, const struct config *cfg,
     const struct mqtt_handler *handler, char *err, size_t errlen);
@@ -60,6 +67,8 @@ const char *mqtt_last_error(const struct mqtt *m);
 void mqtt_abort(struct mqtt *m, const char *why);
 int mqtt_subscribe(struct mqtt *m, const char *filter, int qos, int *mid);
 int mqtt_unsubscribe(struct mqtt *m, const char *filter, int *mid);
+/* Asks the broker for a barrier; -1 when not connected or one is in flight. */
+int mqtt_barrier(struct mqtt *m);
 enum mqtt_publish_result {
 	MQTT_PUBLISH_OK,
 	MQTT_PUBLISH_LATER,	/* not now (no connection, no memory) */

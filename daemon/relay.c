@@ -37,6 +37,13 @@ struct relay {
 	bool in_txn;
 	struct relay_counters total, staged;
 	uint64_t last_commit_us;
+	int64_t staged_row, committed_row;	/* the newest row in, and after, the transaction */
+	int64_t barrier_row;	/* the newest row whose PUBACK the barrier in flight covers */
+	int64_t answered_row;	/* the newest row the last answered barrier covered */
+	int64_t confirmed_row;	/* answered, not yet written; 0: nothing to write */
+	int64_t confirmed_connection;	/* the connection that sent those PUBACKs */
+	int64_t connection;	/* the current connection's number in the history */
+	struct event_timer confirm_timer;
 	struct pending_sub pending[PENDING_MAX];
 	size_t npending;
 	void (*status_fn)(void *arg);
@@ -95,11 +102,21 @@ relay_stats(const struct relay *r, json_t *obj)
 	    "host", r->cfg->broker.host, "port", (int)r->cfg->broker.port,
 	    "client_id", r->cfg->broker.client_id, "connected", mqtt_is_connected(r->mqtt),
 	    "last_error", mqtt_last_error(r->mqtt)));
+	json_t *dups = json_object();
+	uint64_t accepted = 0;
+
+	for (int i = 0; i < DEDUP_NREASONS; i++) {
+		if (dedup_reasons[i].accepted)
+			accepted += r->total.by_reason[i];
+		else
+			json_object_set_new(dups, dedup_reasons[i].stats_name,
+			    json_integer((json_int_t)r->total.by_reason[i]));
+	}
 	json_object_set_new(obj, "received", json_integer((json_int_t)r->total.received));
-	json_object_set_new(obj, "accepted", json_integer((json_int_t)r->total.accepted));
-	json_object_set_new(obj, "duplicates", json_pack("{s:I, s:I}",
-	    "retained_replay", (json_int_t)r->total.retained_replays,
-	    "redelivery", (json_int_t)r->total.redeliveries));
+	json_object_set_new(obj, "accepted", json_integer((json_int_t)accepted));
+	json_object_set_new(obj, "possible_repeats",
+	    json_integer((json_int_t)r->total.by_reason[DEDUP_POSSIBLE_REPEAT]));
+	json_object_set_new(obj, "duplicates", dups);
 	json_object_set_new(obj, "commit_failures", json_integer((json_int_t)r->total.commit_failures));
 	json_object_set_new(obj, "last_commit_seconds", json_real((double)r->last_commit_us / 1e6));
 	json_object_set_new(obj, "database_bytes", json_integer((json_int_t)file_bytes(r->cfg->store.path)));
@@ -122,8 +139,10 @@ relay_status(const struct relay *r, char *buf, size_t len)
 	if (n > 0 && (size_t)n < len)
 		snprintf(buf + n, len - (size_t)n,
 		    "; %" PRIu64 " received, %" PRIu64 " accepted, %" PRIu64 " retained replays, %"
-		    PRIu64 " redeliveries", r->total.received, r->total.accepted,
-		    r->total.retained_replays, r->total.redeliveries);
+		    PRIu64 " redeliveries, %" PRIu64 " possible repeats", r->total.received,
+		    r->total.by_reason[DEDUP_NEW] + r->total.by_reason[DEDUP_POSSIBLE_REPEAT],
+		    r->total.by_reason[DEDUP_RETAINED_REPLAY], r->total.by_reason[DEDUP_REDELIVERY],
+		    r->total.by_reason[DEDUP_POSSIBLE_REPEAT]);
 }
 
 static void
@@ -221,16 +240,43 @@ sync_subscriptions(struct relay *r, bool session_present)
 	report_if_settled(r);
 }
 
+/*
+ * The messages an earlier connection may have left unacknowledged, as
+ * candidates for this connection's redeliveries (dedup.h).
+ * dedup.redelivery_window bounds how old one may be: the rule needs no
+ * window, but a clock that jumps ahead only makes it accept more.
+ */
+static int
+relay_load_candidates(struct relay *r)
+{
+	struct dedup_candidate *cand;
+	size_t n;
+	bool ids_kept = strcmp(r->cfg->broker.packet_ids, "kept") == 0 && mqtt_dup_readable(r->mqtt);
+
+	if (store_unacked_load(r->store, (int64_t)event_wall_ms() - r->cfg->redelivery_window_ms,
+	    &cand, &n) == -1)
+		return -1;
+	if (dedup_connection_start(&r->dedup, ids_kept, cand, n) == -1) {
+		log_errx("out of memory");
+		return -1;
+	}
+	if (n)
+		log_info("%zu messages of earlier connections may come again (packet ids %s)", n,
+		    ids_kept ? "kept" : "renumbered");
+	return 0;
+}
+
 static void
 on_connected(void *arg, bool session_present)
 {
 	struct relay *r = arg;
 
-	dedup_connection_start(&r->dedup);
+	r->barrier_row = 0;
 	/* Without its own number, redeliveries on it could not be matched. */
-	if (store_connection_start(r->store) == -1) {
+	if ((r->connection = store_connection_start(r->store)) == -1 ||
+	    relay_load_candidates(r) == -1) {
 		log_errx("history: %s", store_errmsg(r->store));
-		mqtt_abort(r->mqtt, "could not number the connection in the history; dropped it");
+		mqtt_abort(r->mqtt, "could not read the history's unacknowledged messages; dropped it");
 		return;
 	}
 	sync_subscriptions(r, session_present);
@@ -279,39 +325,65 @@ on_unsubscribed(void *arg, int mid)
 	report_if_settled(r);
 }
 
+/* The barrier's news goes into the history with the next transaction. */
+static int
+relay_write_confirmed(struct relay *r)
+{
+	if (r->confirmed_row == 0)
+		return 0;
+	if (store_unacked_confirm(r->store, r->confirmed_connection, r->confirmed_row) == -1)
+		return -1;
+	r->confirmed_row = 0;
+	event_timer_disarm(r->loop, &r->confirm_timer);
+	return 0;
+}
+
+static int
+relay_record(struct relay *r, const struct delivery *d, const struct dedup_verdict *v)
+{
+	struct topic_fields fields = { 0 };
+	int64_t row;
+	int rc;
+
+	if (topic_fields_extract(r->pattern, d->topic, &fields) == -1) {
+		log_errx("out of memory");
+		return -1;
+	}
+	rc = store_insert(r->store, d, v, &fields, &row);
+	topic_fields_clear(&fields);
+	if (rc == -1)
+		return -1;
+	r->staged_row = row;
+	if (d->qos > 0 && store_unacked_add(r->store, row, v, d->mid) == -1)
+		return -1;
+	if (v->run_ended && store_unacked_retire(r->store) == -1)
+		return -1;
+	return 0;
+}
+
 static int
 on_message(void *arg, const struct delivery *d)
 {
 	struct relay *r = arg;
-	struct topic_fields fields = { 0 };
 	struct dedup_verdict v;
-	int rc;
 
 	if (!r->in_txn) {
 		if (store_begin(r->store) == -1)
 			goto fail;
 		r->in_txn = true;
 		r->staged = (struct relay_counters){ 0 };
+		if (relay_write_confirmed(r) == -1)
+			goto fail;
 	}
-	if (dedup_decide(&r->dedup, store_dedup_source(r->store), d, &v) == -1)
-		goto fail;
-	if (topic_fields_extract(r->pattern, d->topic, &fields) == -1) {
-		log_errx("out of memory");
-		return -1;
-	}
-	rc = store_insert(r->store, d, &v, &fields, NULL);
-	topic_fields_clear(&fields);
-	if (rc == -1)
+	if (!mqtt_dup_readable(r->mqtt))
+		r->dedup.ids_kept = false;
+	if (dedup_decide(&r->dedup, store_dedup_source(r->store), d, &v) == -1 ||
+	    relay_record(r, d, &v) == -1)
 		goto fail;
 	r->staged.received++;
-	if (v.reason == DEDUP_NEW)
-		r->staged.accepted++;
-	else if (v.reason == DEDUP_RETAINED_REPLAY)
-		r->staged.retained_replays++;
-	else
-		r->staged.redeliveries++;
+	r->staged.by_reason[v.reason]++;
 	if (v.reason != DEDUP_NEW)
-		log_debug("%s: %s of #%" PRId64, d->topic, dedup_reason_name(v.reason), v.duplicate_of);
+		log_debug("%s: %s of #%" PRId64, d->topic, dedup_reasons[v.reason].name, v.duplicate_of);
 	return 0;
 fail:
 	log_errx("history: %s", store_errmsg(r->store));
@@ -327,6 +399,52 @@ on_abort(void *arg)
 	r->in_txn = false;
 	r->total.commit_failures++;
 	status_changed(r);
+}
+
+/*
+ * After a commit, its PUBACKs are queued: a barrier behind them tells when
+ * the broker has them, so that those rows stop being candidates. At most one
+ * in flight; a commit during it is covered by the next.
+ */
+static void
+relay_barrier(struct relay *r)
+{
+	if (r->barrier_row || r->committed_row == 0 || mqtt_barrier(r->mqtt) == -1)
+		return;
+	r->barrier_row = r->committed_row;
+}
+
+static void
+on_confirm_timer(void *arg)
+{
+	struct relay *r = arg;
+
+	if (r->in_txn || r->confirmed_row == 0)
+		return;
+	if (store_begin(r->store) == -1 || relay_write_confirmed(r) == -1 ||
+	    store_commit(r->store) == -1) {
+		log_warnx("history: %s", store_errmsg(r->store));
+		store_rollback(r->store);
+	}
+}
+
+/*
+ * Quiet after a barrier: write what it confirmed soon, so that a crash
+ * then leaves no candidates that would be flagged for nothing.
+ */
+#define CONFIRM_IDLE_MS 200
+
+static void
+on_barrier(void *arg)
+{
+	struct relay *r = arg;
+
+	r->answered_row = r->confirmed_row = r->barrier_row;
+	r->confirmed_connection = r->connection;
+	r->barrier_row = 0;
+	event_timer_arm(r->loop, &r->confirm_timer, CONFIRM_IDLE_MS);
+	if (r->committed_row > r->answered_row)
+		relay_barrier(r);
 }
 
 static int
@@ -346,9 +464,13 @@ on_commit(void *arg)
 	}
 	r->last_commit_us = event_now_us() - t0;
 	r->total.received += r->staged.received;
-	r->total.accepted += r->staged.accepted;
-	r->total.retained_replays += r->staged.retained_replays;
-	r->total.redeliveries += r->staged.redeliveries;
+	for (int i = 0; i < DEDUP_NREASONS; i++)
+		r->total.by_reason[i] += r->staged.by_reason[i];
+	r->committed_row = r->staged_row;
+	/* Not fatal: without the mark a crash only leaves more to flag. */
+	if (store_puback_mark(r->store, r->connection, r->committed_row) == -1)
+		log_warnx("history: %s", store_errmsg(r->store));
+	relay_barrier(r);
 	status_changed(r);
 	if (r->commit_fn)
 		r->commit_fn(r->commit_arg);
@@ -375,6 +497,7 @@ handler(struct relay *r)
 		.subscribed = on_subscribed,
 		.unsubscribed = on_unsubscribed,
 		.published = on_published,
+		.barrier = on_barrier,
 	};
 
 	h.arg = r;
@@ -385,7 +508,6 @@ static void
 set_config(struct relay *r, const struct config *cfg)
 {
 	r->cfg = cfg;
-	r->dedup.window_ms = cfg->redelivery_window_ms;
 	snprintf(r->session_key, sizeof(r->session_key), "%s@%s:%d", cfg->broker.client_id,
 	    cfg->broker.host, (int)cfg->broker.port);
 }
@@ -433,6 +555,7 @@ relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t e
 		return NULL;
 	}
 	r->loop = loop;
+	event_timer_init(&r->confirm_timer, on_confirm_timer, r);
 	set_config(r, cfg);
 	if ((r->pattern = topic_pattern_new(cfg->topic_fields, err, errlen)) == NULL ||
 	    (r->store = store_new(cfg->store.path, err, errlen)) == NULL ||
@@ -453,6 +576,8 @@ relay_free(struct relay *r)
 	if (r == NULL)
 		return;
 	pending_clear(r);
+	event_timer_disarm(r->loop, &r->confirm_timer);
+	dedup_state_clear(&r->dedup);
 	mqtt_free(r->mqtt);
 	uplink_free(r->uplink);
 	store_free(r->store);

@@ -12,6 +12,7 @@
 #include <jansson.h>
 
 #include "config.h"
+#include "dedup.h"
 #include "event.h"
 #include "store.h"
 
@@ -19,9 +20,7 @@ struct relay;
 
 struct relay_counters {
 	uint64_t received;
-	uint64_t accepted;
-	uint64_t retained_replays;
-	uint64_t redeliveries;
+	uint64_t by_reason[DEDUP_NREASONS];	/* dedup_reasons[] */
 	uint64_t commit_failures;
 };
 

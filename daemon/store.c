@@ -13,14 +13,13 @@
 
 #include "event.h"
 #include "migrations.h"
+#include "store_internal.h"
 
 enum stmt_id {
 	STMT_BEGIN,
 	STMT_COMMIT,
 	STMT_ROLLBACK,
 	STMT_INSERT,
-	STMT_LATEST_SAME,
-	STMT_EARLIER_SAME,
 	STMT_CONNECTION_NEXT,
 	STMT_SUB_SET,
 	STMT_SUB_DEL,
@@ -56,13 +55,6 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    "INSERT INTO messages (received_at, topic, payload, payload_hash, qos, retain, dup,"
 	    " mid, connection, status, reason, duplicate_of, device, fields)"
 	    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-	[STMT_LATEST_SAME] =
-	    "SELECT id FROM messages WHERE status = 'accepted' AND topic = ?1"
-	    " AND payload_hash = ?2 AND payload = ?3 ORDER BY id DESC LIMIT 1",
-	[STMT_EARLIER_SAME] =
-	    "SELECT id FROM messages WHERE status = 'accepted' AND topic = ?1"
-	    " AND payload_hash = ?2 AND payload = ?3 AND connection < ?4"
-	    " AND received_at >= ?5 AND id > ?6 ORDER BY mid = ?7 DESC, id LIMIT 1",
 	[STMT_CONNECTION_NEXT] =
 	    "INSERT INTO meta (key, value) VALUES ('connection', '1')"
 	    " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
@@ -89,11 +81,13 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	 * sort every row of the topic at each fetch (measured: 66 % of a drain).
 	 */
 	[STMT_FETCH_FILTERED] =
-	    "SELECT id, received_at, topic, payload, qos, retain, fields FROM messages"
+	    "SELECT id, received_at, topic, payload, qos, retain, fields,"
+	    " CASE reason WHEN 'possible_repeat' THEN duplicate_of END FROM messages"
 	    " WHERE id > ?1 AND +status = 'accepted'"
 	    " AND +topic IN (SELECT topic FROM filter_topics WHERE filter = ?2) ORDER BY id LIMIT ?3",
 	[STMT_FETCH_ALL] =
-	    "SELECT id, received_at, topic, payload, qos, retain, fields FROM messages"
+	    "SELECT id, received_at, topic, payload, qos, retain, fields,"
+	    " CASE reason WHEN 'possible_repeat' THEN duplicate_of END FROM messages"
 	    " WHERE id > ?1 AND status = 'accepted' ORDER BY id LIMIT ?3",
 	[STMT_MAX_ID] = "SELECT coalesce(max(id), 0) FROM messages",
 	[STMT_TOPIC_LAST] = "UPDATE topics SET last_accepted = ?2 WHERE topic = ?1",
@@ -132,11 +126,29 @@ struct store {
 	sqlite3_stmt *stmt[STMT_COUNT];
 	int64_t connection;
 	bool created;		/* the file did not exist: a new, empty history */
-	struct dedup_source dedup;
+	struct store_dedup *dedup;	/* store_dedup.c */
 	char err[STORE_ERR_MAX];
 };
 
-static int __attribute__((format(printf, 2, 3)))
+sqlite3 *
+store_db(struct store *st)
+{
+	return st->db;
+}
+
+int64_t
+store_connection(const struct store *st)
+{
+	return st->connection;
+}
+
+struct store_dedup *
+store_dedup_of(struct store *st)
+{
+	return st->dedup;
+}
+
+int
 store_fail(struct store *st, const char *fmt, ...)
 {
 	char what[STORE_ERR_MAX / 2];
@@ -162,31 +174,15 @@ store_schema_version(void)
 	return migrations[nmigrations - 1].version;
 }
 
-static uint64_t
-payload_hash(const void *data, size_t len)
-{
-	const unsigned char *p = data;
-	uint64_t h = 0xcbf29ce484222325ULL;
-
-	for (size_t i = 0; i < len; i++) {
-		h ^= p[i];
-		h *= 0x100000001b3ULL;
-	}
-	return h;
-}
-
-/* libmosquitto hands an empty payload as NULL; SQL must see an empty BLOB. */
-static void
-bind_payload(sqlite3_stmt *s, int col, const struct delivery *d)
+void
+store_bind_payload(sqlite3_stmt *s, int col, const struct delivery *d)
 {
 	sqlite3_bind_blob(s, col, d->payloadlen ? d->payload : "", (int)d->payloadlen, SQLITE_STATIC);
 }
 
-/* Runs a statement that returns nothing or one integer; resets it. */
-static int
-step_int(struct store *st, enum stmt_id id, int64_t *out)
+int
+store_step(struct store *st, sqlite3_stmt *s, int64_t *out)
 {
-	sqlite3_stmt *s = st->stmt[id];
 	int rc = sqlite3_step(s);
 
 	if (rc == SQLITE_ROW) {
@@ -199,8 +195,14 @@ step_int(struct store *st, enum stmt_id id, int64_t *out)
 	sqlite3_reset(s);
 	sqlite3_clear_bindings(s);
 	if (rc != SQLITE_DONE)
-		return store_fail(st, "%s", stmt_sql[id]);
+		return store_fail(st, "%s", sqlite3_sql(s));
 	return 0;
+}
+
+static int
+step_int(struct store *st, enum stmt_id id, int64_t *out)
+{
+	return store_step(st, st->stmt[id], out);
 }
 
 static int
@@ -244,37 +246,6 @@ fail:
 	store_fail(st, "schema migration");
 	sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
 	return -1;
-}
-
-static int64_t
-dedup_latest_same(void *ctx, const struct delivery *d)
-{
-	struct store *st = ctx;
-	sqlite3_stmt *s = st->stmt[STMT_LATEST_SAME];
-	int64_t id;
-
-	sqlite3_bind_text(s, 1, d->topic, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(s, 2, (int64_t)payload_hash(d->payload, d->payloadlen));
-	bind_payload(s, 3, d);
-	return step_int(st, STMT_LATEST_SAME, &id) == 0 ? id : -1;
-}
-
-static int64_t
-dedup_earlier_connection_same(void *ctx, const struct delivery *d, int64_t since_ms,
-    int64_t after_id)
-{
-	struct store *st = ctx;
-	sqlite3_stmt *s = st->stmt[STMT_EARLIER_SAME];
-	int64_t id;
-
-	sqlite3_bind_text(s, 1, d->topic, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(s, 2, (int64_t)payload_hash(d->payload, d->payloadlen));
-	bind_payload(s, 3, d);
-	sqlite3_bind_int64(s, 4, st->connection);
-	sqlite3_bind_int64(s, 5, since_ms);
-	sqlite3_bind_int64(s, 6, after_id);
-	sqlite3_bind_int(s, 7, d->mid);
-	return step_int(st, STMT_EARLIER_SAME, &id) == 0 ? id : -1;
 }
 
 /*
@@ -351,11 +322,8 @@ store_new(const char *path, char *err, size_t errlen)
 			goto fail;
 		}
 	}
-	st->dedup = (struct dedup_source){
-		.latest_same = dedup_latest_same,
-		.earlier_connection_same = dedup_earlier_connection_same,
-		.ctx = st,
-	};
+	if ((st->dedup = store_dedup_new(st)) == NULL)
+		goto fail;
 	return st;
 fail:
 	snprintf(err, errlen, "%s: %s", path, st->err);
@@ -370,6 +338,7 @@ store_free(struct store *st)
 		return;
 	for (int i = 0; i < STMT_COUNT; i++)
 		sqlite3_finalize(st->stmt[i]);
+	store_dedup_free(st->dedup);
 	sqlite3_close(st->db);
 	free(st);
 }
@@ -402,12 +371,6 @@ store_connection_start(struct store *st)
 		return -1;
 	st->connection = next;
 	return next;
-}
-
-const struct dedup_source *
-store_dedup_source(struct store *st)
-{
-	return &st->dedup;
 }
 
 static int
@@ -565,6 +528,7 @@ store_fetch(struct store *st, const char *filter, int64_t after_id, int limit,
 			.qos = sqlite3_column_int(s, 4),
 			.retain = sqlite3_column_int(s, 5),
 			.fields_json = (const char *)sqlite3_column_text(s, 6),
+			.possible_repeat_of = sqlite3_column_int64(s, 7),
 		};
 		n++;
 		if (fn(&c, arg) == -1)
@@ -597,7 +561,7 @@ store_insert(struct store *st, const struct delivery *d, const struct dedup_verd
     const struct topic_fields *fields, int64_t *id)
 {
 	sqlite3_stmt *s = st->stmt[STMT_INSERT];
-	const char *reason = dedup_reason_name(v->reason);
+	const struct dedup_reason_info *info = &dedup_reasons[v->reason];
 	char *json = NULL;
 	int64_t row;
 	int rc;
@@ -606,16 +570,16 @@ store_insert(struct store *st, const struct delivery *d, const struct dedup_verd
 		return store_fail(st, "topic fields of %s", d->topic);
 	sqlite3_bind_int64(s, 1, d->received_at_ms);
 	sqlite3_bind_text(s, 2, d->topic, -1, SQLITE_STATIC);
-	bind_payload(s, 3, d);
-	sqlite3_bind_int64(s, 4, (int64_t)payload_hash(d->payload, d->payloadlen));
+	store_bind_payload(s, 3, d);
+	sqlite3_bind_int64(s, 4, (int64_t)dedup_hash(d->payload, d->payloadlen));
 	sqlite3_bind_int(s, 5, d->qos);
 	sqlite3_bind_int(s, 6, d->retain);
 	sqlite3_bind_int(s, 7, d->dup);
 	sqlite3_bind_int(s, 8, d->mid);
 	sqlite3_bind_int64(s, 9, st->connection);
-	sqlite3_bind_text(s, 10, reason ? "duplicate" : "accepted", -1, SQLITE_STATIC);
-	if (reason) {
-		sqlite3_bind_text(s, 11, reason, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 10, info->accepted ? "accepted" : "duplicate", -1, SQLITE_STATIC);
+	if (info->name) {
+		sqlite3_bind_text(s, 11, info->name, -1, SQLITE_STATIC);
 		sqlite3_bind_int64(s, 12, v->duplicate_of);
 	}
 	sqlite3_bind_text(s, 13, topic_fields_get(fields, "device"), -1, SQLITE_STATIC);
@@ -629,7 +593,7 @@ store_insert(struct store *st, const struct delivery *d, const struct dedup_verd
 		*id = row;
 	if (register_topic(st, d->topic) == -1)
 		return -1;
-	if (reason)
+	if (!info->accepted)
 		return 0;
 	sqlite3_bind_text(st->stmt[STMT_TOPIC_LAST], 1, d->topic, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(st->stmt[STMT_TOPIC_LAST], 2, row);

@@ -33,6 +33,21 @@ void store_rollback(struct store *st);
 int64_t store_connection_start(struct store *st);
 const struct dedup_source *store_dedup_source(struct store *st);
 
+/*
+ * The messages earlier connections left without a confirmed PUBACK,
+ * recorded since since_ms, oldest first (store_dedup.c); *out is malloc'ed.
+ */
+int store_unacked_load(struct store *st, int64_t since_ms, struct dedup_candidate **out,
+    size_t *n);
+/* row, delivered now with packet id mid, waits for the broker to have its PUBACK. */
+int store_unacked_add(struct store *st, int64_t row, const struct dedup_verdict *v, int mid);
+/* The broker has every PUBACK that connection sent for rows up to row. */
+int store_unacked_confirm(struct store *st, int64_t connection, int64_t row);
+/* The PUBACKs of rows up to row of connection may leave now (store_dedup.c). */
+int store_puback_mark(struct store *st, int64_t connection, int64_t row);
+/* The redeliveries are over: what earlier connections left and did not come again is acknowledged. */
+int store_unacked_retire(struct store *st);
+
 /* Where a named consumer starts: after its last ack, after the newest row, or after an id. */
 struct store_start {
 	enum { STORE_FROM_STORED, STORE_FROM_LIVE, STORE_FROM_ID } from;
@@ -49,6 +64,7 @@ struct stored_command {
 	int qos;
 	bool retain;
 	const char *fields_json;	/* NULL when the topic did not fit topic_fields */
+	int64_t possible_repeat_of;	/* the row it may repeat (dedup.h); 0: none */
 };
 
 /* Returns -1 to stop the fetch early. */

@@ -44,7 +44,7 @@ wire_command(const struct stored_command *c)
 	const char *encoding;
 	char when[40];
 	json_t *fields = c->fields_json ? json_loads(c->fields_json, 0, NULL) : json_object();
-	json_t *payload = wire_payload(c->payload, c->payloadlen, &encoding);
+	json_t *payload = wire_payload(c->payload, c->payloadlen, &encoding), *cmd;
 
 	wire_time(c->received_at_ms, when, sizeof(when));
 	if (fields == NULL || payload == NULL) {
@@ -52,10 +52,13 @@ wire_command(const struct stored_command *c)
 		json_decref(payload);
 		return NULL;
 	}
-	return json_pack("{s:s, s:I, s:s, s:o, s:o, s:s, s:i, s:b, s:s}",
+	cmd = json_pack("{s:s, s:I, s:s, s:o, s:o, s:s, s:i, s:b, s:s}",
 	    "type", "command", "id", (json_int_t)c->id, "topic", c->topic, "fields", fields,
 	    "payload", payload, "encoding", encoding, "qos", c->qos, "retained", c->retain,
 	    "received_at", when);
+	if (cmd && c->possible_repeat_of)
+		json_object_set_new(cmd, "possible_repeat_of", json_integer((json_int_t)c->possible_repeat_of));
+	return cmd;
 }
 
 char *

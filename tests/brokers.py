@@ -324,6 +324,9 @@ class Mosquitto:
     """A private mosquitto on 127.0.0.1:<free port>; restart() keeps the port."""
 
     name = "mosquitto"
+    # Mosquitto redelivers with the original packet id (asserted in
+    # test_broker_facts.py): the relay's broker.packet_ids for it.
+    packet_ids = "kept"
 
     def __init__(self, workdir: Union[str, Path], port: Optional[int] = None, verbose: bool = False,
                  autosave_interval: Optional[int] = None):
@@ -507,6 +510,8 @@ class RabbitMQ:
     ``run`` to it while it exists; close() copies the logs into workdir and
     removes the run dir.
     """
+
+    packet_ids = "renumbered"   # RabbitMQ 3.x numbers each delivery anew
 
     name = "rabbitmq"
 

@@ -77,6 +77,7 @@ class Relay:
                 "port": self.broker.port,
                 "client_id": self.client_id,
                 "keepalive": 10,
+                "packet_ids": getattr(self.broker, "packet_ids", "renumbered"),
                 "reconnect": {"min_delay": "100ms", "max_delay": "2s"},
             },
             "subscriptions": [{"topic": t, "qos": 1} for t in topics],

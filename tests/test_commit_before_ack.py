@@ -76,6 +76,8 @@ class PeerConnection:
         self.connect_info = None          # dict from the CONNECT packet
         self.subscribes = []              # [(filter, requested qos)] in order
         self.unsubscribes = []
+        self.barriers = []                # the relay's barrier requests, in order
+        self.answer_barriers = True       # False: as if the PUBACKs before them were lost
         self.pings = 0
         self.got_disconnect = False
         self.closed_at = None             # monotonic time of EOF / reset
@@ -221,6 +223,10 @@ class PeerConnection:
                 topic, pos = _take_str(body, pos)
                 qos = body[pos]
                 pos += 1
+                if self._barrier(topic, "SUBSCRIBE"):
+                    if self.answer_barriers:
+                        self._send(_packet(SUBACK, 0, struct.pack("!H", mid) + b"\x00"))
+                    return
                 with self.cond:
                     self.subscribes.append((topic.decode(), qos))
                 granted.append(1)
@@ -230,6 +236,10 @@ class PeerConnection:
             pos = 2
             while pos < len(body):
                 topic, pos = _take_str(body, pos)
+                if self._barrier(topic, "UNSUBSCRIBE"):
+                    if self.answer_barriers:
+                        self._send(_packet(UNSUBACK, 0, struct.pack("!H", mid)))
+                    return
                 with self.cond:
                     self.unsubscribes.append(topic.decode())
             self._send(_packet(UNSUBACK, 0, struct.pack("!H", mid)))
@@ -244,6 +254,16 @@ class PeerConnection:
                 self.cond.notify_all()
         else:
             self._error(f"unexpected packet type {ptype} from the relay")
+
+    def _barrier(self, topic, what):
+        """True for the relay's barrier (broker.barrier_topic), recorded apart
+        from the configured filters."""
+        if topic.decode() != BARRIER_TOPIC:
+            return False
+        with self.cond:
+            self.barriers.append(what)
+            self.cond.notify_all()
+        return True
 
     def _on_connect(self, flags, body):
         name, pos = _take_str(body, 0)
@@ -291,11 +311,17 @@ class PeerConnection:
             self.cond.notify_all()
 
 
+BARRIER_TOPIC = "$cmdrelay/barrier"     # broker.barrier_topic's default
+
+
 class FakeBroker:
     """A scripted MQTT 3.1.1 'broker' on 127.0.0.1 with a free port. Accepts
     connections in a thread; every connection gets a PeerConnection. The
     first connection's CONNACK says session present = 0, later ones 1 (the
-    broker kept the durable session)."""
+    broker kept the durable session). Like Mosquitto it redelivers with the
+    original packet ids."""
+
+    packet_ids = "kept"
 
     def __init__(self, db_path):
         self.host = "127.0.0.1"
@@ -566,6 +592,7 @@ def test_redelivery_after_lost_puback(setup):
     packet ids after the reconnect, followed by 2 new messages."""
     broker, relay, conn = setup
     first = [(mid, p) for mid, p in zip(range(1, 11), payloads("rd", 10))]
+    conn.answer_barriers = False    # it never got the PUBACKs it will lose
     conn.send_burst(first)
     conn.wait_pubacks(10)
     assert_checks_passed(conn, dict(first))

@@ -6,6 +6,8 @@ If one of these fails after a broker upgrade, the daemon's duplicate
 detection must be revisited before anything else.
 """
 
+import time
+
 import pytest
 
 from brokers import RawMQTTClient, Subscriber, clear_retained, drop_session, publish
@@ -236,3 +238,58 @@ def test_g_durable_session_survives_clean_broker_restart(broker, names, uid):
     finally:
         probe.disconnect()
         clear_retained(broker, other)
+
+
+BARRIER_TOPIC = "$cmdrelay/barrier"    # broker.barrier_topic's default
+
+
+def test_h_barrier_answer_means_pubacks_arrived(broker, names):
+    """(h) The barrier the relay's dedup rule stands on (README, "How repeats
+    are recognised"): once a SUBSCRIBE or UNSUBSCRIBE of the barrier topic
+    sent after some PUBACKs is answered, the broker has those PUBACKs, so a
+    crash right then (TCP reset with unread deliveries) never brings them
+    again. On RabbitMQ the answer must come through the channel that got the
+    acks: only a (UN)SUBSCRIBE of a filter this connection subscribed does.
+    Many rounds, both requests."""
+    topic = names["topic"]
+    rounds, burst, unread = 12, 8, 2
+    seq = 0
+    for rnd in range(rounds):
+        c = RawMQTTClient.for_broker(broker, names["sub"], clean_session=False, timeout=10)
+        present = c.connect()
+        assert present is (rnd > 0)
+        if rnd == 0:
+            c.subscribe(topic, qos=1)
+        # what the last round left unread comes again first: PUBACK it
+        for m in c.recv_all(quiet=0.3):
+            assert m.dup and m.payload.startswith(b"unread-"), fmt([m])
+            c.puback(m.mid)
+        confirmed = []
+        for _ in range(burst):
+            publish(broker, topic, f"confirmed-{seq}")
+            seq += 1
+        for _ in range(burst):
+            m = c.recv_publish(timeout=10)
+            assert m is not None and not m.dup
+            confirmed.append(m.payload)
+            c.puback(m.mid)
+        c.subscribe(BARRIER_TOPIC, qos=0)           # answered: the PUBACKs are in
+        if rnd % 2:
+            c.unsubscribe(BARRIER_TOPIC)            # the relay's other barrier
+        for i in range(unread):
+            publish(broker, topic, f"unread-{rnd}-{i}")
+        time.sleep(0.1)                             # delivered, not read
+        c.abort()
+
+        c2 = RawMQTTClient.for_broker(broker, names["sub"], clean_session=False, timeout=10)
+        try:
+            assert c2.connect() is True
+            again = c2.recv_all(quiet=0.5)
+            assert [m.payload for m in again] == [f"unread-{rnd}-{i}".encode() for i in range(unread)], \
+                f"round {rnd}: {fmt(again)} (confirmed: {confirmed})"
+            assert all(m.dup for m in again)
+            for m in again:
+                c2.puback(m.mid)
+            c2.subscribe(BARRIER_TOPIC, qos=0)
+        finally:
+            c2.disconnect()

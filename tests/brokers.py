@@ -1168,6 +1168,28 @@ def publish_many(broker: Broker, topic: str, payloads: Iterable[Payload], qos: i
         c.disconnect()
 
 
+class StreamPublisher(threading.Thread):
+    """Publishes payloads to topic in chunks of `chunk` (QoS 1, each chunk
+    confirmed by the broker), pausing `pause` seconds between chunks; what
+    went wrong is in .errors. Started at once."""
+
+    def __init__(self, broker: Broker, topic: str, payloads: Sequence[Payload], chunk: int,
+                 pause: float):
+        super().__init__(daemon=True)
+        self.broker, self.topic, self.payloads = broker, topic, payloads
+        self.chunk, self.pause = chunk, pause
+        self.errors: List[Exception] = []
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for start in range(0, len(self.payloads), self.chunk):
+                publish_many(self.broker, self.topic, self.payloads[start:start + self.chunk], qos=1)
+                time.sleep(self.pause)
+        except Exception as e:          # reported by the test's thread
+            self.errors.append(e)
+
+
 def clear_retained(broker: Broker, topic: str) -> None:
     """Delete the topic's retained message (empty retained publish)."""
     publish(broker, topic, b"", qos=1, retain=True)

@@ -70,12 +70,13 @@ SPEC = {
     # phase 2, the PUBACK of b_dim lost: Mosquitto sends it again with DUP=1 (2026-11-03)
     "b_dim": (TB, b"dim", "accepted", None, None, 0, 0),
     "b_dim_redelivery": (TB, b"dim", "duplicate", "redelivery", "b_dim", 0, 1),
-    # phase 3a, session lost, c_standby retained while no session: the SUBSCRIBE replays (today)
-    "b_off_replay1": (TB, b"off", "duplicate", "retained_replay", "b_off", 1, 0),
+    # phase 3a, session lost, c_standby retained while no session: the SUBSCRIBE replays (today).
+    # TB moved on to "dim" after "off": the "off" replay may be a repeat, so it is flagged.
+    "b_off_replay1": (TB, b"off", "accepted", "possible_repeat", "b_off", 1, 0),
     "a_fw_replay1": (TAO, b'{"fw":"1.2"}', "duplicate", "retained_replay", "a_fw", 1, 0),
     "c_standby": (TC, b"standby", "accepted", None, None, 1, 0),
     # phase 3b, session lost again
-    "b_off_replay2": (TB, b"off", "duplicate", "retained_replay", "b_off", 1, 0),
+    "b_off_replay2": (TB, b"off", "duplicate", "retained_replay", "b_off_replay1", 1, 0),
     "a_fw_replay2": (TAO, b'{"fw":"1.2"}', "duplicate", "retained_replay", "a_fw", 1, 0),
     "c_standby_replay": (TC, b"standby", "duplicate", "retained_replay", "c_standby", 1, 0),
     # phase 4, session kept: a_off queued while down, b_on online
@@ -131,6 +132,8 @@ class PubackCutter:
     relay's next PUBACK and cuts both connections: the broker never learns
     that the relay has the message and redelivers it with DUP=1 when the
     relay reconnects (session present): a real `redelivery` duplicate."""
+
+    packet_ids = "kept"     # it stands in for Mosquitto
 
     def __init__(self, host, port):
         self.target = (host, port)

@@ -10,10 +10,9 @@ flagged possible_repeat, and on Mosquitto (packet ids kept) there are none.
 import os
 import random
 import signal
-import threading
 import time
 
-from brokers import publish, publish_many
+from brokers import StreamPublisher, publish
 from consumer_client import ConsumerClient
 from relay import Relay
 
@@ -87,26 +86,15 @@ def test_chaos_repeating_payloads(broker, tmp_path, uid):
     rng = random.Random(f"chaos-{broker.name}")
     sequence = [rng.choice(PAYLOADS) for _ in range(COMMANDS)]
     relay.start()
-    errors = []
-
-    def publisher():
-        try:
-            for start in range(0, COMMANDS, 50):
-                publish_many(broker, topic, sequence[start:start + 50], qos=1)
-                time.sleep(0.04)
-        except Exception as e:          # reported by the main thread
-            errors.append(e)
-
-    thread = threading.Thread(target=publisher)
-    thread.start()
+    publisher = StreamPublisher(broker, topic, sequence, chunk=50, pause=0.04)
     kills = 0
-    while thread.is_alive() or kills < KILLS:
+    while publisher.is_alive() or kills < KILLS:
         time.sleep(rng.uniform(0.1, 0.4))
         crash(relay, stopped_for=0.3 if kills % 2 else 0.0)
         kills += 1
         relay.start(wait_subscribed=False)
-    thread.join(120)
-    assert not errors, errors
+    publisher.join(120)
+    assert not publisher.errors, publisher.errors
 
     relay.wait_count(COMMANDS, "status = 'accepted' AND reason IS NULL", timeout=120)
     time.sleep(1.0)

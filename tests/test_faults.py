@@ -337,15 +337,25 @@ def check_history(rows, items, confirmed, maybe, allowed_reasons=("redelivery",)
     """rows: (id, topic, payload, status, reason, duplicate_of) in id order.
     Every confirmed command accepted exactly once, a "maybe" one at most
     once, nothing else accepted; per topic in publish order; every duplicate
-    row points at the accepted row with its topic and payload."""
+    row points at the accepted row with its topic and payload. An accepted
+    row flagged possible_repeat (README, "How repeats are recognised") is
+    the one repeat allowed: it must point at an earlier accepted row with its
+    topic and payload, and is counted apart."""
     index = {(t, p if isinstance(p, bytes) else p.encode()): i for i, (t, p) in enumerate(items)}
     problems = []
     accepted_by_index = collections.Counter()
     accepted_rows = {}
     last_on_topic = {}
     dup_reasons = collections.Counter()
+    flagged = 0
     for rid, topic, payload, status, reason, dup_of in rows:
         payload = bytes(payload)
+        if reason == "possible_repeat":
+            flagged += 1
+            if accepted_rows.get(dup_of) != (topic, payload):
+                problems.append(f"#{rid}: possible_repeat_of #{dup_of} is not an accepted row of "
+                                f"{topic} {payload[:40]!r}")
+            continue
         if status == "accepted":
             accepted_rows[rid] = (topic, payload)
             i = index.get((topic, payload))
@@ -376,6 +386,7 @@ def check_history(rows, items, confirmed, maybe, allowed_reasons=("redelivery",)
         "maybe": len(maybe),
         "maybe_arrived": sum(1 for i in maybe if accepted_by_index[i]),
         "duplicate_rows": dict(dup_reasons),
+        "possible_repeat": flagged,
     }
     return figures, problems
 
@@ -1087,6 +1098,7 @@ def test_redelivery_after_a_failed_connection_start(broker, tmp_path, uid, runs)
 
     class Via:
         name, host, port = broker.name, proxy.host, proxy.port
+        packet_ids = broker.packet_ids
 
     run = FaultRun(tmp_path, Via, uid, consumers=())
     runs(run)

@@ -4,12 +4,11 @@ Every test runs against Mosquitto 2.0 and RabbitMQ 3.10 with the MQTT plugin,
 both started on loopback by the fixtures in conftest.py.
 """
 import random
-import threading
 import time
 
 import pytest
 
-from brokers import RawMQTTClient, drop_session, publish, publish_many
+from brokers import RawMQTTClient, StreamPublisher, drop_session, publish
 from relay import Relay
 
 
@@ -119,31 +118,17 @@ def test_crash_kill9_during_stream(broker, tmp_path, uid):
     relay = make_relay(tmp_path, broker, uid)
     relay.start()
     payloads = [f"cmd-{i:05d}".encode() for i in range(COMMANDS)]
-    published = threading.Event()
-    errors = []
-
-    def publisher():
-        try:
-            for start in range(0, COMMANDS, 500):
-                publish_many(broker, topic, payloads[start:start + 500], qos=1)
-                time.sleep(0.02)
-        except Exception as e:          # reported by the main thread
-            errors.append(e)
-        finally:
-            published.set()
-
     rng = random.Random(uid)
-    thread = threading.Thread(target=publisher)
-    thread.start()
+    publisher = StreamPublisher(broker, topic, payloads, chunk=500, pause=0.02)
     kills = 0
     while kills < KILLS:
         time.sleep(rng.uniform(0.1, 0.6))
         relay.kill()
         kills += 1
         relay.start(wait_subscribed=False)
-    thread.join(300)
-    assert not errors, errors
-    assert published.is_set()
+    publisher.join(300)
+    assert not publisher.errors, publisher.errors
+    assert not publisher.is_alive()
 
     relay.wait_count(COMMANDS, "status = 'accepted'", timeout=120)
     time.sleep(1.0)

@@ -180,7 +180,9 @@ dedup_decide(struct dedup_state *state, const struct dedup_source *src,
 	int rc;
 
 	*out = (struct dedup_verdict){ .reason = DEDUP_NEW };
-	if (d->dup && !state->run_over && (rc = dedup_match_redelivery(state, src, d, out)) != 0)
+	/* No candidates loaded (the connection could not start): nothing of ours. */
+	if (d->dup && !state->run_over && state->alive &&
+	    (rc = dedup_match_redelivery(state, src, d, out)) != 0)
 		return rc < 0 ? -1 : 0;
 	/*
 	 * A broker sends its redeliveries before anything new; a retained

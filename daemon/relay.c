@@ -272,6 +272,7 @@ on_connected(void *arg, bool session_present)
 	struct relay *r = arg;
 
 	r->barrier_row = 0;
+	dedup_state_clear(&r->dedup);
 	/* Without its own number, redeliveries on it could not be matched. */
 	if ((r->connection = store_connection_start(r->store)) == -1 ||
 	    relay_load_candidates(r) == -1) {

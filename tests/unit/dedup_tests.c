@@ -287,6 +287,21 @@ TEST(test_dedup_lookup_errors)
 	}
 }
 
+/* A connection whose start failed loaded no candidates: DUP=1 is new (it crashed once). */
+TEST(test_dedup_without_candidates)
+{
+	static const struct dedup_case c = { "none", true, { ROW(T_SET, "on", 11) }, { { 0 } }, { { 0 } } };
+	const struct fake_step step = REDELIVERED(T_SET, "on", 12, DEDUP_NEW, 0);
+	struct fake_history h = { &c, -1 };
+	struct dedup_source src = { fake_same_content, fake_topic_newest, fake_latest_same, &h };
+	struct dedup_state st = { 0 };
+	struct delivery d = step_delivery(&step);
+	struct dedup_verdict v;
+
+	assert_int_equal(dedup_decide(&st, &src, &d, &v), 0);
+	assert_int_equal(v.reason, DEDUP_NEW);
+}
+
 TEST(test_dedup_reason_table)
 {
 	assert_null(dedup_reasons[DEDUP_NEW].name);
@@ -386,6 +401,7 @@ main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_dedup_cases),
 		cmocka_unit_test(test_dedup_lookup_errors),
+		cmocka_unit_test(test_dedup_without_candidates),
 		cmocka_unit_test(test_dedup_reason_table),
 		cmocka_unit_test(test_store_unacked_lifecycle),
 	};

@@ -1,11 +1,14 @@
 #include "store.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -283,6 +286,30 @@ store_created(const struct store *st)
 	return st->created;
 }
 
+/* Owner writes, the admins' group reads (cmdrelayctl history), others nothing. */
+#define STORE_FILE_MODE 0640
+
+/*
+ * SQLite would create the file 0644 less the umask, so any local user could
+ * read the commands past the socket's mode and socket.allow. Made here
+ * 0640 exactly; SQLite gives -wal and -shm the mode of the database file.
+ */
+static int
+store_create_file(struct store *st, const char *path)
+{
+	int fd;
+
+	if ((fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, STORE_FILE_MODE)) == -1 ||
+	    fchmod(fd, STORE_FILE_MODE) == -1) {
+		snprintf(st->err, sizeof(st->err), "cannot create: %s", strerror(errno));
+		if (fd != -1)
+			close(fd);
+		return -1;
+	}
+	close(fd);
+	return 0;
+}
+
 struct store *
 store_new(const char *path, char *err, size_t errlen)
 {
@@ -301,6 +328,8 @@ store_new(const char *path, char *err, size_t errlen)
 		return NULL;
 	}
 	st->created = access(path, F_OK) == -1;
+	if (st->created && store_create_file(st, path) == -1)
+		goto fail;
 	if (sqlite3_open_v2(path, &st->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
 	    SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
 		store_fail(st, "cannot open");

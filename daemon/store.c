@@ -470,8 +470,17 @@ store_consumer_open(struct store *st, const char *name, const char *filter,
 	if (step_int(st, STMT_CONSUMER_GET, &acked) == -1 || register_filter(st, filter) == -1)
 		goto fail;
 	switch (start->from) {
-	case STORE_FROM_STORED:
-		break;		/* a new consumer starts at 0: the oldest row kept */
+	case STORE_FROM_STORED: {
+		/* a new consumer starts at 0: the oldest row kept; a cursor
+		 * stored beyond the newest row (before hello refused that)
+		 * comes back to it, or new commands would pass it unseen */
+		int64_t newest;
+		if (step_int(st, STMT_MAX_ID, &newest) == -1)
+			goto fail;
+		if (acked > newest)
+			acked = newest;
+		break;
+	}
 	case STORE_FROM_LIVE:
 		if (step_int(st, STMT_MAX_ID, &acked) == -1)
 			goto fail;

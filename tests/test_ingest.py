@@ -3,7 +3,11 @@
 Every test runs against Mosquitto 2.0 and RabbitMQ 3.10 with the MQTT plugin,
 both started on loopback by the fixtures in conftest.py.
 """
+import queue
 import random
+import signal
+import socket
+import threading
 import time
 
 import pytest
@@ -188,3 +192,125 @@ def test_subscriptions_follow_config(broker, tmp_path, uid):
     assert b"a2" not in [bytes(r["payload"]) for r in relay.rows()]
     assert relay.query("SELECT filter FROM session_subscriptions") == [(topic_b,)]
     relay.stop()
+
+
+class DelayingProxy:
+    """A TCP proxy to a broker that holds every byte from the broker for
+    `delay` seconds (in order): SUBACK and UNSUBACK arrive a round trip late."""
+
+    def __init__(self, broker, delay):
+        self.broker, self.delay = broker, delay
+        self.host = "127.0.0.1"
+        self.listener = socket.create_server((self.host, 0))
+        self.port = self.listener.getsockname()[1]
+        self.closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closing:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((self.broker.host, self.broker.port))
+            later = queue.Queue()
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, later), daemon=True).start()
+            threading.Thread(target=self._deliver, args=(later, client), daemon=True).start()
+
+    def _pump(self, src, dst, later):
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if later is not None:
+                later.put((time.monotonic() + self.delay, data))
+            elif data:
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    data = b""
+            if not data:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+
+    def _deliver(self, later, dst):
+        while True:
+            due, data = later.get()
+            time.sleep(max(0.0, due - time.monotonic()))
+            try:
+                if not data:
+                    dst.shutdown(socket.SHUT_RDWR)
+                    return
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.closing = True
+        self.listener.close()
+
+
+def test_two_reloads_within_one_round_trip(mosquitto, tmp_path, uid):
+    """G8 with the broker's answers 300 ms late: a filter removed and put back
+    (or added and removed) by two SIGHUPs 50 ms apart ends as the last config
+    says, at the broker and in session_subscriptions, also after a restart.
+    The relay used to drop the requests in flight at the second reload and
+    their late answers with them: B stayed unsubscribed while the table
+    listed it (remove-add), or subscribed while the table did not (add-remove).
+    Mosquitto only: the race is the relay's."""
+    topic_a = seed_topic(uid)
+    topic_b = f"/cf/v1/AAA/012C/{uid}-b/set"
+    proxy = DelayingProxy(mosquitto, 0.3)
+    relay = make_relay(tmp_path, proxy, uid, [topic_a, topic_b])
+
+    def reload(topics):
+        done = relay.log(since_start=True).count("reloaded ")
+        relay.write_config(topics)
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_for(lambda: relay.log(since_start=True).count("reloaded ") > done, 10, "reload")
+
+    def table():
+        return sorted(f for (f,) in relay.query("SELECT filter FROM session_subscriptions"))
+
+    def settled(topics):
+        time.sleep(1.5)                     # five delayed round trips
+        assert table() == sorted(topics), relay.log()[-3000:]
+
+    def recorded(topic, payload):
+        publish(mosquitto, topic, payload, qos=1)
+        publish(mosquitto, topic_a, payload + b"-a", qos=1)       # a marker behind it
+        relay.wait_count(1, f"payload = X'{(payload + b'-a').hex()}'")
+        return relay.count(f"payload = X'{payload.hex()}'") == 1
+
+    try:
+        relay.start()
+        # remove B, put it back
+        reload([topic_a])
+        time.sleep(0.05)
+        reload([topic_a, topic_b])
+        settled([topic_a, topic_b])
+        assert recorded(topic_b, b"b1"), "B is not subscribed at the broker"
+        relay.restart()
+        assert table() == sorted([topic_a, topic_b])
+        assert recorded(topic_b, b"b2"), "B is not subscribed after a restart"
+
+        # add C, remove it again
+        topic_c = f"/cf/v1/AAA/012C/{uid}-c/set"
+        reload([topic_a, topic_b, topic_c])
+        time.sleep(0.05)
+        reload([topic_a, topic_b])
+        settled([topic_a, topic_b])
+        assert not recorded(topic_c, b"c1"), "C is still subscribed at the broker"
+        relay.restart()
+        assert not recorded(topic_c, b"c2"), "C is subscribed after a restart"
+        relay.stop()
+    finally:
+        if relay.running():
+            relay.kill()
+        proxy.close()

@@ -19,6 +19,8 @@ from relay import Relay
 
 SHIM = Path(__file__).resolve().parent / "clockshift.c"
 DAY_MS = 86_400_000
+# "reboot" twice, a step apart: two publications, both new (G3), whatever the clock did
+PAYLOADS = [f"cmd-{i}" for i in range(4)] + ["reboot"] + [f"cmd-{i}" for i in range(5, 9)] + ["reboot"]
 
 
 @pytest.fixture
@@ -35,7 +37,8 @@ def test_clock_steps_age_nothing(mosquitto, tmp_path, uid, shim, monkeypatch):
     clock steps to now (2026): none is deleted (the old relay deleted 4 of 5
     within 3 s). It steps back to 1970, five more arrive, it steps forward
     again, the relay restarts: still none deleted, and lamp gets all ten in
-    order, each once, all of them accepted."""
+    order, each once, all of them accepted (also the second "reboot": the
+    steps do not make dedup take it for a repeat)."""
     topic = f"/cf/v1/AAA/012C/{uid}/set"
     shift = tmp_path / "clockshift"
     to_1970 = 2 * DAY_MS - int(time.time() * 1000)          # 1970-01-03
@@ -47,8 +50,8 @@ def test_clock_steps_age_nothing(mosquitto, tmp_path, uid, shim, monkeypatch):
                          "retention": {"max_age": "1h", "max_rows": 10000}})
     try:
         relay.start()
-        for i in range(5):
-            publish(mosquitto, topic, f"cmd-{i}".encode())
+        for p in PAYLOADS[:5]:
+            publish(mosquitto, topic, p.encode())
         relay.wait_count(5)
         received = [r["received_at"] for r in relay.rows()]
         assert all(t < 3 * DAY_MS for t in received), f"the shim did not shift the clock: {received}"
@@ -58,8 +61,8 @@ def test_clock_steps_age_nothing(mosquitto, tmp_path, uid, shim, monkeypatch):
         assert relay.count() == 5, f"a forward step deleted rows:\n{relay.log()[-2000:]}"
 
         shift.write_text(f"{to_1970}\n")                       # and back
-        for i in range(5, 10):
-            publish(mosquitto, topic, f"cmd-{i}".encode())
+        for p in PAYLOADS[5:]:
+            publish(mosquitto, topic, p.encode())
         relay.wait_count(10)
         time.sleep(2)
         assert relay.count() == 10
@@ -72,7 +75,7 @@ def test_clock_steps_age_nothing(mosquitto, tmp_path, uid, shim, monkeypatch):
         lamp = ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock"))
         lamp.hello(consumer="lamp", filter=topic)
         got = lamp.collect(count=10, timeout=10)
-        assert [c["payload"] for c in got] == [f"cmd-{i}" for i in range(10)]
+        assert [c["payload"] for c in got] == PAYLOADS
         lamp.close()
         assert [r["status"] for r in relay.rows()] == ["accepted"] * 10
         relay.stop()

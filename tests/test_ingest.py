@@ -3,16 +3,13 @@
 Every test runs against Mosquitto 2.0 and RabbitMQ 3.10 with the MQTT plugin,
 both started on loopback by the fixtures in conftest.py.
 """
-import queue
 import random
 import signal
-import socket
-import threading
 import time
 
 import pytest
 
-from brokers import RawMQTTClient, StreamPublisher, drop_session, publish
+from brokers import Proxy, RawMQTTClient, StreamPublisher, drop_session, publish
 from relay import Relay
 
 
@@ -194,68 +191,6 @@ def test_subscriptions_follow_config(broker, tmp_path, uid):
     relay.stop()
 
 
-class DelayingProxy:
-    """A TCP proxy to a broker that holds every byte from the broker for
-    `delay` seconds (in order): SUBACK and UNSUBACK arrive a round trip late."""
-
-    def __init__(self, broker, delay):
-        self.broker, self.delay = broker, delay
-        self.host = "127.0.0.1"
-        self.listener = socket.create_server((self.host, 0))
-        self.port = self.listener.getsockname()[1]
-        self.closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.closing:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((self.broker.host, self.broker.port))
-            later = queue.Queue()
-            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, later), daemon=True).start()
-            threading.Thread(target=self._deliver, args=(later, client), daemon=True).start()
-
-    def _pump(self, src, dst, later):
-        while True:
-            try:
-                data = src.recv(65536)
-            except OSError:
-                data = b""
-            if later is not None:
-                later.put((time.monotonic() + self.delay, data))
-            elif data:
-                try:
-                    dst.sendall(data)
-                except OSError:
-                    data = b""
-            if not data:
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                return
-
-    def _deliver(self, later, dst):
-        while True:
-            due, data = later.get()
-            time.sleep(max(0.0, due - time.monotonic()))
-            try:
-                if not data:
-                    dst.shutdown(socket.SHUT_RDWR)
-                    return
-                dst.sendall(data)
-            except OSError:
-                return
-
-    def close(self):
-        self.closing = True
-        self.listener.close()
-
-
 def test_two_reloads_within_one_round_trip(mosquitto, tmp_path, uid):
     """G8 with the broker's answers 300 ms late: a filter removed and put back
     (or added and removed) by two SIGHUPs 50 ms apart ends as the last config
@@ -266,7 +201,8 @@ def test_two_reloads_within_one_round_trip(mosquitto, tmp_path, uid):
     Mosquitto only: the race is the relay's."""
     topic_a = seed_topic(uid)
     topic_b = f"/cf/v1/AAA/012C/{uid}-b/set"
-    proxy = DelayingProxy(mosquitto, 0.3)
+    proxy = Proxy(mosquitto.host, mosquitto.port, delay=0.3)
+    proxy.start()
     relay = make_relay(tmp_path, proxy, uid, [topic_a, topic_b])
 
     def reload(topics):

@@ -430,6 +430,24 @@ walk_patterns(struct parser *p, const struct config_key *key, yaml_node_t *seq)
 	return 0;
 }
 
+/*
+ * YAML's null (empty, ~, null): YAML means "no value" by it, so taking
+ * the text "~" as a topic or a path would configure something else.
+ */
+static bool
+config_is_null(const yaml_node_t *v)
+{
+	static const char *const nulls[] = { "", "~", "null", "Null", "NULL" };
+	const char *text = (const char *)v->data.scalar.value;
+
+	if (v->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
+		return false;
+	for (size_t i = 0; i < sizeof(nulls) / sizeof(nulls[0]); i++)
+		if (strcmp(text, nulls[i]) == 0)
+			return true;
+	return false;
+}
+
 static int
 walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
 {
@@ -473,7 +491,7 @@ walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
 			if (v->type != YAML_SCALAR_NODE)
 				return fail_at(p, v, "%s: expected %s, got %s", path,
 				    type_name(key->type), node_kind(v));
-			if (v->data.scalar.length == 0 && v->data.scalar.style == YAML_PLAIN_SCALAR_STYLE)
+			if (config_is_null(v))
 				return fail_at(p, v, "%s: needs a value", path);
 			if (strlen((const char *)v->data.scalar.value) != v->data.scalar.length)
 				return fail_at(p, v, "%s: contains a NUL byte", path);
@@ -617,6 +635,33 @@ validate(struct parser *p, yaml_node_t *root)
 }
 
 static int
+fail_syntax(struct parser *p, const yaml_parser_t *yp)
+{
+	snprintf(p->err, p->errlen, "%s:%zu:%zu: %s", p->file,
+	    yp->problem_mark.line + 1, yp->problem_mark.column + 1,
+	    yp->problem ? yp->problem : "YAML syntax error");
+	return -1;
+}
+
+/* A second document after "---" would be ignored silently: refuse it. */
+static int
+parse_only_document(struct parser *p, yaml_parser_t *yp)
+{
+	yaml_document_t next;
+	bool more;
+
+	if (!yaml_parser_load(yp, &next))
+		return fail_syntax(p, yp);
+	more = yaml_document_get_root_node(&next) != NULL;
+	if (more)
+		snprintf(p->err, p->errlen, "%s:%zu:%zu: a second YAML document; "
+		    "the configuration is one document", p->file,
+		    next.start_mark.line + 1, next.start_mark.column + 1);
+	yaml_document_delete(&next);
+	return more ? -1 : 0;
+}
+
+static int
 parse_document(struct parser *p, FILE *fp)
 {
 	yaml_parser_t yp;
@@ -627,14 +672,17 @@ parse_document(struct parser *p, FILE *fp)
 		return fail_at(p, NULL, "out of memory");
 	yaml_parser_set_input_file(&yp, fp);
 	if (!yaml_parser_load(&yp, &p->doc)) {
-		snprintf(p->err, p->errlen, "%s:%zu:%zu: %s", p->file,
-		    yp.problem_mark.line + 1, yp.problem_mark.column + 1,
-		    yp.problem ? yp.problem : "YAML syntax error");
+		fail_syntax(p, &yp);
 		yaml_parser_delete(&yp);
 		return -1;
 	}
-	yaml_parser_delete(&yp);
 	root = yaml_document_get_root_node(&p->doc);
+	if (root != NULL && parse_only_document(p, &yp) == -1) {
+		yaml_parser_delete(&yp);
+		yaml_document_delete(&p->doc);
+		return -1;
+	}
+	yaml_parser_delete(&yp);
 	if (root == NULL)
 		fail_at(p, NULL, "the file is empty");
 	else if (root->type != YAML_MAPPING_NODE)

@@ -162,6 +162,15 @@ op_hello(struct client *cl, const struct request *req)
 	if (cl->mode != CLIENT_NEW)
 		return send_error(cl, "already_started", "hello was already said on this connection");
 	snprintf(cl->filter, sizeof(cl->filter), "%s", req->filter);
+	/* A cursor beyond the newest id would skip every command up to it. */
+	if (req->start.from == STORE_FROM_ID) {
+		int64_t newest = store_last_id(cl->cs->store);
+		if (newest < 0)
+			return send_error(cl, "storage", "the history cannot be read now; try again");
+		if (req->start.id > newest)
+			return send_error(cl, "bad_request", "hello: from #%" PRId64 " is beyond the "
+			    "newest command, #%" PRId64, req->start.id, newest);
+	}
 	if (req->named) {
 		struct name_search search = { req->name, cl, false };
 		server_foreach(cl->cs->server, match_name, &search);
@@ -194,6 +203,18 @@ op_hello(struct client *cl, const struct request *req)
 	fill(cl);
 }
 
+/* Whether id is one of the commands in flight (sent, unacknowledged). */
+static bool
+client_sent(const struct client *cl, int64_t id)
+{
+	size_t window = (size_t)cl->cs->cfg->socket.window;
+
+	for (size_t i = 0; i < cl->count; i++)
+		if (cl->inflight[(cl->head + i) % window] == id)
+			return true;
+	return false;
+}
+
 static void
 op_ack(struct client *cl, const struct request *req)
 {
@@ -207,6 +228,9 @@ op_ack(struct client *cl, const struct request *req)
 		    "is #%" PRId64, id, cl->sent_id);
 	if (id <= cl->acked_id)
 		return;		/* cumulative: already done */
+	if (!client_sent(cl, id))
+		return send_error(cl, "ack_unknown", "ack of #%" PRId64 ", which was not sent to "
+		    "this consumer", id);
 	if (store_consumer_ack(cl->cs->store, cl->name, id) == -1) {
 		log_warnx("consumer %s: %s", cl->name, store_errmsg(cl->cs->store));
 		return send_error(cl, "storage", "the ack could not be stored; send it again");

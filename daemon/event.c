@@ -41,6 +41,12 @@ event_now_us(void)
 }
 
 uint64_t
+event_boot_ms(void)
+{
+	return clock_us(CLOCK_BOOTTIME) / 1000;
+}
+
+uint64_t
 event_wall_ms(void)
 {
 	return clock_us(CLOCK_REALTIME) / 1000;

@@ -49,6 +49,7 @@ int event_loop_once(struct event_loop *loop, const sigset_t *sleep_mask);
 
 uint64_t event_now_ms(void);	/* CLOCK_MONOTONIC */
 uint64_t event_now_us(void);
+uint64_t event_boot_ms(void);	/* CLOCK_BOOTTIME: counts suspend, never steps */
 uint64_t event_wall_ms(void);	/* CLOCK_REALTIME, Unix ms */
 
 #endif

@@ -181,11 +181,59 @@ pending_take(struct relay *r, int mid, struct pending_sub *out)
 	for (size_t i = 0; i < r->npending; i++) {
 		if (r->pending[i].mid == mid) {
 			*out = r->pending[i];
-			r->pending[i] = r->pending[--r->npending];
+			/* kept in the order sent: the last one for a filter decides */
+			memmove(&r->pending[i], &r->pending[i + 1],
+			    (r->npending - i - 1) * sizeof(r->pending[0]));
+			r->npending--;
 			return out;
 		}
 	}
 	return NULL;
+}
+
+/*
+ * What the broker will hold for filter once it has answered every request
+ * in flight: the confirmed state (known) changed by the requests after it.
+ */
+static bool
+pending_outcome(const struct relay *r, const struct store_subscription *known, size_t nknown,
+    const char *filter, int *qos)
+{
+	bool held = false;
+
+	for (size_t j = 0; j < nknown && !held; j++)
+		if (strcmp(known[j].filter, filter) == 0) {
+			held = true;
+			*qos = known[j].qos;
+		}
+	for (size_t i = 0; i < r->npending; i++)
+		if (strcmp(r->pending[i].filter, filter) == 0) {
+			held = !r->pending[i].unsubscribe;
+			*qos = r->pending[i].qos;
+		}
+	return held;
+}
+
+/* Unsubscribes filter if it is not in the config and will be held. */
+static void
+pending_drop_unwanted(struct relay *r, const struct store_subscription *known, size_t nknown,
+    const char *filter)
+{
+	int mid, qos;
+
+	for (size_t i = 0; i < r->cfg->nsubs; i++)
+		if (strcmp(filter, r->cfg->subs[i].topic) == 0)
+			return;
+	if (!pending_outcome(r, known, nknown, filter, &qos))
+		return;
+	/*
+	 * RabbitMQ 3.10 answers UNSUBSCRIBE with UNSUBACK but keeps the
+	 * binding when the filter was not subscribed on this connection
+	 * (measured), so subscribe first; a retained replay that this
+	 * brings is recorded and recognised like any other.
+	 */
+	if (mqtt_subscribe(r->mqtt, filter, qos, &mid) == 0)
+		pending_add(r, true, filter, 0);
 }
 
 static void
@@ -198,14 +246,16 @@ report_if_settled(struct relay *r)
 /*
  * G8: a SUBSCRIBE makes the broker replay retained messages, so with a
  * session the broker kept we only send the difference to what it holds.
+ * What it holds is what it confirmed (session_subscriptions) changed by the
+ * requests still in flight: a reload within one round trip of the last one
+ * must neither forget those nor lose their late answers.
  */
 static void
 sync_subscriptions(struct relay *r, bool session_present)
 {
 	struct store_subscription *known = NULL;
-	size_t nknown = 0;
+	size_t nknown = 0, nsent;
 
-	pending_clear(r);
 	if (session_present && store_subscriptions_load(r->store, r->session_key, &known, &nknown) == -1) {
 		log_warnx("%s; subscribing to every filter", store_errmsg(r->store));
 		nknown = 0;
@@ -214,28 +264,16 @@ sync_subscriptions(struct relay *r, bool session_present)
 		log_warnx("%s", store_errmsg(r->store));
 	for (size_t i = 0; i < r->cfg->nsubs; i++) {
 		const struct config_subscription *s = &r->cfg->subs[i];
-		bool held = false;
-		for (size_t j = 0; j < nknown && !held; j++)
-			held = strcmp(known[j].filter, s->topic) == 0 && known[j].qos == s->qos;
-		if (!held)
+		int qos;
+		if (!pending_outcome(r, known, nknown, s->topic, &qos) || qos != s->qos)
 			pending_add(r, false, s->topic, (int)s->qos);
 	}
-	for (size_t j = 0; j < nknown; j++) {
-		bool wanted = false;
-		int mid;
-		for (size_t i = 0; i < r->cfg->nsubs && !wanted; i++)
-			wanted = strcmp(known[j].filter, r->cfg->subs[i].topic) == 0;
-		if (wanted)
-			continue;
-		/*
-		 * RabbitMQ 3.10 answers UNSUBSCRIBE with UNSUBACK but keeps the
-		 * binding when the filter was not subscribed on this connection
-		 * (measured), so subscribe first; a retained replay that this
-		 * brings is recorded and recognised like any other.
-		 */
-		if (mqtt_subscribe(r->mqtt, known[j].filter, known[j].qos, &mid) == 0)
-			pending_add(r, true, known[j].filter, 0);
-	}
+	nsent = r->npending;	/* those added below are unsubscriptions */
+	for (size_t j = 0; j < nknown; j++)
+		pending_drop_unwanted(r, known, nknown, known[j].filter);
+	for (size_t i = 0; i < nsent; i++)
+		if (!r->pending[i].unsubscribe)
+			pending_drop_unwanted(r, known, nknown, r->pending[i].filter);
 	store_subscriptions_free(known, nknown);
 	report_if_settled(r);
 }
@@ -291,7 +329,7 @@ on_disconnected(void *arg, const char *why)
 	struct relay *r = arg;
 
 	(void)why;
-	pending_clear(r);
+	pending_clear(r);	/* none of them is answered on the next connection */
 	uplink_disconnected(r->uplink);
 	status_changed(r);
 }

@@ -11,6 +11,8 @@
 #define BATCH_TARGET_MS 2	/* one DELETE transaction should take about this */
 #define BATCH_MIN 16
 #define BATCH_MAX 4096	/* tests/test_retention.py asserts this bound */
+/* How much age a reboot may forget: the age clock's save interval. */
+#define AGE_SAVE_INTERVAL_MS (10 * 60 * 1000)
 
 struct retention {
 	struct event_loop *loop;
@@ -22,6 +24,7 @@ struct retention {
 	uint64_t longest_slice_ms;
 	int largest_batch;	/* most rows one DELETE transaction removed */
 	bool failing;		/* log a failure once, and its end */
+	uint64_t saved_ms;	/* when the age clock was last saved */
 };
 
 static void
@@ -33,8 +36,8 @@ on_timer(void *arg)
 
 	do {
 		uint64_t t0 = event_now_ms();
-		n = store_prune(ret->store, (int64_t)event_wall_ms() - ret->cfg->store.max_age_ms,
-		    ret->cfg->store.max_rows, ret->batch);
+		n = store_prune(ret->store, ret->cfg->store.max_age_ms, ret->cfg->store.max_rows,
+		    ret->batch);
 		took = event_now_ms() - t0;
 		if (n < 0) {
 			if (!ret->failing)
@@ -54,6 +57,8 @@ on_timer(void *arg)
 		else if (took < BATCH_TARGET_MS / 2 + 1 && n == ret->batch && ret->batch < BATCH_MAX)
 			ret->batch *= 2;
 	} while (n > 0 && event_now_ms() - start < SLICE_BUDGET_MS);
+	if (start - ret->saved_ms >= AGE_SAVE_INTERVAL_MS && store_age_clock_save(ret->store) == 0)
+		ret->saved_ms = start;
 	if (event_now_ms() - start > ret->longest_slice_ms)
 		ret->longest_slice_ms = event_now_ms() - start;
 	event_timer_arm(ret->loop, &ret->timer, n > 0 ? BUSY_INTERVAL_MS : IDLE_INTERVAL_MS);
@@ -70,6 +75,7 @@ retention_new(struct event_loop *loop, const struct config *cfg, struct store *s
 	ret->cfg = cfg;
 	ret->store = st;
 	ret->batch = 256;
+	ret->saved_ms = event_now_ms();		/* store_new saved it */
 	event_timer_init(&ret->timer, on_timer, ret);
 	event_timer_arm(loop, &ret->timer, IDLE_INTERVAL_MS);
 	return ret;

@@ -1,11 +1,14 @@
 #include "store.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -53,8 +56,8 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	[STMT_ROLLBACK] = "ROLLBACK",
 	[STMT_INSERT] =
 	    "INSERT INTO messages (received_at, topic, payload, payload_hash, qos, retain, dup,"
-	    " mid, connection, status, reason, duplicate_of, device, fields)"
-	    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+	    " mid, connection, status, reason, duplicate_of, device, fields, age_ms)"
+	    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, age_clock())",
 	[STMT_CONNECTION_NEXT] =
 	    "INSERT INTO meta (key, value) VALUES ('connection', '1')"
 	    " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
@@ -94,9 +97,9 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	/* Older than max_age: gone, unless it is a topic's newest command. */
 	[STMT_PRUNE_AGE] =
 	    "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
-	    " WHERE received_at < ?1"
+	    " WHERE age_ms < age_clock() - ?1"
 	    " AND id NOT IN (SELECT last_accepted FROM topics WHERE last_accepted IS NOT NULL)"
-	    " ORDER BY received_at LIMIT ?2)",
+	    " ORDER BY age_ms LIMIT ?2)",
 	/* Beyond the newest max_rows: gone, unless a consumer still needs it. */
 	[STMT_PRUNE_ROWS] =
 	    "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m"
@@ -108,7 +111,7 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	/* Sent uplink messages older than max_age: gone; queued ones never. */
 	[STMT_PRUNE_OUTBOX] =
 	    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
-	    " WHERE status = 'sent' AND sent_at < ?1 ORDER BY id LIMIT ?2)",
+	    " WHERE status = 'sent' AND sent_age_ms < age_clock() - ?1 ORDER BY id LIMIT ?2)",
 	[STMT_OUTBOX_QUEUED] = "SELECT count(*) FROM outbox WHERE status = 'queued'",
 	[STMT_OUTBOX_ADD] =
 	    "INSERT INTO outbox (queued_at, topic, payload, qos, retain, origin)"
@@ -117,7 +120,8 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    "SELECT id, topic, payload, qos, retain FROM outbox"
 	    " WHERE status = 'queued' AND id > ?1 ORDER BY id LIMIT ?2",
 	[STMT_OUTBOX_HANDED] = "UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1",
-	[STMT_OUTBOX_SENT] = "UPDATE outbox SET status = 'sent', sent_at = ?2 WHERE id = ?1",
+	[STMT_OUTBOX_SENT] =
+	    "UPDATE outbox SET status = 'sent', sent_at = ?2, sent_age_ms = age_clock() WHERE id = ?1",
 	[STMT_OUTBOX_FAILED] = "UPDATE outbox SET status = 'failed' WHERE id = ?1",
 };
 
@@ -126,6 +130,9 @@ struct store {
 	sqlite3_stmt *stmt[STMT_COUNT];
 	int64_t connection;
 	bool created;		/* the file did not exist: a new, empty history */
+	int64_t age_base_ms;	/* the age clock at age_boot_ms */
+	int64_t age_boot_ms;	/* CLOCK_BOOTTIME when this process took the clock over */
+	char boot_id[40];	/* /proc/sys/kernel/random/boot_id of this boot */
 	struct store_dedup *dedup;	/* store_dedup.c */
 	char err[STORE_ERR_MAX];
 };
@@ -283,6 +290,107 @@ store_created(const struct store *st)
 	return st->created;
 }
 
+/* Owner writes, the admins' group reads (cmdrelayctl history), others nothing. */
+#define STORE_FILE_MODE 0640
+
+/*
+ * SQLite would create the file 0644 less the umask, so any local user could
+ * read the commands past the socket's mode and socket.allow. Made here
+ * 0640 exactly; SQLite gives -wal and -shm the mode of the database file.
+ */
+static int
+store_create_file(struct store *st, const char *path)
+{
+	int fd;
+
+	if ((fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, STORE_FILE_MODE)) == -1 ||
+	    fchmod(fd, STORE_FILE_MODE) == -1) {
+		snprintf(st->err, sizeof(st->err), "cannot create: %s", strerror(errno));
+		if (fd != -1)
+			close(fd);
+		return -1;
+	}
+	close(fd);
+	return 0;
+}
+
+/*
+ * The age clock, in ms, decides retention (messages.age_ms, outbox
+ * sent_age_ms): CLOCK_BOOTTIME carried on across restarts in meta
+ * 'age_clock' ("boot-id boottime-ms clock-ms"), so a wall-clock step in
+ * either direction ages nothing. Within one boot it is exact; after a
+ * reboot it goes on from its last save, so time the host was down (and
+ * since that save) does not count: a row is then kept longer, never less.
+ * A new history starts it at the wall clock, which makes age_ms read like
+ * received_at until the first step.
+ */
+static int64_t
+age_clock_now(const struct store *st)
+{
+	return st->age_base_ms + ((int64_t)event_boot_ms() - st->age_boot_ms);
+}
+
+static void
+age_clock_sql(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	(void)argc;
+	(void)argv;
+	sqlite3_result_int64(ctx, age_clock_now(sqlite3_user_data(ctx)));
+}
+
+int
+store_age_clock_save(struct store *st)
+{
+	sqlite3_stmt *s = NULL;
+	char value[96];
+	int rc;
+
+	snprintf(value, sizeof(value), "%s %" PRId64 " %" PRId64, st->boot_id,
+	    (int64_t)event_boot_ms(), age_clock_now(st));
+	if (sqlite3_prepare_v2(st->db, "INSERT OR REPLACE INTO meta (key, value)"
+	    " VALUES ('age_clock', ?1)", -1, &s, NULL) != SQLITE_OK)
+		return store_fail(st, "saving the age clock");
+	sqlite3_bind_text(s, 1, value, -1, SQLITE_STATIC);
+	rc = sqlite3_step(s);
+	sqlite3_finalize(s);
+	return rc == SQLITE_DONE ? 0 : store_fail(st, "saving the age clock");
+}
+
+static int
+age_clock_resume(struct store *st)
+{
+	sqlite3_stmt *s = NULL;
+	char saved_boot[40] = "";
+	long long saved_boot_ms = 0, saved_clock = 0;
+	bool have = false;
+	FILE *fp;
+
+	if ((fp = fopen("/proc/sys/kernel/random/boot_id", "re")) != NULL) {
+		if (fgets(st->boot_id, sizeof(st->boot_id), fp) == NULL)
+			st->boot_id[0] = '\0';
+		st->boot_id[strcspn(st->boot_id, "\n")] = '\0';
+		fclose(fp);
+	}
+	if (st->boot_id[0] == '\0')	/* no /proc: every start counts as a reboot */
+		snprintf(st->boot_id, sizeof(st->boot_id), "unknown");
+	if (sqlite3_prepare_v2(st->db, "SELECT value FROM meta WHERE key = 'age_clock'", -1, &s,
+	    NULL) != SQLITE_OK)
+		return store_fail(st, "reading the age clock");
+	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_text(s, 0) != NULL)
+		have = sscanf((const char *)sqlite3_column_text(s, 0), "%39s %lld %lld", saved_boot,
+		    &saved_boot_ms, &saved_clock) == 3;
+	sqlite3_finalize(s);
+	st->age_boot_ms = (int64_t)event_boot_ms();
+	if (!have)
+		st->age_base_ms = (int64_t)event_wall_ms();
+	else if (strcmp(saved_boot, st->boot_id) == 0 && strcmp(saved_boot, "unknown") != 0 &&
+	    st->age_boot_ms >= saved_boot_ms)
+		st->age_base_ms = saved_clock + (st->age_boot_ms - saved_boot_ms);
+	else
+		st->age_base_ms = saved_clock;
+	return store_age_clock_save(st);
+}
+
 struct store *
 store_new(const char *path, char *err, size_t errlen)
 {
@@ -301,19 +409,26 @@ store_new(const char *path, char *err, size_t errlen)
 		return NULL;
 	}
 	st->created = access(path, F_OK) == -1;
+	if (st->created && store_create_file(st, path) == -1)
+		goto fail;
 	if (sqlite3_open_v2(path, &st->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
 	    SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
 		store_fail(st, "cannot open");
 		goto fail;
 	}
 	sqlite3_extended_result_codes(st->db, 1);
+	if (sqlite3_create_function(st->db, "age_clock", 0, SQLITE_UTF8, st, age_clock_sql,
+	    NULL, NULL) != SQLITE_OK) {
+		store_fail(st, "cannot set up");
+		goto fail;
+	}
 	if (check_ours(st) == -1)
 		goto fail;
 	if (sqlite3_exec(st->db, setup, NULL, NULL, NULL) != SQLITE_OK) {
 		store_fail(st, "cannot set up");
 		goto fail;
 	}
-	if (migrate(st) == -1)
+	if (migrate(st) == -1 || age_clock_resume(st) == -1)
 		goto fail;
 	for (int i = 0; i < STMT_COUNT; i++) {
 		if (sqlite3_prepare_v3(st->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
@@ -441,8 +556,17 @@ store_consumer_open(struct store *st, const char *name, const char *filter,
 	if (step_int(st, STMT_CONSUMER_GET, &acked) == -1 || register_filter(st, filter) == -1)
 		goto fail;
 	switch (start->from) {
-	case STORE_FROM_STORED:
-		break;		/* a new consumer starts at 0: the oldest row kept */
+	case STORE_FROM_STORED: {
+		/* a new consumer starts at 0: the oldest row kept; a cursor
+		 * stored beyond the newest row (before hello refused that)
+		 * comes back to it, or new commands would pass it unseen */
+		int64_t newest;
+		if (step_int(st, STMT_MAX_ID, &newest) == -1)
+			goto fail;
+		if (acked > newest)
+			acked = newest;
+		break;
+	}
 	case STORE_FROM_LIVE:
 		if (step_int(st, STMT_MAX_ID, &acked) == -1)
 			goto fail;
@@ -601,17 +725,17 @@ store_insert(struct store *st, const struct delivery *d, const struct dedup_verd
 }
 
 int
-store_prune(struct store *st, int64_t older_than_ms, int64_t keep_rows, int limit)
+store_prune(struct store *st, int64_t max_age_ms, int64_t keep_rows, int limit)
 {
 	int n;
 
-	sqlite3_bind_int64(st->stmt[STMT_PRUNE_AGE], 1, older_than_ms);
+	sqlite3_bind_int64(st->stmt[STMT_PRUNE_AGE], 1, max_age_ms);
 	sqlite3_bind_int(st->stmt[STMT_PRUNE_AGE], 2, limit);
 	if (step_int(st, STMT_PRUNE_AGE, NULL) == -1)
 		return -1;
 	if ((n = sqlite3_changes(st->db)) == limit)
 		return n;
-	sqlite3_bind_int64(st->stmt[STMT_PRUNE_OUTBOX], 1, older_than_ms);
+	sqlite3_bind_int64(st->stmt[STMT_PRUNE_OUTBOX], 1, max_age_ms);
 	sqlite3_bind_int(st->stmt[STMT_PRUNE_OUTBOX], 2, limit - n);
 	if (step_int(st, STMT_PRUNE_OUTBOX, NULL) == -1)
 		return -1;

@@ -74,12 +74,14 @@ int store_insert(struct store *st, const struct delivery *d,
     const struct dedup_verdict *v, const struct topic_fields *fields, int64_t *id);
 
 /*
- * Deletes up to limit rows that retention lets go: received before
- * older_than_ms, or beyond the newest keep_rows and acknowledged by every
+ * Deletes up to limit rows that retention lets go: older than max_age_ms on
+ * the age clock (wall-clock steps do not age a row), or beyond the newest keep_rows and acknowledged by every
  * consumer whose filter matches; never a topic's newest accepted command.
  * Returns how many, -1 on error.
  */
-int store_prune(struct store *st, int64_t older_than_ms, int64_t keep_rows, int limit);
+int store_prune(struct store *st, int64_t max_age_ms, int64_t keep_rows, int limit);
+/* Records the age clock, so that after a reboot it goes on from here. */
+int store_age_clock_save(struct store *st);
 
 /* Creates or moves a named consumer's cursor; *resume_after is where it starts. */
 int store_consumer_open(struct store *st, const char *name, const char *filter,

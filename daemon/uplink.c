@@ -66,6 +66,15 @@ hand(const struct outbox_msg *msg, void *arg)
 	struct uplink *u = arg;
 	int mid;
 
+	/*
+	 * libmosquitto writes QoS 0 at once but holds QoS 1 beyond its
+	 * in-flight limit (the broker's Receive Maximum in MQTT 5), so a QoS 0
+	 * handed over now could overtake them: it waits for their PUBACKs.
+	 */
+	if (msg->qos == 0 && u->ninflight > 0) {
+		u->stalled = true;
+		return -1;
+	}
 	switch (mqtt_publish(u->mqtt, msg->topic, msg->payload, msg->payloadlen, msg->qos, msg->retain,
 	    &mid)) {
 	case MQTT_PUBLISH_LATER:

@@ -18,6 +18,8 @@ MQTT helpers
     clear_retained(broker, topic)
     drop_session(broker, client_id)
     Subscriber(broker, client_id, topics)      paho-based, records every message
+    Proxy(host, port, delay=0)                 TCP proxy: swallows the relay's bytes, cuts,
+                                               holds the broker's bytes `delay` seconds
     RawMQTTClient(host, port, client_id, ...)  minimal MQTT 3.1.1 client on a raw
                                                socket: PUBACKs only when told to
 
@@ -1363,6 +1365,109 @@ class Subscriber:
 
     def __exit__(self, *exc) -> None:
         self.disconnect()
+
+
+# --------------------------------------------------------------------------
+# a TCP proxy between the relay and a broker (faults, late answers)
+# --------------------------------------------------------------------------
+
+class Proxy(threading.Thread):
+    """A TCP proxy between the relay and the broker that can swallow what
+    the relay sends (its PUBACKs), cut the connection, and hold what the
+    broker sends for `delay` seconds, in order (SUBACKs a round trip late)."""
+
+    def __init__(self, upstream_host, upstream_port, delay: float = 0.0):
+        super().__init__(daemon=True)
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.up = (upstream_host, upstream_port)
+        self.delay = delay
+        self.swallow = threading.Event()
+        self.swallowed = 0
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind((self.host, self.port))
+        self.lsock.listen(8)
+        self.pairs = []
+        self.closing = False
+
+    def run(self):
+        while not self.closing:
+            try:
+                a, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                b = socket.create_connection(self.up, timeout=5)
+            except OSError:
+                a.close()
+                continue
+            self.pairs.append((a, b))
+            threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
+
+    def _pump(self, src, dst, from_relay):
+        late = None
+        if not from_relay and self.delay > 0:
+            late = collections.deque()
+            ready = threading.Condition()
+            threading.Thread(target=self._deliver, args=(late, ready, dst), daemon=True).start()
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if from_relay and self.swallow.is_set():
+                    self.swallowed += len(data)
+                    continue
+                if late is None:
+                    dst.sendall(data)
+                    continue
+                with ready:
+                    late.append((time.monotonic() + self.delay, data))
+                    ready.notify()
+        except OSError:
+            pass
+        if late is not None:
+            with ready:                    # the end, after what is still held
+                late.append((time.monotonic() + self.delay, b""))
+                ready.notify()
+            return                         # _deliver closes after the last bytes
+        self._close_pair(src, dst)
+
+    def _deliver(self, late, ready, dst):
+        while True:
+            with ready:
+                ready.wait_for(lambda: late)
+                due, data = late.popleft()
+            time.sleep(max(0.0, due - time.monotonic()))
+            if not data:
+                break
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        self._close_pair(dst)
+
+    @staticmethod
+    def _close_pair(*socks):
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        for a, b in self.pairs:
+            self._close_pair(a, b)
+            a.close()
+            b.close()
+        self.pairs = []
+
+    def close(self):
+        self.closing = True
+        self.lsock.close()
+        self.cut()
 
 
 # --------------------------------------------------------------------------

@@ -408,3 +408,45 @@ def test_path_that_is_not_a_socket_is_left_alone(tmp_path, mosquitto, uid, sockd
     assert r.returncode != 0
     assert f"{path} exists and is not a socket" in r.stderr, r.stderr
     assert path.read_text() == "precious\n"
+
+
+# -- the history files -------------------------------------------------------------------
+
+READ_FILE = r"""
+import errno, sys
+try:
+    open(sys.argv[1], "rb").read(1)
+    print("read")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)))
+"""
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o077], ids=["umask-000", "umask-077"])
+def test_history_files_are_0640_whatever_the_umask(tmp_path, mosquitto, uid, sockdir, cleanup, mask):
+    """history.db, -wal and -shm are created 0640 (owner rw, group r) under
+    any umask: with umask 000 SQLite alone made them 0644 and `nobody` read
+    the commands with sqlite3, past socket.mode and socket.allow; with 077
+    the admins' group could not run `cmdrelayctl history`."""
+    workdir = sockdir / "state"          # a 0755 path, so only the files' modes decide
+    workdir.mkdir(mode=0o755)
+    workdir.chmod(0o755)
+    relay = Relay(workdir, mosquitto, f"gateway-{uid}", [f"/cf/v1/AAA/{uid}/+/set"],
+                  socket__path=str(sockdir / "cmdrelay.sock"))
+    cleanup(lambda: relay.kill() if relay.running() else None)
+    old = os.umask(mask)
+    try:
+        relay.start()
+    finally:
+        os.umask(old)
+    publish(mosquitto, f"/cf/v1/AAA/{uid}/dev1/set", b"secret-command")
+    relay.wait_count(1)
+    names = ["history.db", "history.db-wal", "history.db-shm"]
+    modes = {n: oct(stat.S_IMODE(os.stat(workdir / n).st_mode)) for n in names}
+    assert modes == {n: "0o640" for n in names}, modes
+    for n in names:
+        r = subprocess.run(["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}",
+                            "--clear-groups", "/usr/bin/python3", "-c", READ_FILE, str(workdir / n)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.stdout.strip() == "EACCES", (n, r.stdout, r.stderr)
+    relay.stop()

@@ -8,6 +8,7 @@ or grows its memory), G7 (limits on what a client sends).
 """
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -833,4 +834,63 @@ def test_consumer_lag_view(broker, tmp_path, uid, cleanup):
     b.stats()
     assert lag() == {"only-one": 0, "all-set": 0}
     assert relay.query("SELECT acked_id FROM consumer_lag WHERE consumer = 'all-set'")[0][0] == more_b[-1]["id"]
+    relay.stop()
+
+
+# -- j. a start or an ack the history does not have -----------------------------------
+
+def test_hello_beyond_newest_and_ack_of_unsent(mosquitto, tmp_path, uid, cleanup):
+    """j. "from" beyond the newest id is refused (bad_request, the
+    connection stays open for a good hello) for named and anonymous starts:
+    accepted, it parked the cursor where the next 20 commands passed it
+    unseen and consumer_lag said 0. A cursor stored beyond the newest id (by
+    an older relay) resumes at the newest. An ack of an id below the last
+    one sent that was never sent to this consumer (another filter's) is
+    ack_unknown and changes nothing. Mosquitto only: no broker behaviour."""
+    a, b = topic(uid, "dev1"), topic(uid, "dev2")
+    relay = start_relay(tmp_path, mosquitto, uid, [f"/cf/v1/AAA/{uid}/+/set"], cleanup)
+    for i in range(3):
+        publish(mosquitto, a, f"a-{i}".encode())
+        publish(mosquitto, b, f"b-{i}".encode())
+    relay.wait_count(6, "status = 'accepted'")
+    newest = accepted_ids(relay)[-1]
+
+    c = client(relay, cleanup)
+    for beyond in (newest + 1, 1733085000123, 2**63 - 1):
+        for name in ("lamp", None):
+            with pytest.raises(ProtocolError) as e:
+                c.hello(consumer=name, filter=a, from_=beyond)
+            assert e.value.reply["code"] == "bad_request", e.value.reply
+            assert f"from #{beyond} is beyond the newest command, #{newest}" in e.value.reply["message"]
+    assert relay.query("SELECT count(*) FROM consumers WHERE name = 'lamp'") == [(0,)]
+    assert c.hello(consumer="lamp", filter=a, from_=newest)["resume_after"] == newest
+    publish(mosquitto, a, b"a-3")
+    assert payloads_of(c.collect(count=1, timeout=10, ack_every=1)) == ["a-3"]
+    c.close()
+
+    db = sqlite3.connect(relay.db_path, timeout=10)
+    with db:
+        db.execute("UPDATE consumers SET acked_id = 1733085000123 WHERE name = 'lamp'")
+    db.close()
+    newest = accepted_ids(relay)[-1]
+    c = client(relay, cleanup)
+    assert c.hello(consumer="lamp", filter=a)["resume_after"] == newest
+    publish(mosquitto, a, b"a-4")
+    assert payloads_of(c.collect(count=1, timeout=10)) == ["a-4"]
+    c.close()
+
+    c = client(relay, cleanup)
+    c.hello(consumer="acker", filter=a)
+    got = c.collect(count=5, timeout=10)
+    assert payloads_of(got) == [f"a-{i}" for i in range(5)]
+    b_ids = accepted_ids(relay, b)
+    assert got[0]["id"] < b_ids[0] < got[-1]["id"]
+    c.ack(b_ids[0])
+    err = c.expect_error("ack_unknown")
+    assert f"#{b_ids[0]}" in err["message"], err
+    c.stats()
+    assert relay.query("SELECT acked_id FROM consumers WHERE name = 'acker'") == [(0,)]
+    c.ack(got[1]["id"])
+    c.stats()
+    assert relay.query("SELECT acked_id FROM consumers WHERE name = 'acker'") == [(got[1]["id"],)]
     relay.stop()

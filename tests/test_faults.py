@@ -38,7 +38,6 @@ import hashlib
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -162,8 +161,8 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
-from brokers import (PUBACK, MQTTProtocolError, RawMQTTClient, encode_publish,  # noqa: E402
-                     free_port, publish)
+from brokers import (PUBACK, MQTTProtocolError, Proxy, RawMQTTClient, encode_publish,  # noqa: E402
+                     publish)
 from relay import CMDRELAYD, Relay  # noqa: E402
 
 
@@ -1015,73 +1014,6 @@ def test_storage_failure_backs_off(mosquitto, tmp_path, uid, small_fs, runs):
 
 
 # -- a failed connection start, then a redelivery ------------------------------
-
-class Proxy(threading.Thread):
-    """A TCP proxy between the relay and the broker that can swallow what
-    the relay sends (its PUBACKs) and cut the connection."""
-
-    def __init__(self, upstream_host, upstream_port):
-        super().__init__(daemon=True)
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        self.up = (upstream_host, upstream_port)
-        self.swallow = threading.Event()
-        self.swallowed = 0
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind((self.host, self.port))
-        self.lsock.listen(8)
-        self.pairs = []
-        self.closing = False
-
-    def run(self):
-        while not self.closing:
-            try:
-                a, _ = self.lsock.accept()
-            except OSError:
-                return
-            try:
-                b = socket.create_connection(self.up, timeout=5)
-            except OSError:
-                a.close()
-                continue
-            self.pairs.append((a, b))
-            threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
-
-    def _pump(self, src, dst, from_relay):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if from_relay and self.swallow.is_set():
-                    self.swallowed += len(data)
-                    continue
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self):
-        for a, b in self.pairs:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-        self.pairs = []
-
-    def close(self):
-        self.closing = True
-        self.lsock.close()
-        self.cut()
-
 
 def test_redelivery_after_a_failed_connection_start(broker, tmp_path, uid, runs):
     """G3 across a storage hiccup. The relay commits commands whose PUBACKs

@@ -4,11 +4,12 @@ Every test runs against Mosquitto 2.0 and RabbitMQ 3.10 with the MQTT plugin,
 both started on loopback by the fixtures in conftest.py.
 """
 import random
+import signal
 import time
 
 import pytest
 
-from brokers import RawMQTTClient, StreamPublisher, drop_session, publish
+from brokers import Proxy, RawMQTTClient, StreamPublisher, drop_session, publish
 from relay import Relay
 
 
@@ -188,3 +189,64 @@ def test_subscriptions_follow_config(broker, tmp_path, uid):
     assert b"a2" not in [bytes(r["payload"]) for r in relay.rows()]
     assert relay.query("SELECT filter FROM session_subscriptions") == [(topic_b,)]
     relay.stop()
+
+
+def test_two_reloads_within_one_round_trip(mosquitto, tmp_path, uid):
+    """G8 with the broker's answers 300 ms late: a filter removed and put back
+    (or added and removed) by two SIGHUPs 50 ms apart ends as the last config
+    says, at the broker and in session_subscriptions, also after a restart.
+    The relay used to drop the requests in flight at the second reload and
+    their late answers with them: B stayed unsubscribed while the table
+    listed it (remove-add), or subscribed while the table did not (add-remove).
+    Mosquitto only: the race is the relay's."""
+    topic_a = seed_topic(uid)
+    topic_b = f"/cf/v1/AAA/012C/{uid}-b/set"
+    proxy = Proxy(mosquitto.host, mosquitto.port, delay=0.3)
+    proxy.start()
+    relay = make_relay(tmp_path, proxy, uid, [topic_a, topic_b])
+
+    def reload(topics):
+        done = relay.log(since_start=True).count("reloaded ")
+        relay.write_config(topics)
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_for(lambda: relay.log(since_start=True).count("reloaded ") > done, 10, "reload")
+
+    def table():
+        return sorted(f for (f,) in relay.query("SELECT filter FROM session_subscriptions"))
+
+    def settled(topics):
+        time.sleep(1.5)                     # five delayed round trips
+        assert table() == sorted(topics), relay.log()[-3000:]
+
+    def recorded(topic, payload):
+        publish(mosquitto, topic, payload, qos=1)
+        publish(mosquitto, topic_a, payload + b"-a", qos=1)       # a marker behind it
+        relay.wait_count(1, f"payload = X'{(payload + b'-a').hex()}'")
+        return relay.count(f"payload = X'{payload.hex()}'") == 1
+
+    try:
+        relay.start()
+        # remove B, put it back
+        reload([topic_a])
+        time.sleep(0.05)
+        reload([topic_a, topic_b])
+        settled([topic_a, topic_b])
+        assert recorded(topic_b, b"b1"), "B is not subscribed at the broker"
+        relay.restart()
+        assert table() == sorted([topic_a, topic_b])
+        assert recorded(topic_b, b"b2"), "B is not subscribed after a restart"
+
+        # add C, remove it again
+        topic_c = f"/cf/v1/AAA/012C/{uid}-c/set"
+        reload([topic_a, topic_b, topic_c])
+        time.sleep(0.05)
+        reload([topic_a, topic_b])
+        settled([topic_a, topic_b])
+        assert not recorded(topic_c, b"c1"), "C is still subscribed at the broker"
+        relay.restart()
+        assert not recorded(topic_c, b"c2"), "C is subscribed after a restart"
+        relay.stop()
+    finally:
+        if relay.running():
+            relay.kill()
+        proxy.close()

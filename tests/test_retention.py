@@ -93,9 +93,9 @@ def test_max_age_keeps_each_topics_newest_command(mosquitto, tmp_path, uid):
         publish(mosquitto, a, p)
     publish(mosquitto, b, b"b1", retain=True)
     relay.wait_count(4)
-    # Age the first four rows by two hours, as if time had passed.
+    # Age the first four rows by two hours on the age clock, as if time had passed.
     db = sqlite3.connect(relay.db_path, timeout=10)
-    db.execute("UPDATE messages SET received_at = received_at - 7200 * 1000")
+    db.execute("UPDATE messages SET received_at = received_at - 7200 * 1000, age_ms = age_ms - 7200 * 1000")
     db.commit()
     db.close()
     publish(mosquitto, a, b"a4")

@@ -564,6 +564,38 @@ def test_qos0_backlog_is_sent_whole(mosquitto, tmp_path, uid, cleanup):
     assert numbers(sub.settle(quiet=0.5)) == list(range(300))
 
 
+def test_mixed_qos_reaches_the_broker_in_id_order(mosquitto, tmp_path, uid, cleanup):
+    """600 retained states, QoS 0 and 1 mixed, queued while connected: the
+    broker receives them in outbox id order (a QoS 0 subscriber sees the
+    broker's order, without its own in-flight queue) and keeps the last one
+    queued as the retained state. QoS 0 was handed over at once while QoS 1
+    waited behind libmosquitto's in-flight limit (90 inversions here, and
+    an older state kept as the retained one). Mosquitto only: the order is
+    the relay's, no broker behaviour."""
+    topic = up_topic(uid)
+    sub = subscriber(mosquitto, uid, [topic], cleanup)
+    sub.qos = 0
+    sub.connect()
+    relay = make_relay(tmp_path, mosquitto, uid, cleanup).start()
+    c = client(relay, cleanup)
+    n = 600
+    qos = [(k // 3 + k // 7) % 2 for k in range(n)]        # runs of QoS 0 and 1, 1 to 5 long
+    for k in range(n):                                      # pipelined, as a busy program does
+        c.send_json(pub_req(topic, f"state-{k:04d}", qos=qos[k], retain=True))
+    for k in range(n):
+        reply = c.recv_json(20)
+        assert reply is not None and reply.get("type") == "queued", (k, reply)
+    wait_all_sent(relay, n, timeout=60)
+    got = [m.payload.decode() for m in sub.wait_for(n, timeout=30)]
+    inversions = sum(1 for a, b in zip(got, got[1:]) if a > b)
+    assert inversions == 0 and got == [f"state-{k:04d}" for k in range(n)], \
+        f"{inversions} inversions in {len(got)}: first {got[:30]}"
+    late = subscriber(mosquitto, uid, [topic], cleanup, name="late")
+    late.connect()
+    kept = late.settle(quiet=1.0)
+    assert [(m.payload, m.retain) for m in kept] == [(f"state-{n - 1:04d}".encode(), True)]
+
+
 # -- cmdrelayctl publish / outbox ---------------------------------------------
 
 def test_cmdrelayctl_publish_and_outbox(mosquitto, tmp_path, uid, cleanup):

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "store_internal.h"
@@ -104,13 +105,17 @@ store_dedup_open_mark(struct store_dedup *sd)
 {
 	char path[4096];
 	const char *db = sqlite3_db_filename(store_db(sd->st), "main");
+	struct stat st;
 
 	sd->mark_fd = -1;
 	store_dedup_read_boot_id(sd->boot_id);
 	if (db == NULL || *db == '\0' || sd->boot_id[0] == '\0' ||
 	    snprintf(path, sizeof(path), "%s-puback", db) >= (int)sizeof(path))
 		return;
-	sd->mark_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+	/* New, it gets the history's mode whatever the umask (an existing one keeps its own). */
+	if ((sd->mark_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0640)) >= 0 &&
+	    fstat(sd->mark_fd, &st) == 0 && st.st_size == 0)
+		fchmod(sd->mark_fd, 0640);
 }
 
 static struct store_puback_mark

@@ -441,7 +441,7 @@ def test_history_files_are_0640_whatever_the_umask(tmp_path, mosquitto, uid, soc
         os.umask(old)
     publish(mosquitto, f"/cf/v1/AAA/{uid}/dev1/set", b"secret-command")
     relay.wait_count(1)
-    names = ["history.db", "history.db-wal", "history.db-shm"]
+    names = ["history.db", "history.db-wal", "history.db-shm", "history.db-puback"]
     modes = {n: oct(stat.S_IMODE(os.stat(workdir / n).st_mode)) for n in names}
     assert modes == {n: "0o640" for n in names}, modes
     for n in names:

@@ -281,8 +281,8 @@ sync_subscriptions(struct relay *r, bool session_present)
 /*
  * The messages an earlier connection may have left unacknowledged, as
  * candidates for this connection's redeliveries (dedup.h).
- * dedup.redelivery_window bounds how old one may be: the rule needs no
- * window, but a clock that jumps ahead only makes it accept more.
+ * dedup.redelivery_window bounds how old one may be, on the age clock
+ * (store.c), which wall-clock steps do not move; the rule needs no window.
  */
 static int
 relay_load_candidates(struct relay *r)
@@ -291,8 +291,7 @@ relay_load_candidates(struct relay *r)
 	size_t n;
 	bool ids_kept = strcmp(r->cfg->broker.packet_ids, "kept") == 0 && mqtt_dup_readable(r->mqtt);
 
-	if (store_unacked_load(r->store, (int64_t)event_wall_ms() - r->cfg->redelivery_window_ms,
-	    &cand, &n) == -1)
+	if (store_unacked_load(r->store, r->cfg->redelivery_window_ms, &cand, &n) == -1)
 		return -1;
 	if (dedup_connection_start(&r->dedup, ids_kept, cand, n) == -1) {
 		log_errx("out of memory");

@@ -35,9 +35,10 @@ const struct dedup_source *store_dedup_source(struct store *st);
 
 /*
  * The messages earlier connections left without a confirmed PUBACK,
- * recorded since since_ms, oldest first (store_dedup.c); *out is malloc'ed.
+ * recorded less than window_ms ago on the age clock (no wall-clock step
+ * moves it), oldest first (store_dedup.c); *out is malloc'ed.
  */
-int store_unacked_load(struct store *st, int64_t since_ms, struct dedup_candidate **out,
+int store_unacked_load(struct store *st, int64_t window_ms, struct dedup_candidate **out,
     size_t *n);
 /* row, delivered now with packet id mid, waits for the broker to have its PUBACK. */
 int store_unacked_add(struct store *st, int64_t row, const struct dedup_verdict *v, int mid);

@@ -60,7 +60,7 @@ static const char *const dedup_sql[DSTMT_COUNT] = {
 	[DSTMT_UNACKED_LOAD] =
 	    "SELECT u.entry, u.command, u.mid, m.topic, m.payload_hash, u.connection, u.last_row"
 	    " FROM broker_unacked u JOIN messages m ON m.id = u.entry"
-	    " WHERE u.connection < ?1 AND m.received_at >= ?2 ORDER BY u.entry DESC LIMIT ?3",
+	    " WHERE u.connection < ?1 AND m.age_ms >= age_clock() - ?2 ORDER BY u.entry DESC LIMIT ?3",
 	[DSTMT_UNACKED_ADD] =
 	    "INSERT INTO broker_unacked (entry, command, mid, connection, last_row)"
 	    " VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (entry) DO UPDATE SET"
@@ -254,7 +254,7 @@ store_dedup_source(struct store *st)
 }
 
 int
-store_unacked_load(struct store *st, int64_t since_ms, struct dedup_candidate **out, size_t *n)
+store_unacked_load(struct store *st, int64_t window_ms, struct dedup_candidate **out, size_t *n)
 {
 	struct store_dedup *sd = store_dedup_of(st);
 	sqlite3_stmt *s = sd->stmt[DSTMT_UNACKED_LOAD];
@@ -264,7 +264,7 @@ store_unacked_load(struct store *st, int64_t since_ms, struct dedup_candidate **
 	int rc;
 
 	sqlite3_bind_int64(s, 1, store_connection(st));
-	sqlite3_bind_int64(s, 2, since_ms);
+	sqlite3_bind_int64(s, 2, window_ms);
 	sqlite3_bind_int(s, 3, UNACKED_MAX);
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		const char *topic = (const char *)sqlite3_column_text(s, 3);

@@ -335,7 +335,7 @@ store_candidates(struct store *st, struct dedup_candidate **cand)
 {
 	size_t n;
 
-	if (store_unacked_load(st, 0, cand, &n) != 0)
+	if (store_unacked_load(st, 3600 * 1000, cand, &n) != 0)
 		fail_msg("load: %s", store_errmsg(st));
 	return n;
 }

@@ -14,6 +14,8 @@
 #include "wire.h"
 
 #define FETCH_BATCH 64
+/* Rows one fill() may walk: about a millisecond of SQLite, whatever matches. */
+#define FILL_SCAN_MAX 4096
 /* An anonymous tail with this much unread output is closed, not waited for. */
 #define TAIL_MAX_QUEUED (1024 * 1024)
 
@@ -29,13 +31,17 @@ struct client {
 	enum client_mode mode;
 	char name[REQUEST_NAME_MAX + 1];
 	char filter[REQUEST_FILTER_MAX + 1];
-	int64_t sent_id;	/* the last command id sent (the tail's cursor) */
+	int64_t sent_id;	/* the last command id sent (a tail: the last row read) */
+	int64_t scanned_id;	/* every row up to here was looked at for this client */
+	bool live;		/* caught up with the history once */
+	struct event_timer more;	/* armed while a catch-up continues */
 	int64_t acked_id;
 	int64_t *inflight;	/* ring of sent, unacknowledged ids; socket.window long */
 	size_t head, count;
 };
 
 struct consumers {
+	struct event_loop *loop;
 	const struct config *cfg;
 	struct store *store;
 	struct server *server;
@@ -77,6 +83,18 @@ send_json(struct client *cl, json_t *value)
 	json_decref(value);
 }
 
+/* May the client be sent more now? */
+static bool
+consumer_has_room(const struct client *cl)
+{
+	size_t queued = conn_queued(cl->conn);
+
+	if (cl->mode == CLIENT_NAMED)
+		return cl->count < (size_t)cl->cs->cfg->socket.window && queued < SERVER_OUT_LOW_WATER;
+	/* A replay is paced by the reader; a live tail is not waited for. */
+	return cl->live ? queued <= TAIL_MAX_QUEUED : queued < SERVER_OUT_LOW_WATER;
+}
+
 static int
 send_named(const struct stored_command *c, void *arg)
 {
@@ -87,7 +105,7 @@ send_named(const struct stored_command *c, void *arg)
 	cl->inflight[(cl->head + cl->count) % window] = c->id;
 	cl->count++;
 	cl->sent_id = c->id;
-	return 0;
+	return consumer_has_room(cl) ? 0 : -1;
 }
 
 static int
@@ -98,43 +116,61 @@ send_tail(const struct stored_command *c, void *arg)
 	cl->sent_id = c->id;
 	if (topic_matches(cl->filter, c->topic))
 		send_json(cl, wire_command(c));
-	return 0;
+	return consumer_has_room(cl) ? 0 : -1;
 }
 
 /*
  * Reads from the history what the client may have now: a named consumer up
  * to its window, as long as its socket keeps up; a tail everything new.
- * Unsent commands stay in the database, not in memory (G5).
+ * Unsent commands stay in the database, not in memory (G5). One call walks
+ * at most FILL_SCAN_MAX rows, however few match: a cursor far behind
+ * catches up a slice per loop turn, not at every commit.
  */
 static void
 fill(struct client *cl)
 {
 	struct store *st = cl->cs->store;
 	size_t window = (size_t)cl->cs->cfg->socket.window;
+	bool named = cl->mode == CLIENT_NAMED;
+	int64_t last, upto, budget = FILL_SCAN_MAX;
 	int n = 0, want;
 
-	if (cl->mode == CLIENT_NAMED) {
-		while (cl->count < window && conn_queued(cl->conn) < SERVER_OUT_LOW_WATER) {
-			want = (int)(window - cl->count < FETCH_BATCH ? window - cl->count : FETCH_BATCH);
-			if ((n = store_fetch(st, cl->filter, cl->sent_id, want, send_named, cl)) < want)
-				break;
-		}
-	} else if (cl->mode == CLIENT_TAIL) {
-		do {
-			n = store_fetch(st, NULL, cl->sent_id, FETCH_BATCH, send_tail, cl);
-			if (conn_queued(cl->conn) > TAIL_MAX_QUEUED) {
-				send_error(cl, "slow_consumer", "the tail fell %d bytes behind; closing",
-				    TAIL_MAX_QUEUED);
-				conn_close(cl->conn);
-				return;
-			}
-		} while (n == FETCH_BATCH);
-	} else {
+	if (cl->mode == CLIENT_NEW)
+		return;
+	if ((last = store_last_id(st)) < 0)
+		goto fail;
+	while (cl->scanned_id < last && budget > 0 && consumer_has_room(cl)) {
+		upto = last - cl->scanned_id > budget ? cl->scanned_id + budget : last;
+		want = named && window - cl->count < FETCH_BATCH ? (int)(window - cl->count) : FETCH_BATCH;
+		if ((n = store_fetch(st, named ? cl->filter : NULL, cl->scanned_id, upto, want,
+		    named ? send_named : send_tail, cl)) < 0)
+			break;
+		/* Cut short by the window or the socket: walked up to the last row sent. */
+		if (n == want || !consumer_has_room(cl))
+			upto = cl->sent_id;
+		budget -= upto - cl->scanned_id;
+		cl->scanned_id = upto;
+	}
+	if (cl->live && conn_queued(cl->conn) > TAIL_MAX_QUEUED) {
+		send_error(cl, "slow_consumer", "the tail fell %d bytes behind; closing",
+		    TAIL_MAX_QUEUED);
+		conn_close(cl->conn);
 		return;
 	}
-	if (n < 0)
-		log_warnx("consumer %s: %s", cl->mode == CLIENT_NAMED ? cl->name : "tail",
-		    store_errmsg(st));
+	if (cl->scanned_id == last)
+		cl->live = true;
+	else if (n >= 0 && consumer_has_room(cl))
+		event_timer_arm(cl->cs->loop, &cl->more, 0);
+	if (n >= 0)
+		return;
+fail:
+	log_warnx("consumer %s: %s", named ? cl->name : "tail", store_errmsg(st));
+}
+
+static void
+on_more(void *arg)
+{
+	fill(arg);
 }
 
 struct name_search {
@@ -193,7 +229,7 @@ op_hello(struct client *cl, const struct request *req)
 			return send_error(cl, "storage", "the history cannot be read now; try again");
 		cl->mode = CLIENT_TAIL;
 	}
-	cl->sent_id = cl->acked_id = resume_after;
+	cl->sent_id = cl->acked_id = cl->scanned_id = resume_after;
 	log_info("consumer %s (pid %d uid %d): filter %s, resuming after #%" PRId64,
 	    cl->mode == CLIENT_NAMED ? cl->name : "(tail)", (int)conn_pid(cl->conn),
 	    (int)conn_uid(cl->conn), cl->filter, resume_after);
@@ -367,6 +403,7 @@ on_open(struct conn *c, void *arg)
 	}
 	cl->cs = cs;
 	cl->conn = c;
+	event_timer_init(&cl->more, on_more, cl);
 	return cl;
 }
 
@@ -386,16 +423,21 @@ on_close(struct conn *c, void *state, void *arg)
 	(void)arg;
 	log_info("consumer %s (pid %d) disconnected", cl->mode == CLIENT_NAMED ? cl->name : "-",
 	    (int)conn_pid(c));
+	event_timer_disarm(cl->cs->loop, &cl->more);
 	free(cl->inflight);
 	free(cl);
 }
 
+/* A client still catching up reaches the new rows on its own. */
 static void
 notify_one(struct conn *c, void *state, void *arg)
 {
+	struct client *cl = state;
+
 	(void)c;
 	(void)arg;
-	fill(state);
+	if (cl->more.due_ms == 0)
+		fill(cl);
 }
 
 void
@@ -424,6 +466,7 @@ consumers_new(struct event_loop *loop, const struct config *cfg, struct store *s
 		snprintf(err, errlen, "out of memory");
 		return NULL;
 	}
+	cs->loop = loop;
 	cs->cfg = cfg;
 	cs->store = store;
 	cs->hooks = *hooks;

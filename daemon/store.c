@@ -82,16 +82,17 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	 * The unary + keeps SQLite off the (topic, payload_hash) index: walking
 	 * the rowids after ?1 stops at LIMIT, while the index would read and
 	 * sort every row of the topic at each fetch (measured: 66 % of a drain).
+	 * ?4 bounds the rowids walked, however few of them match.
 	 */
 	[STMT_FETCH_FILTERED] =
 	    "SELECT id, received_at, topic, payload, qos, retain, fields,"
 	    " CASE reason WHEN 'possible_repeat' THEN duplicate_of END FROM messages"
-	    " WHERE id > ?1 AND +status = 'accepted'"
+	    " WHERE id > ?1 AND id <= ?4 AND +status = 'accepted'"
 	    " AND +topic IN (SELECT topic FROM filter_topics WHERE filter = ?2) ORDER BY id LIMIT ?3",
 	[STMT_FETCH_ALL] =
 	    "SELECT id, received_at, topic, payload, qos, retain, fields,"
 	    " CASE reason WHEN 'possible_repeat' THEN duplicate_of END FROM messages"
-	    " WHERE id > ?1 AND status = 'accepted' ORDER BY id LIMIT ?3",
+	    " WHERE id > ?1 AND id <= ?4 AND +status = 'accepted' ORDER BY id LIMIT ?3",
 	[STMT_MAX_ID] = "SELECT coalesce(max(id), 0) FROM messages",
 	[STMT_TOPIC_LAST] = "UPDATE topics SET last_accepted = ?2 WHERE topic = ?1",
 	/* Older than max_age: gone, unless it is a topic's newest command. */
@@ -631,7 +632,7 @@ store_last_id(struct store *st)
 }
 
 int
-store_fetch(struct store *st, const char *filter, int64_t after_id, int limit,
+store_fetch(struct store *st, const char *filter, int64_t after_id, int64_t upto_id, int limit,
     store_command_fn *fn, void *arg)
 {
 	enum stmt_id id = filter ? STMT_FETCH_FILTERED : STMT_FETCH_ALL;
@@ -642,6 +643,7 @@ store_fetch(struct store *st, const char *filter, int64_t after_id, int limit,
 	if (filter)
 		sqlite3_bind_text(s, 2, filter, -1, SQLITE_STATIC);
 	sqlite3_bind_int(s, 3, limit);
+	sqlite3_bind_int64(s, 4, upto_id);
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		struct stored_command c = {
 			.id = sqlite3_column_int64(s, 0),

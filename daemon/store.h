@@ -99,11 +99,12 @@ typedef int store_consumer_fn(const struct store_consumer *c, void *arg);
 int store_consumers(struct store *st, store_consumer_fn *fn, void *arg);
 int64_t store_last_id(struct store *st);
 /*
- * Calls fn for up to limit accepted commands after after_id, in id order;
- * filter NULL: every topic. Returns how many were read, -1 on error.
+ * Calls fn for up to limit accepted commands with after_id < id <= upto_id,
+ * in id order; filter NULL: every topic. Returns how many were read, -1 on
+ * error. The rows walked are bounded by upto_id - after_id.
  */
-int store_fetch(struct store *st, const char *filter, int64_t after_id, int limit,
-    store_command_fn *fn, void *arg);
+int store_fetch(struct store *st, const char *filter, int64_t after_id, int64_t upto_id,
+    int limit, store_command_fn *fn, void *arg);
 
 /* A local program's publication in the outbox. */
 struct outbox_msg {

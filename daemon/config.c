@@ -72,6 +72,8 @@ static const struct config_key config_keys[] = {
 	{ "dedup.redelivery_window", KEY_DURATION, 1000, 30 * DAY_MS, "1h", CFG(redelivery_window_ms), false },
 	{ "store", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "store.path", KEY_STRING, 1, PATH_MAX, "/var/lib/cmdrelay/history.db", CFG(store.path), true },
+	/* 4 MiB: a command line (escaped or base64) stays within the socket's output bound. */
+	{ "store.max_payload", KEY_INT, 1, 4 * 1024 * 1024, "262144", CFG(store.max_payload), false },
 	{ "store.retention", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "store.retention.max_age", KEY_DURATION, 3600 * 1000, 3650 * DAY_MS, "90d", CFG(store.max_age_ms), false },
 	{ "store.retention.max_rows", KEY_INT, 1000, 1000000000, "10000000", CFG(store.max_rows), false },

@@ -55,6 +55,7 @@ struct config {
 		char *path;
 		int64_t max_age_ms;
 		int64_t max_rows;
+		int64_t max_payload;
 	} store;
 	struct {
 		char *path;

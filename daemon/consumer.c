@@ -151,7 +151,7 @@ fill(struct client *cl)
 		budget -= upto - cl->scanned_id;
 		cl->scanned_id = upto;
 	}
-	if (cl->live && conn_queued(cl->conn) > TAIL_MAX_QUEUED) {
+	if (cl->mode == CLIENT_TAIL && cl->live && conn_queued(cl->conn) > TAIL_MAX_QUEUED) {
 		send_error(cl, "slow_consumer", "the tail fell %d bytes behind; closing",
 		    TAIL_MAX_QUEUED);
 		conn_close(cl->conn);

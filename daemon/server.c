@@ -143,8 +143,15 @@ conn_flush(struct conn *c)
 void
 conn_send(struct conn *c, const char *data, size_t len)
 {
-	if (c->write_failed)
+	if (c->write_failed || c->closing)
 		return;
+	if (conn_queued(c) + len > SERVER_OUT_MAX) {
+		log_warnx("consumer pid %d uid %d: %zu bytes of output unread; closing",
+		    (int)c->cred.pid, (int)c->cred.uid, conn_queued(c));
+		c->outpos = c->outlen = 0;
+		conn_close(c);
+		return;
+	}
 	if (c->outpos > 0 && c->outlen + len > c->outcap) {
 		memmove(c->out, c->out + c->outpos, conn_queued(c));
 		c->outlen -= c->outpos;

@@ -73,6 +73,9 @@ typedef int store_command_fn(const struct stored_command *c, void *arg);
 int store_insert(struct store *st, const struct delivery *d,
     const struct dedup_verdict *v, const struct topic_fields *fields, int64_t *id);
 
+/* Notes that row id's payload of payloadlen bytes was too large to keep. */
+int store_mark_oversize(struct store *st, int64_t id, size_t payloadlen);
+
 /*
  * Deletes up to limit rows that retention lets go: older than max_age_ms on
  * the age clock (wall-clock steps do not age a row), or beyond the newest keep_rows and acknowledged by every

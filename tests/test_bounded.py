@@ -71,3 +71,63 @@ def test_cursor_far_behind_costs_no_work_per_commit(mosquitto, tmp_path, uid):
     got = far.collect(count=1, timeout=10)
     assert [(c["id"], c["payload"]) for c in got] == [(BULK_ROWS + 52, "for far")]
     relay.stop()
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_oversized_payload_is_recorded_acknowledged_not_delivered(mosquitto, tmp_path, uid):
+    """A payload over store.max_payload (default 256 KiB) is a row with
+    oversize = its length and an empty payload, acknowledged (not sent
+    again after a restart), counted in stats, and not handed to consumers;
+    the next command flows as usual (issue 12 item 2)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
+    relay.start()
+    lamp = ConsumerClient.connect(sock(relay))
+    lamp.hello(consumer="lamp", filter=topic)
+    publish(mosquitto, topic, b"x" * (256 * 1024 + 1))
+    publish(mosquitto, topic, b"small")
+    got = lamp.collect(count=1, timeout=10)
+    assert [c["payload"] for c in got] == ["small"]
+    assert lamp.no_command(0.5)
+    stats = lamp.stats()
+    assert stats["oversized"] == 1 and stats["received"] == 2
+    lamp.close()
+    assert relay.query("SELECT id, status, length(payload), oversize FROM messages ORDER BY id") == \
+        [(1, "accepted", 0, 256 * 1024 + 1), (2, "accepted", 5, None)]
+    assert "over store.max_payload" in relay.log()
+    relay.restart()
+    time.sleep(1)
+    assert relay.count() == 2           # PUBACKed: the broker does not send it again
+    relay.stop()
+
+
+def test_consumers_that_never_read_hold_bounded_memory(mosquitto, tmp_path, uid):
+    """8 named consumers that never read, 32 commands of 2 MiB: the relay's
+    peak RSS stays under 160 MiB (the old code queued every command for
+    every consumer in RAM: over 500 MiB). Output per connection is bounded
+    in bytes, not rows (issue 12 item 2)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
+                  store={"path": str(tmp_path / "relay" / "history.db"), "max_payload": 4 << 20})
+    relay.start()
+    sleepers = []
+    for i in range(8):
+        c = ConsumerClient.connect(sock(relay))
+        c.hello(consumer=f"sleeper{i}", filter=topic)
+        sleepers.append(c)
+    for i in range(32):
+        publish(mosquitto, topic, bytes([97 + i % 26]) * (2 << 20))
+    relay.wait_count(32, timeout=120)
+    time.sleep(0.5)
+    peak = peak_rss_mib(relay.proc.pid)
+    assert peak < 160, f"peak RSS {peak:.0f} MiB"
+    first = sleepers[0].collect(count=32, timeout=60, ack_every=4)
+    assert [c["id"] for c in first] == list(range(1, 33))
+    relay.stop()

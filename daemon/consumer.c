@@ -14,6 +14,10 @@
 #include "wire.h"
 
 #define FETCH_BATCH 64
+/* Errors logged per connection before the rest are only counted: a client may send nothing else. */
+#define ERROR_LOG_BURST 10
+/* ... and then one in this many, with the count. */
+#define ERROR_LOG_EVERY 1000
 /* Rows one fill() may walk: about a millisecond of SQLite, whatever matches. */
 #define FILL_SCAN_MAX 4096
 /* An anonymous tail with this much unread output is closed, not waited for. */
@@ -37,6 +41,7 @@ struct client {
 	struct event_timer more;	/* armed while a catch-up continues */
 	int64_t acked_id;
 	int64_t *inflight;	/* ring of sent, unacknowledged ids; socket.window long */
+	uint64_t errors;	/* error lines sent on this connection */
 	size_t head, count;
 };
 
@@ -66,8 +71,11 @@ send_error(struct client *cl, const char *code, const char *fmt, ...)
 		free(line);
 	}
 	json_decref(reply);
-	log_info("consumer %s (pid %d): %s: %s", cl->mode == CLIENT_NAMED ? cl->name : "-",
-	    (int)conn_pid(cl->conn), code, message);
+	if (++cl->errors > ERROR_LOG_BURST && cl->errors % ERROR_LOG_EVERY != 0)
+		return;
+	log_info("consumer %s (pid %d): %s: %s (error %" PRIu64 " of this connection%s)",
+	    cl->mode == CLIENT_NAMED ? cl->name : "-", (int)conn_pid(cl->conn), code, message,
+	    cl->errors, cl->errors == ERROR_LOG_BURST ? "; from now on one in 1000 is logged" : "");
 }
 
 static void

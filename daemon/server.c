@@ -112,10 +112,17 @@ conn_free(struct conn *c)
 	free(c);
 }
 
+/* While its output is backed up, a connection's input waits in the kernel. */
+static bool
+conn_paused(const struct conn *c)
+{
+	return !c->closing && conn_queued(c) >= SERVER_OUT_LOW_WATER;
+}
+
 static void
 conn_watch(struct conn *c)
 {
-	short events = POLLIN | (conn_queued(c) ? POLLOUT : 0);
+	short events = (conn_paused(c) ? 0 : POLLIN) | (conn_queued(c) ? POLLOUT : 0);
 
 	event_io_set(c->srv->loop, c->fd, events, conn_io, c);
 }
@@ -210,11 +217,34 @@ conn_close(struct conn *c)
 	conn_watch(c);
 }
 
+/* Hands over the complete lines read, as long as the peer reads our answers. */
+static void
+conn_lines(struct conn *c)
+{
+	char *start = c->in, *nl;
+
+	while (!c->closing && !conn_paused(c) &&
+	    (nl = memchr(start, '\n', c->inlen - (size_t)(start - c->in)))) {
+		*nl = '\0';
+		c->srv->h.line(c, c->state, start, (size_t)(nl - start), c->srv->h.arg);
+		start = nl + 1;
+	}
+	c->inlen -= (size_t)(start - c->in);
+	memmove(c->in, start, c->inlen);
+	if (!c->closing && !conn_paused(c) && c->inlen > SERVER_LINE_MAX) {
+		static const char msg[] = "{\"type\":\"error\",\"code\":\"line_too_long\","
+		    "\"message\":\"a line may be at most 65536 bytes\"}\n";
+		log_warnx("consumer pid %d uid %d: line longer than %d bytes; closing",
+		    (int)c->cred.pid, (int)c->cred.uid, SERVER_LINE_MAX);
+		conn_send(c, msg, sizeof(msg) - 1);
+		conn_close(c);
+	}
+}
+
 static void
 conn_read(struct conn *c)
 {
 	ssize_t n = recv(c->fd, c->in + c->inlen, SERVER_LINE_MAX + 1 - c->inlen, 0);
-	char *start, *nl;
 
 	if (n == 0 || (n == -1 && errno != EAGAIN && errno != EINTR)) {
 		conn_free(c);
@@ -223,22 +253,7 @@ conn_read(struct conn *c)
 	if (n == -1)
 		return;
 	c->inlen += (size_t)n;
-	start = c->in;
-	while (!c->closing && (nl = memchr(start, '\n', c->inlen - (size_t)(start - c->in)))) {
-		*nl = '\0';
-		c->srv->h.line(c, c->state, start, (size_t)(nl - start), c->srv->h.arg);
-		start = nl + 1;
-	}
-	c->inlen -= (size_t)(start - c->in);
-	memmove(c->in, start, c->inlen);
-	if (!c->closing && c->inlen > SERVER_LINE_MAX) {
-		static const char msg[] = "{\"type\":\"error\",\"code\":\"line_too_long\","
-		    "\"message\":\"a line may be at most 65536 bytes\"}\n";
-		log_warnx("consumer pid %d uid %d: line longer than %d bytes; closing",
-		    (int)c->cred.pid, (int)c->cred.uid, SERVER_LINE_MAX);
-		conn_send(c, msg, sizeof(msg) - 1);
-		conn_close(c);
-	}
+	conn_lines(c);
 }
 
 static void
@@ -265,8 +280,10 @@ conn_io(int fd, short revents, void *arg)
 	}
 	/* A failed write is noted in the conn; its input is still read to EOF. */
 	conn_flush(c);
-	if (before >= SERVER_OUT_LOW_WATER && conn_queued(c) < SERVER_OUT_LOW_WATER && !c->closing)
+	if (before >= SERVER_OUT_LOW_WATER && !conn_paused(c) && !c->closing) {
 		c->srv->h.drained(c, c->state, c->srv->h.arg);
+		conn_lines(c);
+	}
 	conn_watch(c);
 }
 

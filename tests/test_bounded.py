@@ -131,3 +131,35 @@ def test_consumers_that_never_read_hold_bounded_memory(mosquitto, tmp_path, uid)
     first = sleepers[0].collect(count=32, timeout=60, ack_every=4)
     assert [c["id"] for c in first] == list(range(1, 33))
     relay.stop()
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_requests_without_reading_replies_are_bounded(mosquitto, tmp_path, uid):
+    """A client that floods unknown ops and stats requests and never reads
+    the answers: the relay stops reading it once 64 KiB of answers wait, so
+    its RSS stays within 16 MiB of where it was and the log within 64 KiB
+    (the old code: 100+ MiB and one log line per error); other clients are
+    still served (issue 12 item 3)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
+    relay.start()
+    rss0 = rss_mib(relay.proc.pid)
+    log0 = relay.log_path.stat().st_size
+    flood = ConsumerClient.connect(sock(relay))
+    flood.send_raw(b'{"op":"nope"}\n' * 200_000 + b'{"op":"stats"}\n' * 100_000, timeout=4)
+    grown = rss_mib(relay.proc.pid) - rss0
+    logged = relay.log_path.stat().st_size - log0
+    assert grown < 16, f"RSS grew {grown:.0f} MiB"
+    assert logged < 64 * 1024, f"{logged} bytes of log"
+    other = ConsumerClient.connect(sock(relay))
+    assert other.stats(timeout=5)["type"] == "stats"
+    flood.close()
+    other.close()
+    relay.stop()

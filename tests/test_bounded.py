@@ -3,6 +3,8 @@ size makes the relay do work or hold memory beyond a fixed bound. Real
 daemon, real Mosquitto; large histories are written straight into the
 schema with the daemon stopped, not published."""
 import os
+import resource
+import socket
 import sqlite3
 import time
 
@@ -162,4 +164,82 @@ def test_requests_without_reading_replies_are_bounded(mosquitto, tmp_path, uid):
     assert other.stats(timeout=5)["type"] == "stats"
     flood.close()
     other.close()
+    relay.stop()
+
+
+def nofile_soft(pid):
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no Max open files")
+
+
+def test_descriptors_fit_max_consumers(mosquitto, tmp_path, uid):
+    """Started with a soft limit of 256 descriptors and socket.max_consumers
+    400, the relay raises its soft limit and takes all 400 consumers (the
+    old code kept 256 and failed at about 250, spinning on EMFILE)
+    (issue 12 item 7)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
+                  socket={"path": str(tmp_path / "relay" / "cmdrelay.sock"), "max_consumers": 400})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        relay.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    clients = []
+    try:
+        assert nofile_soft(relay.proc.pid) >= 400 + 64
+        for i in range(400):
+            c = ConsumerClient.connect(sock(relay))
+            c.hello()
+            clients.append(c)
+    finally:
+        for c in clients:
+            c.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    relay.stop()
+
+
+def test_out_of_descriptors_accepting_pauses(mosquitto, tmp_path, uid, monkeypatch):
+    """With a hard limit of 100 descriptors, below what socket.max_consumers
+    (200) needs, the relay says so at start; out of descriptors it stops accepting
+    for a second at a time instead of spinning (the old code: 100 % CPU and
+    tens of thousands of log lines), and takes the waiting clients once
+    others leave (issue 12 item 7)."""
+    import relay as relay_module
+    wrapper = tmp_path / "cmdrelayd-ulimit"
+    wrapper.write_text(f"#!/bin/sh\nulimit -n 100\nexec {relay_module.CMDRELAYD} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(relay_module, "CMDRELAYD", wrapper)
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
+                  socket={"path": str(tmp_path / "relay" / "cmdrelay.sock"), "max_consumers": 200})
+    relay.start()
+    assert "socket.max_consumers 200 needs 264" in relay.log()
+    clients = []
+    try:
+        log0 = relay.log_path.stat().st_size
+        cpu0 = cpu_seconds(relay.proc.pid)
+        deadline = time.monotonic() + 5
+        while len(clients) < 200 and time.monotonic() < deadline:
+            try:                # about 90 accepted, then the listen backlog fills
+                clients.append(ConsumerClient.connect(sock(relay), timeout=0.2))
+            except (BlockingIOError, socket.timeout):
+                time.sleep(0.05)
+        assert 100 < len(clients) < 200
+        time.sleep(3)
+        cpu = cpu_seconds(relay.proc.pid) - cpu0
+        log = relay.log_path.read_bytes()[log0:].decode(errors="replace")
+        assert cpu < 0.5, f"{cpu:.2f} s of CPU in 3 s out of descriptors"
+        assert 1 <= log.count("accept: ") <= 10, log[-2000:]
+        for c in clients[:-80]:         # 80 fit in 100 descriptors
+            c.close()
+        for c in clients[-80:]:
+            assert c.hello(timeout=10)["type"] == "welcome"
+    finally:
+        for c in clients:
+            c.close()
     relay.stop()

@@ -695,6 +695,47 @@ parse_document(struct parser *p, FILE *fp)
 	return rc;
 }
 
+/*
+ * Before the document is built: the file's size, and its nesting depth,
+ * read as events and given up at the first level too deep, so that no
+ * input costs more than a linear pass over 1 MiB. Syntax errors are left
+ * to the parse proper, which reports them.
+ */
+static int
+config_check_bounds(struct parser *p, FILE *fp)
+{
+	yaml_parser_t yp;
+	yaml_event_t ev;
+	struct stat sb;
+	int depth = 0, rc = 0;
+	bool done = false;
+
+	if (fstat(fileno(fp), &sb) == 0 && sb.st_size > CONFIG_MAX_BYTES) {
+		snprintf(p->err, p->errlen, "%s: %jd bytes; a config may have at most %d",
+		    p->file, (intmax_t)sb.st_size, CONFIG_MAX_BYTES);
+		return -1;
+	}
+	if (!yaml_parser_initialize(&yp))
+		return fail_at(p, NULL, "out of memory");
+	yaml_parser_set_input_file(&yp, fp);
+	while (!done && rc == 0 && yaml_parser_parse(&yp, &ev)) {
+		if (ev.type == YAML_MAPPING_START_EVENT || ev.type == YAML_SEQUENCE_START_EVENT)
+			depth++;
+		else if (ev.type == YAML_MAPPING_END_EVENT || ev.type == YAML_SEQUENCE_END_EVENT)
+			depth--;
+		if (depth > CONFIG_MAX_DEPTH) {
+			snprintf(p->err, p->errlen, "%s:%zu:%zu: nested more than %d levels deep",
+			    p->file, ev.start_mark.line + 1, ev.start_mark.column + 1, CONFIG_MAX_DEPTH);
+			rc = -1;
+		}
+		done = ev.type == YAML_STREAM_END_EVENT;
+		yaml_event_delete(&ev);
+	}
+	yaml_parser_delete(&yp);
+	rewind(fp);
+	return rc;
+}
+
 int
 config_load(const char *file, struct config **out, char *err, size_t errlen)
 {
@@ -713,7 +754,7 @@ config_load(const char *file, struct config **out, char *err, size_t errlen)
 		config_free(p.cfg);
 		return -1;
 	}
-	rc = parse_document(&p, fp);
+	rc = config_check_bounds(&p, fp) == 0 ? parse_document(&p, fp) : -1;
 	fclose(fp);
 	if (rc == -1) {
 		config_free(p.cfg);

@@ -243,3 +243,39 @@ def test_out_of_descriptors_accepting_pauses(mosquitto, tmp_path, uid, monkeypat
         for c in clients:
             c.close()
     relay.stop()
+
+
+def test_config_size_and_depth_are_bounded(mosquitto, tmp_path, uid):
+    """A config nested 100,000 deep, or over 1 MiB, is refused with exit 78
+    and a message naming file, line and column, in well under 2 s (the old
+    code parsed the deep one for 24 s); a SIGHUP with such a file keeps the
+    old config and the loop answering (issue 12 item 8)."""
+    import signal
+    import subprocess
+    from relay import CMDRELAYD
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("broker:\n  host: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    t0 = time.monotonic()
+    r = subprocess.run([str(CMDRELAYD), "-t", "-c", str(deep)], capture_output=True, text=True, timeout=30)
+    took = time.monotonic() - t0
+    assert r.returncode == 78 and f"{deep}:2:" in r.stderr and "nested more than 16 levels" in r.stderr, r.stderr
+    assert took < 2, f"{took:.1f} s"
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 110_000)
+    r = subprocess.run([str(CMDRELAYD), "-t", "-c", str(big)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 78 and "a config may have at most 1048576" in r.stderr, r.stderr
+
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
+    relay.start()
+    good = relay.conf_path.read_text()
+    relay.conf_path.write_text(good + "extra:\n  x: " + "[" * 150_000 + "]" * 150_000 + "\n")
+    relay.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.2)
+    c = ConsumerClient.connect(sock(relay))
+    t0 = time.monotonic()
+    assert c.stats(timeout=10)["type"] == "stats"
+    assert time.monotonic() - t0 < 2
+    relay.wait_log("nested more than 16 levels", 10)
+    c.close()
+    relay.stop()

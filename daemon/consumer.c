@@ -299,9 +299,9 @@ add_consumer_stats(const struct store_consumer *sc, void *arg)
 	struct name_search search = { sc->name, NULL, false };
 
 	server_foreach(ctx->cs->server, match_name, &search);
-	json_array_append_new(ctx->list, json_pack("{s:s, s:s, s:I, s:I, s:b}",
+	json_array_append_new(ctx->list, json_pack("{s:s, s:s, s:I, s:I, s:b, s:b}",
 	    "name", sc->name, "filter", sc->filter, "acked_id", (json_int_t)sc->acked_id,
-	    "lag", (json_int_t)sc->lag, "connected", search.found));
+	    "lag", (json_int_t)sc->lag, "lag_exact", sc->lag_exact, "connected", search.found));
 	return 0;
 }
 

@@ -603,27 +603,41 @@ store_consumer_ack(struct store *st, const char *name, int64_t id)
 	return step_int(st, STMT_CONSUMER_ACK, NULL);
 }
 
+/*
+ * The lag as consumer_lag counts it, but over at most STORE_LAG_SCAN rows
+ * after the ack (or the oldest row kept): the daemon answers stats and
+ * writes metrics from its loop, where a count over a long history would
+ * stall everything else.
+ */
 int
 store_consumers(struct store *st, store_consumer_fn *fn, void *arg)
 {
 	sqlite3_stmt *s;
 	int rc;
 
-	if (sqlite3_prepare_v2(st->db, "SELECT consumer, filter, acked_id, lag FROM consumer_lag"
-	    " ORDER BY consumer", -1, &s, NULL) != SQLITE_OK)
-		return store_fail(st, "reading consumer_lag");
+	if (sqlite3_prepare_v2(st->db,
+	    "WITH b AS (SELECT coalesce(min(id), 1) - 1 AS lo, coalesce(max(id), 0) AS hi FROM messages),"
+	    " c AS (SELECT name, filter, acked_id, max(acked_id, lo) AS start, hi FROM consumers, b)"
+	    " SELECT name, filter, acked_id,"
+	    " (SELECT count(*) FROM messages m WHERE m.id > c.start AND m.id <= c.start + ?1"
+	    "   AND +m.status = 'accepted' AND m.oversize IS NULL"
+	    "   AND +m.topic IN (SELECT topic FROM filter_topics f WHERE f.filter = c.filter)),"
+	    " hi - start <= ?1 FROM c ORDER BY name", -1, &s, NULL) != SQLITE_OK)
+		return store_fail(st, "reading the consumers");
+	sqlite3_bind_int(s, 1, STORE_LAG_SCAN);
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		struct store_consumer c = {
 			.name = (const char *)sqlite3_column_text(s, 0),
 			.filter = (const char *)sqlite3_column_text(s, 1),
 			.acked_id = sqlite3_column_int64(s, 2),
 			.lag = sqlite3_column_int64(s, 3),
+			.lag_exact = sqlite3_column_int(s, 4),
 		};
 		if (fn(&c, arg) == -1)
 			break;
 	}
 	sqlite3_finalize(s);
-	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : store_fail(st, "reading consumer_lag");
+	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : store_fail(st, "reading the consumers");
 }
 
 int64_t

@@ -96,9 +96,12 @@ struct store_consumer {
 	const char *filter;
 	int64_t acked_id;
 	int64_t lag;
+	bool lag_exact;		/* false: at least lag, more beyond the rows counted */
 };
+/* History rows one consumer's lag may count in the daemon: about a millisecond. */
+#define STORE_LAG_SCAN 4096
 typedef int store_consumer_fn(const struct store_consumer *c, void *arg);
-/* Every named consumer with its lag (view consumer_lag), by name. */
+/* Every named consumer with its lag (as view consumer_lag, bounded), by name. */
 int store_consumers(struct store *st, store_consumer_fn *fn, void *arg);
 int64_t store_last_id(struct store *st);
 /*

@@ -85,6 +85,8 @@ static const struct config_key config_keys[] = {
 	{ "socket.allow", KEY_PEERS, 1, CONFIG_MAX_PEERS, NULL, 0, false },
 	{ "socket.max_consumers", KEY_INT, 1, 1024, "64", CFG(socket.max_consumers), true },
 	{ "socket.window", KEY_INT, 1, 65536, "256", CFG(socket.window), true },
+	/* Each cursor holds back retention and costs stats a count: a few thousand at most. */
+	{ "socket.max_cursors", KEY_INT, 1, 100000, "1000", CFG(socket.max_cursors), false },
 	{ "uplink", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "uplink.allow", KEY_PATTERNS, 1, CONFIG_MAX_UPLINK_PATTERNS, NULL, 0, false },
 	{ "uplink.max_queued", KEY_INT, 1, 10000000, "100000", CFG(uplink.max_queued), false },

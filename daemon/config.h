@@ -69,6 +69,7 @@ struct config {
 		size_t nallow;
 		int64_t max_consumers;
 		int64_t window;
+		int64_t max_cursors;
 	} socket;
 	struct {
 		char **allow;		/* MQTT filters; NULL: no uplink */

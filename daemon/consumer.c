@@ -202,6 +202,7 @@ static void
 op_hello(struct client *cl, const struct request *req)
 {
 	int64_t resume_after;
+	int rc;
 
 	if (cl->mode != CLIENT_NEW)
 		return send_error(cl, "already_started", "hello was already said on this connection");
@@ -223,8 +224,15 @@ op_hello(struct client *cl, const struct request *req)
 			conn_close(cl->conn);
 			return;
 		}
-		if (store_consumer_open(cl->cs->store, req->name, req->filter, &req->start,
-		    &resume_after) == -1) {
+		if ((rc = store_consumer_open(cl->cs->store, req->name, req->filter, &req->start,
+		    cl->cs->cfg->socket.max_cursors, &resume_after)) == -2) {
+			send_error(cl, "too_many_cursors", "%" PRId64 " consumer names are known "
+			    "(socket.max_cursors); reuse one, or have the admin remove one",
+			    cl->cs->cfg->socket.max_cursors);
+			conn_close(cl->conn);
+			return;
+		}
+		if (rc == -1) {
 			log_warnx("consumer %s: %s", search.name, store_errmsg(cl->cs->store));
 			return send_error(cl, "storage", "the history cannot be written now; try again");
 		}

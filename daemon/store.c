@@ -32,6 +32,7 @@ enum stmt_id {
 	STMT_FILTER_TOPIC_ADD,
 	STMT_TOPICS_ALL,
 	STMT_CONSUMER_GET,
+	STMT_CONSUMER_ROOM,
 	STMT_CONSUMER_PUT,
 	STMT_CONSUMER_ACK,
 	STMT_OVERSIZE,
@@ -73,6 +74,9 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	[STMT_FILTER_TOPIC_ADD] = "INSERT OR IGNORE INTO filter_topics (filter, topic) VALUES (?1, ?2)",
 	[STMT_TOPICS_ALL] = "SELECT topic FROM topics",
 	[STMT_CONSUMER_GET] = "SELECT acked_id FROM consumers WHERE name = ?1",
+	[STMT_CONSUMER_ROOM] =
+	    "SELECT EXISTS (SELECT 1 FROM consumers WHERE name = ?1)"
+	    " OR (SELECT count(*) FROM consumers) < ?2",
 	[STMT_CONSUMER_PUT] =
 	    "INSERT INTO consumers (name, filter, acked_id, updated_at) VALUES (?1, ?2, ?3, ?4)"
 	    " ON CONFLICT (name) DO UPDATE SET filter = excluded.filter,"
@@ -549,13 +553,21 @@ register_filter(struct store *st, const char *filter)
 
 int
 store_consumer_open(struct store *st, const char *name, const char *filter,
-    const struct store_start *start, int64_t *resume_after)
+    const struct store_start *start, int64_t max_cursors, int64_t *resume_after)
 {
 	sqlite3_stmt *put = st->stmt[STMT_CONSUMER_PUT];
-	int64_t acked = 0;
+	int64_t acked = 0, room;
 
 	if (store_begin(st) == -1)
 		return -1;
+	sqlite3_bind_text(st->stmt[STMT_CONSUMER_ROOM], 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st->stmt[STMT_CONSUMER_ROOM], 2, max_cursors);
+	if (step_int(st, STMT_CONSUMER_ROOM, &room) == -1)
+		goto fail;
+	if (!room) {
+		store_rollback(st);
+		return -2;
+	}
 	sqlite3_bind_text(st->stmt[STMT_CONSUMER_GET], 1, name, -1, SQLITE_STATIC);
 	if (step_int(st, STMT_CONSUMER_GET, &acked) == -1 || register_filter(st, filter) == -1)
 		goto fail;

@@ -86,9 +86,12 @@ int store_prune(struct store *st, int64_t max_age_ms, int64_t keep_rows, int lim
 /* Records the age clock, so that after a reboot it goes on from here. */
 int store_age_clock_save(struct store *st);
 
-/* Creates or moves a named consumer's cursor; *resume_after is where it starts. */
+/*
+ * Creates or moves a named consumer's cursor; *resume_after is where it
+ * starts. -2: a new name, and max_cursors cursors exist already.
+ */
 int store_consumer_open(struct store *st, const char *name, const char *filter,
-    const struct store_start *start, int64_t *resume_after);
+    const struct store_start *start, int64_t max_cursors, int64_t *resume_after);
 int store_consumer_ack(struct store *st, const char *name, int64_t id);
 
 struct store_consumer {

@@ -321,3 +321,25 @@ def test_lag_is_cheap_and_a_replay_is_paced_by_its_reader(mosquitto, tmp_path, u
             time.sleep(0.3)             # a reader slower than the relay
     tail.close()
     relay.stop()
+
+
+def test_durable_cursors_are_limited(mosquitto, tmp_path, uid):
+    """socket.max_cursors (here 20): a hello with a 21st new name gets
+    too_many_cursors and is closed, no cursor is made; known names still
+    resume (issue 12 item 5; the old code kept every name for ever)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
+                  socket={"path": str(tmp_path / "relay" / "cmdrelay.sock"), "max_cursors": 20})
+    relay.start()
+    for i in range(20):
+        with ConsumerClient.connect(sock(relay)) as c:
+            c.hello(consumer=f"c{i}", filter=topic)
+    extra = ConsumerClient.connect(sock(relay))
+    extra.send_json({"op": "hello", "consumer": "c20", "filter": topic})
+    err = extra.expect_error("too_many_cursors")
+    assert "socket.max_cursors" in err["message"]
+    assert extra.wait_closed()
+    assert relay.query("SELECT count(*) FROM consumers") == [(20,)]
+    with ConsumerClient.connect(sock(relay)) as c:
+        assert c.hello(consumer="c7", filter=topic)["consumer"] == "c7"
+    relay.stop()

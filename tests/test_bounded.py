@@ -343,3 +343,37 @@ def test_durable_cursors_are_limited(mosquitto, tmp_path, uid):
     with ConsumerClient.connect(sock(relay)) as c:
         assert c.hello(consumer="c7", filter=topic)["consumer"] == "c7"
     relay.stop()
+
+
+def test_stalled_history_reader_does_not_pin_the_wal(mosquitto, tmp_path, uid):
+    """cmdrelayctl history into a pager that stopped reading, while 40,000
+    commands arrive: it reads in pages of 256 rows, each read in full before
+    printing, so it holds no snapshot while blocked and the WAL stays under
+    8 MiB (the old code held its read transaction: the WAL grew without
+    bound: 20.6 MB here, 2.0 MB now); stats reports wal_bytes (issue 12 item 9)."""
+    import subprocess
+    from brokers import publish_many
+    from relay import CMDRELAYCTL
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
+    relay.start()
+    relay.stop()
+    bulk_history(relay, topic, 50_000)
+    relay.start()
+    pager = subprocess.Popen([str(CMDRELAYCTL), "--db", str(relay.db_path), "history", "--limit", "50000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)                   # it has filled the pipe and blocks
+        assert pager.poll() is None
+        publish_many(mosquitto, topic, [b"n%d" % i for i in range(40_000)])
+        relay.wait_count(90_000, timeout=120)
+        wal = os.path.getsize(f"{relay.db_path}-wal")
+        assert wal < 8 << 20, f"WAL {wal} bytes"
+        with ConsumerClient.connect(sock(relay)) as c:
+            assert 0 < c.stats()["wal_bytes"] < 8 << 20
+        lines = pager.communicate(timeout=60)[0].decode().splitlines()
+        assert len(lines) == 1 + 50_000
+    finally:
+        pager.kill()
+        pager.wait()
+    relay.stop()

@@ -65,6 +65,8 @@ send_error(struct client *cl, const char *code, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(message, sizeof(message), fmt, ap);
 	va_end(ap);
+	if (strcmp(code, "storage") == 0 && store_busy(cl->cs->store))
+		code = "storage_busy";	/* another program holds a lock: try again soon */
 	reply = json_pack("{s:s, s:s, s:s}", "type", "error", "code", code, "message", message);
 	if (reply && (line = wire_line(reply, &len)) != NULL) {
 		conn_send(cl->conn, line, len);

@@ -183,6 +183,14 @@ store_errmsg(const struct store *st)
 	return st->err;
 }
 
+bool
+store_busy(const struct store *st)
+{
+	int rc = sqlite3_errcode(st->db) & 0xff;
+
+	return rc == SQLITE_BUSY || rc == SQLITE_LOCKED;
+}
+
 static int
 store_schema_version(void)
 {
@@ -406,7 +414,12 @@ store_new(const char *path, char *err, size_t errlen)
 	    "PRAGMA journal_mode = WAL;"
 	    /* FULL: a commit survives power loss too, since its PUBACK follows (G1). */
 	    "PRAGMA synchronous = FULL;"
-	    "PRAGMA busy_timeout = 2000;"
+	    /*
+	     * Every statement runs on the event loop: an admin's short write
+	     * is waited for, a long one fails the statement soon, and the
+	     * caller retries later (G6) or answers storage_busy.
+	     */
+	    "PRAGMA busy_timeout = 100;"
 	    /* A checkpointed WAL is cut back, so retention bounds the files. */
 	    "PRAGMA journal_size_limit = 8388608;"
 	    "PRAGMA wal_autocheckpoint = 256;";

@@ -24,6 +24,8 @@ void store_free(struct store *st);
 /* True when store_new() found no file and began a new history. */
 bool store_created(const struct store *st);
 const char *store_errmsg(const struct store *st);
+/* The last failure was another connection's lock (an admin's write, a long reader). */
+bool store_busy(const struct store *st);
 
 int store_begin(struct store *st);
 int store_commit(struct store *st);

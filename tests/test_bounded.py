@@ -377,3 +377,39 @@ def test_stalled_history_reader_does_not_pin_the_wal(mosquitto, tmp_path, uid):
         pager.kill()
         pager.wait()
     relay.stop()
+
+
+def test_admin_write_lock_does_not_stall_the_loop(mosquitto, tmp_path, uid):
+    """An admin holds the database's write lock for 4 s while commands
+    arrive: stats answers within 1 s each time (the old code's 2 s busy
+    wait per statement stalled it for seconds), a hello that must write
+    gets storage_busy, and every command is in the history once the lock
+    is gone (G6) (issue 12 item 10)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
+    relay.start()
+    admin = sqlite3.connect(relay.db_path, isolation_level=None, timeout=10)
+    admin.execute("BEGIN IMMEDIATE")
+    admin.execute("UPDATE meta SET value = value WHERE key = 'connection'")
+    try:
+        for i in range(5):
+            publish(mosquitto, topic, b"during lock %d" % i)
+        c = ConsumerClient.connect(sock(relay))
+        worst = 0
+        for _ in range(6):
+            t0 = time.monotonic()
+            c.stats(timeout=10)
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.3)
+        assert worst < 1, f"stats took {worst:.1f} s under the lock"
+        n = ConsumerClient.connect(sock(relay))
+        n.send_json({"op": "hello", "consumer": "late", "filter": topic})
+        assert n.expect_error("storage_busy", timeout=2)
+        n.close()
+        c.close()
+    finally:
+        admin.execute("ROLLBACK")
+        admin.close()
+    relay.wait_count(5, timeout=30)
+    assert [r["payload"] for r in relay.accepted()] == [b"during lock %d" % i for i in range(5)]
+    relay.stop()

@@ -75,12 +75,13 @@ def test_cursor_far_behind_costs_no_work_per_commit(mosquitto, tmp_path, uid):
     relay.stop()
 
 
-def peak_rss_mib(pid):
+def status_mib(pid, field):
+    """A memory figure of /proc/PID/status (VmRSS, VmHWM = peak RSS) in MiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {field}")
 
 
 def test_oversized_payload_is_recorded_acknowledged_not_delivered(mosquitto, tmp_path, uid):
@@ -128,19 +129,11 @@ def test_consumers_that_never_read_hold_bounded_memory(mosquitto, tmp_path, uid)
         publish(mosquitto, topic, bytes([97 + i % 26]) * (2 << 20))
     relay.wait_count(32, timeout=120)
     time.sleep(0.5)
-    peak = peak_rss_mib(relay.proc.pid)
+    peak = status_mib(relay.proc.pid, "VmHWM")
     assert peak < 160, f"peak RSS {peak:.0f} MiB"
     first = sleepers[0].collect(count=32, timeout=60, ack_every=4)
     assert [c["id"] for c in first] == list(range(1, 33))
     relay.stop()
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_requests_without_reading_replies_are_bounded(mosquitto, tmp_path, uid):
@@ -152,11 +145,11 @@ def test_requests_without_reading_replies_are_bounded(mosquitto, tmp_path, uid):
     topic = f"/cf/v1/AAA/012C/{uid}/set"
     relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
     relay.start()
-    rss0 = rss_mib(relay.proc.pid)
+    rss0 = status_mib(relay.proc.pid, "VmRSS")
     log0 = relay.log_path.stat().st_size
     flood = ConsumerClient.connect(sock(relay))
     flood.send_raw(b'{"op":"nope"}\n' * 200_000 + b'{"op":"stats"}\n' * 100_000, timeout=4)
-    grown = rss_mib(relay.proc.pid) - rss0
+    grown = status_mib(relay.proc.pid, "VmRSS") - rss0
     logged = relay.log_path.stat().st_size - log0
     assert grown < 16, f"RSS grew {grown:.0f} MiB"
     assert logged < 64 * 1024, f"{logged} bytes of log"

@@ -95,17 +95,6 @@ file_bytes(const char *db)
 	return total;
 }
 
-/* A WAL much over wal_autocheckpoint's size means a reader pins old pages. */
-static int64_t
-wal_bytes(const char *db_path)
-{
-	char wal[PATH_MAX];
-	struct stat st;
-
-	snprintf(wal, sizeof(wal), "%s-wal", db_path);
-	return stat(wal, &st) == 0 ? st.st_size : 0;
-}
-
 void
 relay_stats(const struct relay *r, json_t *obj)
 {
@@ -132,7 +121,7 @@ relay_stats(const struct relay *r, json_t *obj)
 	json_object_set_new(obj, "commit_failures", json_integer((json_int_t)r->total.commit_failures));
 	json_object_set_new(obj, "last_commit_seconds", json_real((double)r->last_commit_us / 1e6));
 	json_object_set_new(obj, "database_bytes", json_integer((json_int_t)file_bytes(r->cfg->store.path)));
-	json_object_set_new(obj, "wal_bytes", json_integer((json_int_t)wal_bytes(r->cfg->store.path)));
+	json_object_set_new(obj, "wal_bytes", json_integer((json_int_t)store_wal_bytes(r->cfg->store.path)));
 	uplink_stats(r->uplink, obj);
 }
 

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -181,6 +182,16 @@ const char *
 store_errmsg(const struct store *st)
 {
 	return st->err;
+}
+
+int64_t
+store_wal_bytes(const char *db_path)
+{
+	char wal[PATH_MAX];
+	struct stat sb;
+
+	snprintf(wal, sizeof(wal), "%s-wal", db_path);
+	return stat(wal, &sb) == 0 ? sb.st_size : 0;
 }
 
 bool

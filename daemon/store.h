@@ -24,6 +24,12 @@ void store_free(struct store *st);
 /* True when store_new() found no file and began a new history. */
 bool store_created(const struct store *st);
 const char *store_errmsg(const struct store *st);
+/*
+ * The size of the history's WAL. Checkpoints keep it near 1 MiB; much more
+ * means a reader holds an old snapshot, and the WAL grows until it lets go.
+ */
+int64_t store_wal_bytes(const char *db_path);
+#define STORE_WAL_PINNED (64LL * 1024 * 1024)
 /* The last failure was another connection's lock (an admin's write, a long reader). */
 bool store_busy(const struct store *st);
 

@@ -406,3 +406,32 @@ def test_admin_write_lock_does_not_stall_the_loop(mosquitto, tmp_path, uid):
     relay.wait_count(5, timeout=30)
     assert [r["payload"] for r in relay.accepted()] == [b"during lock %d" % i for i in range(5)]
     relay.stop()
+
+
+def test_daemon_says_when_a_reader_pins_the_wal(mosquitto, tmp_path, uid):
+    """A reader holding a snapshot while 80 MiB of commands arrive: the WAL
+    passes 64 MiB and the daemon says so in its log (and metrics/stats
+    wal_bytes), once; when the reader ends, it says the WAL is back
+    (issue 12 item 9)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
+                  store={"path": str(tmp_path / "relay" / "history.db"), "max_payload": 4 << 20})
+    relay.start()
+    publish(mosquitto, topic, b"first")
+    relay.wait_count(1)
+    reader = sqlite3.connect(relay.db_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM messages").fetchall()
+    try:
+        for i in range(40):
+            publish(mosquitto, topic, bytes([97 + i % 26]) * (2 << 20))
+        relay.wait_log("holds an old snapshot", 20)
+        with ConsumerClient.connect(sock(relay)) as c:
+            assert c.stats()["wal_bytes"] > 64 << 20
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    publish(mosquitto, topic, b"after")       # a commit, then a checkpoint that resets the WAL
+    relay.wait_log("the WAL is back to", 20)
+    assert relay.log().count("holds an old snapshot") == 1
+    relay.stop()

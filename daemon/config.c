@@ -87,6 +87,8 @@ static const struct config_key config_keys[] = {
 	{ "socket.window", KEY_INT, 1, 65536, "256", CFG(socket.window), true },
 	/* Each cursor holds back retention and costs stats a count: a few thousand at most. */
 	{ "socket.max_cursors", KEY_INT, 1, 100000, "1000", CFG(socket.max_cursors), false },
+	/* As long as retention's max_age by default: what such a cursor would resume is gone. */
+	{ "socket.cursor_expiry", KEY_DURATION, 3600 * 1000, 3650 * DAY_MS, "90d", CFG(socket.cursor_expiry_ms), false },
 	{ "uplink", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "uplink.allow", KEY_PATTERNS, 1, CONFIG_MAX_UPLINK_PATTERNS, NULL, 0, false },
 	{ "uplink.max_queued", KEY_INT, 1, 10000000, "100000", CFG(uplink.max_queued), false },

@@ -70,6 +70,7 @@ struct config {
 		int64_t max_consumers;
 		int64_t window;
 		int64_t max_cursors;
+		int64_t cursor_expiry_ms;
 	} socket;
 	struct {
 		char **allow;		/* MQTT filters; NULL: no uplink */

@@ -18,6 +18,8 @@
 #define ERROR_LOG_BURST 10
 /* ... and then one in this many, with the count. */
 #define ERROR_LOG_EVERY 1000
+/* How often unused cursors are looked for: socket.cursor_expiry is an hour at least. */
+#define EXPIRY_INTERVAL_MS (60 * 1000)
 /* Rows one fill() may walk: about a millisecond of SQLite, whatever matches. */
 #define FILL_SCAN_MAX 4096
 /* An anonymous tail with this much unread output is closed, not waited for. */
@@ -47,6 +49,8 @@ struct client {
 
 struct consumers {
 	struct event_loop *loop;
+	struct event_timer expiry_timer;
+	uint64_t cursors_expired;
 	const struct config *cfg;
 	struct store *store;
 	struct server *server;
@@ -328,6 +332,7 @@ consumers_stats(struct consumers *cs)
 	}
 	cs->hooks.stats(reply, cs->hooks.arg);
 	json_object_set_new(reply, "connections", json_integer((json_int_t)server_connections(cs->server)));
+	json_object_set_new(reply, "cursors_expired", json_integer((json_int_t)cs->cursors_expired));
 	if (store_consumers(cs->store, add_consumer_stats, &ctx) == -1)
 		log_warnx("stats: %s", store_errmsg(cs->store));
 	json_object_set_new(reply, "consumers", ctx.list);
@@ -458,6 +463,43 @@ notify_one(struct conn *c, void *state, void *arg)
 		fill(cl);
 }
 
+static void
+touch_connected(struct conn *c, void *state, void *arg)
+{
+	struct client *cl = state;
+	struct consumers *cs = arg;
+
+	(void)c;
+	if (cl->mode == CLIENT_NAMED && store_consumer_touch(cs->store, cl->name) == -1)
+		log_warnx("consumer %s: %s", cl->name, store_errmsg(cs->store));
+}
+
+static int
+log_expired(const struct store_consumer *sc, void *arg)
+{
+	struct consumers *cs = arg;
+	char when[40];
+
+	wire_time(sc->updated_at_ms, when, sizeof(when));
+	log_info("consumer %s: cursor (acknowledged up to #%" PRId64 ") unused since %s; removed "
+	    "(socket.cursor_expiry)", sc->name, sc->acked_id, when);
+	cs->cursors_expired++;
+	return 0;
+}
+
+/* Connected cursors are in use; the others expire after socket.cursor_expiry without a hello or ack. */
+static void
+on_expiry(void *arg)
+{
+	struct consumers *cs = arg;
+
+	server_foreach(cs->server, touch_connected, cs);
+	if (store_consumers_expire(cs->store, (int64_t)event_wall_ms() - cs->cfg->socket.cursor_expiry_ms,
+	    log_expired, cs) == -1)
+		log_warnx("cursor expiry: %s", store_errmsg(cs->store));
+	event_timer_arm(cs->loop, &cs->expiry_timer, EXPIRY_INTERVAL_MS);
+}
+
 void
 consumers_set_config(struct consumers *cs, const struct config *cfg)
 {
@@ -493,6 +535,8 @@ consumers_new(struct event_loop *loop, const struct config *cfg, struct store *s
 		free(cs);
 		return NULL;
 	}
+	event_timer_init(&cs->expiry_timer, on_expiry, cs);
+	event_timer_arm(loop, &cs->expiry_timer, 0);
 	return cs;
 }
 
@@ -501,6 +545,7 @@ consumers_free(struct consumers *cs)
 {
 	if (cs == NULL)
 		return;
+	event_timer_disarm(cs->loop, &cs->expiry_timer);
 	server_free(cs->server);
 	free(cs);
 }

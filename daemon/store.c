@@ -34,6 +34,8 @@ enum stmt_id {
 	STMT_TOPICS_ALL,
 	STMT_CONSUMER_GET,
 	STMT_CONSUMER_ROOM,
+	STMT_CONSUMER_TOUCH,
+	STMT_CONSUMER_EXPIRE,
 	STMT_CONSUMER_PUT,
 	STMT_CONSUMER_ACK,
 	STMT_OVERSIZE,
@@ -75,6 +77,9 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	[STMT_FILTER_TOPIC_ADD] = "INSERT OR IGNORE INTO filter_topics (filter, topic) VALUES (?1, ?2)",
 	[STMT_TOPICS_ALL] = "SELECT topic FROM topics",
 	[STMT_CONSUMER_GET] = "SELECT acked_id FROM consumers WHERE name = ?1",
+	[STMT_CONSUMER_TOUCH] = "UPDATE consumers SET updated_at = ?2 WHERE name = ?1",
+	[STMT_CONSUMER_EXPIRE] =
+	    "DELETE FROM consumers WHERE updated_at < ?1 RETURNING name, acked_id, updated_at",
 	[STMT_CONSUMER_ROOM] =
 	    "SELECT EXISTS (SELECT 1 FROM consumers WHERE name = ?1)"
 	    " OR (SELECT count(*) FROM consumers) < ?2",
@@ -645,6 +650,36 @@ store_consumer_ack(struct store *st, const char *name, int64_t id)
  * writes metrics from its loop, where a count over a long history would
  * stall everything else.
  */
+int
+store_consumer_touch(struct store *st, const char *name)
+{
+	sqlite3_bind_text(st->stmt[STMT_CONSUMER_TOUCH], 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st->stmt[STMT_CONSUMER_TOUCH], 2, (int64_t)event_wall_ms());
+	return step_int(st, STMT_CONSUMER_TOUCH, NULL);
+}
+
+int
+store_consumers_expire(struct store *st, int64_t before_ms, store_consumer_fn *fn, void *arg)
+{
+	sqlite3_stmt *s = st->stmt[STMT_CONSUMER_EXPIRE];
+	int n = 0, rc;
+
+	sqlite3_bind_int64(s, 1, before_ms);
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct store_consumer c = {
+			.name = (const char *)sqlite3_column_text(s, 0),
+			.acked_id = sqlite3_column_int64(s, 1),
+			.updated_at_ms = sqlite3_column_int64(s, 2),
+		};
+		n++;
+		fn(&c, arg);
+	}
+	sqlite3_reset(s);
+	if (rc != SQLITE_DONE)
+		return store_fail(st, "%s", stmt_sql[STMT_CONSUMER_EXPIRE]);
+	return n;
+}
+
 int
 store_consumers(struct store *st, store_consumer_fn *fn, void *arg)
 {

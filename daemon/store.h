@@ -108,6 +108,7 @@ struct store_consumer {
 	int64_t acked_id;
 	int64_t lag;
 	bool lag_exact;		/* false: at least lag, more beyond the rows counted */
+	int64_t updated_at_ms;	/* store_consumers_expire() only */
 };
 /* History rows one consumer's lag may count in the daemon: about a millisecond. */
 #define STORE_LAG_SCAN 4096
@@ -115,6 +116,10 @@ typedef int store_consumer_fn(const struct store_consumer *c, void *arg);
 /* Every named consumer with its lag (as view consumer_lag, bounded), by name. */
 int store_consumers(struct store *st, store_consumer_fn *fn, void *arg);
 int64_t store_last_id(struct store *st);
+/* Marks a cursor as in use now. */
+int store_consumer_touch(struct store *st, const char *name);
+/* Removes the cursors last used before before_ms, calling fn for each; returns how many. */
+int store_consumers_expire(struct store *st, int64_t before_ms, store_consumer_fn *fn, void *arg);
 /*
  * Calls fn for up to limit accepted commands with after_id < id <= upto_id,
  * in id order; filter NULL: every topic. Returns how many were read, -1 on

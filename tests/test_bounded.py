@@ -287,8 +287,8 @@ def test_lag_is_cheap_and_a_replay_is_paced_by_its_reader(mosquitto, tmp_path, u
     bulk_history(relay, topic, BULK_ROWS)
     db = sqlite3.connect(relay.db_path)
     with db:
-        db.executemany("INSERT INTO consumers (name, filter, acked_id, updated_at) VALUES (?, ?, 0, 0)",
-                       [(f"away{i}", topic) for i in range(20)])
+        db.executemany("INSERT INTO consumers (name, filter, acked_id, updated_at) VALUES (?, ?, 0, ?)",
+                       [(f"away{i}", topic, int(time.time() * 1000)) for i in range(20)])
         db.execute("INSERT INTO filter_topics (filter, topic) VALUES (?, ?)", (topic, topic))
     db.close()
     relay.start()
@@ -434,4 +434,28 @@ def test_daemon_says_when_a_reader_pins_the_wal(mosquitto, tmp_path, uid):
     publish(mosquitto, topic, b"after")       # a commit, then a checkpoint that resets the WAL
     relay.wait_log("the WAL is back to", 20)
     assert relay.log().count("holds an old snapshot") == 1
+    relay.stop()
+
+
+def test_unused_cursors_expire_logged_and_counted(mosquitto, tmp_path, uid):
+    """A cursor without a hello or ack for socket.cursor_expiry (here 1h)
+    and not connected is removed, with a log line naming it and where it
+    was, and counted in stats (cursors_expired); a recent one stays
+    (issue 12 item 5)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
+                  socket={"path": str(tmp_path / "relay" / "cmdrelay.sock"), "cursor_expiry": "1h"})
+    relay.start()
+    relay.stop()
+    db = sqlite3.connect(relay.db_path)
+    now = int(time.time() * 1000)
+    with db:
+        db.executemany("INSERT INTO consumers (name, filter, acked_id, updated_at) VALUES (?, ?, ?, ?)",
+                       [("gone", topic, 7, now - 2 * 3600 * 1000), ("recent", topic, 0, now - 60_000)])
+    db.close()
+    relay.start()
+    relay.wait_log("consumer gone: cursor (acknowledged up to #7) unused since", 10)
+    assert relay.query("SELECT name FROM consumers") == [("recent",)]
+    with ConsumerClient.connect(sock(relay)) as c:
+        assert c.stats()["cursors_expired"] == 1
     relay.stop()

@@ -22,6 +22,8 @@
 #define DEFAULT_CONFIG "/etc/cmdrelay/cmdrelay.yaml"
 #define PAYLOAD_COLUMN 40	/* characters */
 #define HISTORY_MAX_LIMIT 1000000
+/* Rows read per read transaction: a few hundred KiB to print, then the snapshot is let go. */
+#define HISTORY_PAGE 256
 
 void
 ctl_usage(int status)
@@ -229,6 +231,89 @@ parse_limit(const char *arg)
 	return limit;
 }
 
+/* One history row, as a table line or JSON. */
+static void
+history_row(FILE *out, sqlite3_stmt *s, bool json)
+{
+	const char *row_topic = (const char *)sqlite3_column_text(s, 2);
+	const unsigned char *payload = sqlite3_column_blob(s, 3);
+	int plen = sqlite3_column_bytes(s, 3);
+	char when[40];
+
+	wire_time(sqlite3_column_int64(s, 1), when, sizeof(when));
+	if (json) {
+		const char *encoding;
+		json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:b, s:s}",
+		    "id", (json_int_t)sqlite3_column_int64(s, 0), "received_at", when,
+		    "topic", row_topic, "payload", wire_payload(payload, (size_t)plen, &encoding),
+		    "qos", sqlite3_column_int(s, 4), "retained", sqlite3_column_int(s, 5),
+		    "dup", sqlite3_column_int(s, 6), "status", (const char *)sqlite3_column_text(s, 7));
+		char *line;
+		json_object_set_new(o, "encoding", json_string(encoding));
+		json_object_set_new(o, "reason", sqlite3_column_type(s, 8) == SQLITE_NULL ? json_null() :
+		    json_string((const char *)sqlite3_column_text(s, 8)));
+		json_object_set_new(o, "duplicate_of", sqlite3_column_type(s, 9) == SQLITE_NULL ?
+		    json_null() : json_integer(sqlite3_column_int64(s, 9)));
+		json_object_set_new(o, "device", sqlite3_column_type(s, 10) == SQLITE_NULL ? json_null() :
+		    json_string((const char *)sqlite3_column_text(s, 10)));
+		line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
+		fprintf(out, "%s\n", line);
+		free(line);
+		json_decref(o);
+	} else {
+		char cell[PAYLOAD_COLUMN * 4 + 8];
+		payload_cell(payload, plen, cell, sizeof(cell));
+		fprintf(out, "%-6lld %-24s %-14s %-9s %-15s %-6s %-3d %-3d %s\n",
+		    (long long)sqlite3_column_int64(s, 0), when,
+		    sqlite3_column_type(s, 10) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 10),
+		    (const char *)sqlite3_column_text(s, 7),
+		    sqlite3_column_type(s, 8) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 8),
+		    sqlite3_column_type(s, 9) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 9),
+		    sqlite3_column_int(s, 5), sqlite3_column_int(s, 6), cell);
+	}
+}
+
+/* What history selects; ?1 to ?5 of its statements. */
+struct history_filter {
+	const char *device, *topic, *status;
+	int64_t since, until;
+};
+
+#define HISTORY_WHERE \
+	" WHERE (?1 IS NULL OR device = ?1) AND received_at >= ?2 AND received_at <= ?3" \
+	" AND (?4 = 'all' OR status = ?4) AND (?5 IS NULL OR mqtt_match(?5, topic))"
+
+static void
+history_bind(sqlite3_stmt *s, const struct history_filter *f)
+{
+	sqlite3_bind_text(s, 1, f->device, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 2, f->since);
+	sqlite3_bind_int64(s, 3, f->until);
+	sqlite3_bind_text(s, 4, f->status, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 5, f->topic, -1, SQLITE_STATIC);
+}
+
+/* The ids of the oldest and newest of the newest limit matching rows (first > last: none). */
+static void
+history_range(struct ctl *ctl, sqlite3 *db, const struct history_filter *f, long limit,
+    int64_t *first, int64_t *last)
+{
+	sqlite3_stmt *s;
+
+	*first = 1;
+	*last = 0;
+	if (sqlite3_prepare_v2(db, "SELECT min(id), max(id) FROM (SELECT id FROM messages"
+	    HISTORY_WHERE " ORDER BY id DESC LIMIT ?6)", -1, &s, NULL) != SQLITE_OK)
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	history_bind(s, f);
+	sqlite3_bind_int64(s, 6, limit);
+	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL) {
+		*first = sqlite3_column_int64(s, 0);
+		*last = sqlite3_column_int64(s, 1);
+	}
+	sqlite3_finalize(s);
+}
+
 static int
 cmd_history(struct ctl *ctl, int argc, char *argv[])
 {
@@ -246,6 +331,8 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	int64_t since = 0, until = INT64_MAX;
 	long limit = 100;
 	bool json = false;
+	struct history_filter filter;
+	int64_t first, last;
 	sqlite3_stmt *s;
 	sqlite3 *db;
 	int ch, rc;
@@ -286,65 +373,46 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		ctl_usage(EX_USAGE_STATUS);
 
 	db = ctl_open_history(ctl);
-	/* The newest LIMIT rows that match, shown oldest first. */
+	/*
+	 * The newest LIMIT rows that match, shown oldest first: first their id
+	 * range, then pages of it, each read in full before it is printed, so
+	 * that a stalled pager holds no read transaction (which would keep the
+	 * daemon's WAL from being reused, and growing).
+	 */
 	rc = sqlite3_prepare_v2(db,
-	    "SELECT * FROM (SELECT id, received_at, topic, payload, qos, retain, dup, status,"
+	    "SELECT id, received_at, topic, payload, qos, retain, dup, status,"
 	    " reason, duplicate_of, device FROM messages"
-	    " WHERE (?1 IS NULL OR device = ?1) AND received_at >= ?2 AND received_at <= ?3"
-	    " AND (?4 = 'all' OR status = ?4) AND (?5 IS NULL OR mqtt_match(?5, topic))"
-	    " ORDER BY id DESC LIMIT ?6) ORDER BY id",
+	    HISTORY_WHERE " AND id BETWEEN ?6 AND ?7 ORDER BY id LIMIT ?8",
 	    -1, &s, NULL);
 	if (rc != SQLITE_OK)
 		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
-	sqlite3_bind_text(s, 1, device, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(s, 2, since);
-	sqlite3_bind_int64(s, 3, until);
-	sqlite3_bind_text(s, 4, status, -1, SQLITE_STATIC);
-	sqlite3_bind_text(s, 5, topic, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(s, 6, limit);
+	filter = (struct history_filter){ device, topic, status, since, until };
+	history_bind(s, &filter);
+	history_range(ctl, db, &filter, limit, &first, &last);
 	if (!json)
 		printf("%-6s %-24s %-14s %-9s %-15s %-6s %-3s %-3s %s\n", "ID", "RECEIVED", "DEVICE",
 		    "STATUS", "REASON", "DUP_OF", "RET", "DUP", "PAYLOAD");
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		const char *row_topic = (const char *)sqlite3_column_text(s, 2);
-		const unsigned char *payload = sqlite3_column_blob(s, 3);
-		int plen = sqlite3_column_bytes(s, 3);
-		char when[40];
+	sqlite3_bind_int(s, 8, HISTORY_PAGE);
+	for (int n = HISTORY_PAGE; n == HISTORY_PAGE && first <= last; ) {
+		char *buf = NULL;
+		size_t buflen = 0;
+		FILE *out = open_memstream(&buf, &buflen);
 
-		wire_time(sqlite3_column_int64(s, 1), when, sizeof(when));
-		if (json) {
-			const char *encoding;
-			json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:b, s:s}",
-			    "id", (json_int_t)sqlite3_column_int64(s, 0), "received_at", when,
-			    "topic", row_topic, "payload", wire_payload(payload, (size_t)plen, &encoding),
-			    "qos", sqlite3_column_int(s, 4), "retained", sqlite3_column_int(s, 5),
-			    "dup", sqlite3_column_int(s, 6), "status", (const char *)sqlite3_column_text(s, 7));
-			char *line;
-			json_object_set_new(o, "encoding", json_string(encoding));
-			json_object_set_new(o, "reason", sqlite3_column_type(s, 8) == SQLITE_NULL ? json_null() :
-			    json_string((const char *)sqlite3_column_text(s, 8)));
-			json_object_set_new(o, "duplicate_of", sqlite3_column_type(s, 9) == SQLITE_NULL ?
-			    json_null() : json_integer(sqlite3_column_int64(s, 9)));
-			json_object_set_new(o, "device", sqlite3_column_type(s, 10) == SQLITE_NULL ? json_null() :
-			    json_string((const char *)sqlite3_column_text(s, 10)));
-			line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
-			puts(line);
-			free(line);
-			json_decref(o);
-		} else {
-			char cell[PAYLOAD_COLUMN * 4 + 8];
-			payload_cell(payload, plen, cell, sizeof(cell));
-			printf("%-6lld %-24s %-14s %-9s %-15s %-6s %-3d %-3d %s\n",
-			    (long long)sqlite3_column_int64(s, 0), when,
-			    sqlite3_column_type(s, 10) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 10),
-			    (const char *)sqlite3_column_text(s, 7),
-			    sqlite3_column_type(s, 8) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 8),
-			    sqlite3_column_type(s, 9) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 9),
-			    sqlite3_column_int(s, 5), sqlite3_column_int(s, 6), cell);
+		if (out == NULL)
+			ctl_die(1, "out of memory");
+		sqlite3_bind_int64(s, 6, first);
+		sqlite3_bind_int64(s, 7, last);
+		for (n = 0; (rc = sqlite3_step(s)) == SQLITE_ROW; n++) {
+			first = sqlite3_column_int64(s, 0) + 1;
+			history_row(out, s, json);
 		}
+		if (rc != SQLITE_DONE)
+			ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+		sqlite3_reset(s);	/* the read transaction ends here */
+		fclose(out);
+		fwrite(buf, 1, buflen, stdout);
+		free(buf);
 	}
-	if (rc != SQLITE_DONE)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
 	sqlite3_finalize(s);
 	sqlite3_close(db);
 	return 0;

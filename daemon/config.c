@@ -72,6 +72,8 @@ static const struct config_key config_keys[] = {
 	{ "dedup.redelivery_window", KEY_DURATION, 1000, 30 * DAY_MS, "1h", CFG(redelivery_window_ms), false },
 	{ "store", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "store.path", KEY_STRING, 1, PATH_MAX, "/var/lib/cmdrelay/history.db", CFG(store.path), true },
+	/* 4 MiB: a command line (escaped or base64) stays within the socket's output bound. */
+	{ "store.max_payload", KEY_INT, 1, 4 * 1024 * 1024, "262144", CFG(store.max_payload), false },
 	{ "store.retention", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "store.retention.max_age", KEY_DURATION, 3600 * 1000, 3650 * DAY_MS, "90d", CFG(store.max_age_ms), false },
 	{ "store.retention.max_rows", KEY_INT, 1000, 1000000000, "10000000", CFG(store.max_rows), false },
@@ -83,6 +85,10 @@ static const struct config_key config_keys[] = {
 	{ "socket.allow", KEY_PEERS, 1, CONFIG_MAX_PEERS, NULL, 0, false },
 	{ "socket.max_consumers", KEY_INT, 1, 1024, "64", CFG(socket.max_consumers), true },
 	{ "socket.window", KEY_INT, 1, 65536, "256", CFG(socket.window), true },
+	/* Each cursor holds back retention and costs stats a count: a few thousand at most. */
+	{ "socket.max_cursors", KEY_INT, 1, 100000, "1000", CFG(socket.max_cursors), false },
+	/* As long as retention's max_age by default: what such a cursor would resume is gone. */
+	{ "socket.cursor_expiry", KEY_DURATION, 3600 * 1000, 3650 * DAY_MS, "90d", CFG(socket.cursor_expiry_ms), false },
 	{ "uplink", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "uplink.allow", KEY_PATTERNS, 1, CONFIG_MAX_UPLINK_PATTERNS, NULL, 0, false },
 	{ "uplink.max_queued", KEY_INT, 1, 10000000, "100000", CFG(uplink.max_queued), false },
@@ -693,6 +699,47 @@ parse_document(struct parser *p, FILE *fp)
 	return rc;
 }
 
+/*
+ * Before the document is built: the file's size, and its nesting depth,
+ * read as events and given up at the first level too deep, so that no
+ * input costs more than a linear pass over 1 MiB. Syntax errors are left
+ * to the parse proper, which reports them.
+ */
+static int
+config_check_bounds(struct parser *p, FILE *fp)
+{
+	yaml_parser_t yp;
+	yaml_event_t ev;
+	struct stat sb;
+	int depth = 0, rc = 0;
+	bool done = false;
+
+	if (fstat(fileno(fp), &sb) == 0 && sb.st_size > CONFIG_MAX_BYTES) {
+		snprintf(p->err, p->errlen, "%s: %jd bytes; a config may have at most %d",
+		    p->file, (intmax_t)sb.st_size, CONFIG_MAX_BYTES);
+		return -1;
+	}
+	if (!yaml_parser_initialize(&yp))
+		return fail_at(p, NULL, "out of memory");
+	yaml_parser_set_input_file(&yp, fp);
+	while (!done && rc == 0 && yaml_parser_parse(&yp, &ev)) {
+		if (ev.type == YAML_MAPPING_START_EVENT || ev.type == YAML_SEQUENCE_START_EVENT)
+			depth++;
+		else if (ev.type == YAML_MAPPING_END_EVENT || ev.type == YAML_SEQUENCE_END_EVENT)
+			depth--;
+		if (depth > CONFIG_MAX_DEPTH) {
+			snprintf(p->err, p->errlen, "%s:%zu:%zu: nested more than %d levels deep",
+			    p->file, ev.start_mark.line + 1, ev.start_mark.column + 1, CONFIG_MAX_DEPTH);
+			rc = -1;
+		}
+		done = ev.type == YAML_STREAM_END_EVENT;
+		yaml_event_delete(&ev);
+	}
+	yaml_parser_delete(&yp);
+	rewind(fp);
+	return rc;
+}
+
 int
 config_load(const char *file, struct config **out, char *err, size_t errlen)
 {
@@ -711,7 +758,7 @@ config_load(const char *file, struct config **out, char *err, size_t errlen)
 		config_free(p.cfg);
 		return -1;
 	}
-	rc = parse_document(&p, fp);
+	rc = config_check_bounds(&p, fp) == 0 ? parse_document(&p, fp) : -1;
 	fclose(fp);
 	if (rc == -1) {
 		config_free(p.cfg);

@@ -15,6 +15,10 @@
 #define CONFIG_MAX_PASSWORD 1024
 #define CONFIG_MAX_PEERS 64
 #define CONFIG_MAX_UPLINK_PATTERNS 64
+/* A config is a page or two; anything near this is not one (and a reload parses on the loop). */
+#define CONFIG_MAX_BYTES (1024 * 1024)
+/* The deepest key is three levels down (broker.tls.ca_file); libyaml slows down quadratically with depth. */
+#define CONFIG_MAX_DEPTH 16
 
 struct config_subscription {
 	char *topic;
@@ -55,6 +59,7 @@ struct config {
 		char *path;
 		int64_t max_age_ms;
 		int64_t max_rows;
+		int64_t max_payload;
 	} store;
 	struct {
 		char *path;
@@ -64,6 +69,8 @@ struct config {
 		size_t nallow;
 		int64_t max_consumers;
 		int64_t window;
+		int64_t max_cursors;
+		int64_t cursor_expiry_ms;
 	} socket;
 	struct {
 		char **allow;		/* MQTT filters; NULL: no uplink */

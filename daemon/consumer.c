@@ -14,6 +14,14 @@
 #include "wire.h"
 
 #define FETCH_BATCH 64
+/* Errors logged per connection before the rest are only counted: a client may send nothing else. */
+#define ERROR_LOG_BURST 10
+/* ... and then one in this many, with the count. */
+#define ERROR_LOG_EVERY 1000
+/* How often unused cursors are looked for: socket.cursor_expiry is an hour at least. */
+#define EXPIRY_INTERVAL_MS (60 * 1000)
+/* Rows one fill() may walk: about a millisecond of SQLite, whatever matches. */
+#define FILL_SCAN_MAX 4096
 /* An anonymous tail with this much unread output is closed, not waited for. */
 #define TAIL_MAX_QUEUED (1024 * 1024)
 
@@ -29,13 +37,20 @@ struct client {
 	enum client_mode mode;
 	char name[REQUEST_NAME_MAX + 1];
 	char filter[REQUEST_FILTER_MAX + 1];
-	int64_t sent_id;	/* the last command id sent (the tail's cursor) */
+	int64_t sent_id;	/* the last command id sent (a tail: the last row read) */
+	int64_t scanned_id;	/* every row up to here was looked at for this client */
+	bool live;		/* caught up with the history once */
+	struct event_timer more;	/* armed while a catch-up continues */
 	int64_t acked_id;
 	int64_t *inflight;	/* ring of sent, unacknowledged ids; socket.window long */
+	uint64_t errors;	/* error lines sent on this connection */
 	size_t head, count;
 };
 
 struct consumers {
+	struct event_loop *loop;
+	struct event_timer expiry_timer;
+	uint64_t cursors_expired;
 	const struct config *cfg;
 	struct store *store;
 	struct server *server;
@@ -54,14 +69,19 @@ send_error(struct client *cl, const char *code, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(message, sizeof(message), fmt, ap);
 	va_end(ap);
+	if (strcmp(code, "storage") == 0 && store_busy(cl->cs->store))
+		code = "storage_busy";	/* another program holds a lock: try again soon */
 	reply = json_pack("{s:s, s:s, s:s}", "type", "error", "code", code, "message", message);
 	if (reply && (line = wire_line(reply, &len)) != NULL) {
 		conn_send(cl->conn, line, len);
 		free(line);
 	}
 	json_decref(reply);
-	log_info("consumer %s (pid %d): %s: %s", cl->mode == CLIENT_NAMED ? cl->name : "-",
-	    (int)conn_pid(cl->conn), code, message);
+	if (++cl->errors > ERROR_LOG_BURST && cl->errors % ERROR_LOG_EVERY != 0)
+		return;
+	log_info("consumer %s (pid %d): %s: %s (error %" PRIu64 " of this connection%s)",
+	    cl->mode == CLIENT_NAMED ? cl->name : "-", (int)conn_pid(cl->conn), code, message,
+	    cl->errors, cl->errors == ERROR_LOG_BURST ? "; from now on one in 1000 is logged" : "");
 }
 
 static void
@@ -77,6 +97,18 @@ send_json(struct client *cl, json_t *value)
 	json_decref(value);
 }
 
+/* May the client be sent more now? */
+static bool
+consumer_has_room(const struct client *cl)
+{
+	size_t queued = conn_queued(cl->conn);
+
+	if (cl->mode == CLIENT_NAMED)
+		return cl->count < (size_t)cl->cs->cfg->socket.window && queued < SERVER_OUT_LOW_WATER;
+	/* A replay is paced by the reader; a live tail is not waited for. */
+	return cl->live ? queued <= TAIL_MAX_QUEUED : queued < SERVER_OUT_LOW_WATER;
+}
+
 static int
 send_named(const struct stored_command *c, void *arg)
 {
@@ -87,7 +119,7 @@ send_named(const struct stored_command *c, void *arg)
 	cl->inflight[(cl->head + cl->count) % window] = c->id;
 	cl->count++;
 	cl->sent_id = c->id;
-	return 0;
+	return consumer_has_room(cl) ? 0 : -1;
 }
 
 static int
@@ -98,43 +130,61 @@ send_tail(const struct stored_command *c, void *arg)
 	cl->sent_id = c->id;
 	if (topic_matches(cl->filter, c->topic))
 		send_json(cl, wire_command(c));
-	return 0;
+	return consumer_has_room(cl) ? 0 : -1;
 }
 
 /*
  * Reads from the history what the client may have now: a named consumer up
  * to its window, as long as its socket keeps up; a tail everything new.
- * Unsent commands stay in the database, not in memory (G5).
+ * Unsent commands stay in the database, not in memory (G5). One call walks
+ * at most FILL_SCAN_MAX rows, however few match: a cursor far behind
+ * catches up a slice per loop turn, not at every commit.
  */
 static void
 fill(struct client *cl)
 {
 	struct store *st = cl->cs->store;
 	size_t window = (size_t)cl->cs->cfg->socket.window;
+	bool named = cl->mode == CLIENT_NAMED;
+	int64_t last, upto, budget = FILL_SCAN_MAX;
 	int n = 0, want;
 
-	if (cl->mode == CLIENT_NAMED) {
-		while (cl->count < window && conn_queued(cl->conn) < SERVER_OUT_LOW_WATER) {
-			want = (int)(window - cl->count < FETCH_BATCH ? window - cl->count : FETCH_BATCH);
-			if ((n = store_fetch(st, cl->filter, cl->sent_id, want, send_named, cl)) < want)
-				break;
-		}
-	} else if (cl->mode == CLIENT_TAIL) {
-		do {
-			n = store_fetch(st, NULL, cl->sent_id, FETCH_BATCH, send_tail, cl);
-			if (conn_queued(cl->conn) > TAIL_MAX_QUEUED) {
-				send_error(cl, "slow_consumer", "the tail fell %d bytes behind; closing",
-				    TAIL_MAX_QUEUED);
-				conn_close(cl->conn);
-				return;
-			}
-		} while (n == FETCH_BATCH);
-	} else {
+	if (cl->mode == CLIENT_NEW)
+		return;
+	if ((last = store_last_id(st)) < 0)
+		goto fail;
+	while (cl->scanned_id < last && budget > 0 && consumer_has_room(cl)) {
+		upto = last - cl->scanned_id > budget ? cl->scanned_id + budget : last;
+		want = named && window - cl->count < FETCH_BATCH ? (int)(window - cl->count) : FETCH_BATCH;
+		if ((n = store_fetch(st, named ? cl->filter : NULL, cl->scanned_id, upto, want,
+		    named ? send_named : send_tail, cl)) < 0)
+			break;
+		/* Cut short by the window or the socket: walked up to the last row sent. */
+		if (n == want || !consumer_has_room(cl))
+			upto = cl->sent_id;
+		budget -= upto - cl->scanned_id;
+		cl->scanned_id = upto;
+	}
+	if (cl->mode == CLIENT_TAIL && cl->live && conn_queued(cl->conn) > TAIL_MAX_QUEUED) {
+		send_error(cl, "slow_consumer", "the tail fell %d bytes behind; closing",
+		    TAIL_MAX_QUEUED);
+		conn_close(cl->conn);
 		return;
 	}
-	if (n < 0)
-		log_warnx("consumer %s: %s", cl->mode == CLIENT_NAMED ? cl->name : "tail",
-		    store_errmsg(st));
+	if (cl->scanned_id == last)
+		cl->live = true;
+	else if (n >= 0 && consumer_has_room(cl))
+		event_timer_arm(cl->cs->loop, &cl->more, 0);
+	if (n >= 0)
+		return;
+fail:
+	log_warnx("consumer %s: %s", named ? cl->name : "tail", store_errmsg(st));
+}
+
+static void
+on_more(void *arg)
+{
+	fill(arg);
 }
 
 struct name_search {
@@ -158,6 +208,7 @@ static void
 op_hello(struct client *cl, const struct request *req)
 {
 	int64_t resume_after;
+	int rc;
 
 	if (cl->mode != CLIENT_NEW)
 		return send_error(cl, "already_started", "hello was already said on this connection");
@@ -179,8 +230,15 @@ op_hello(struct client *cl, const struct request *req)
 			conn_close(cl->conn);
 			return;
 		}
-		if (store_consumer_open(cl->cs->store, req->name, req->filter, &req->start,
-		    &resume_after) == -1) {
+		if ((rc = store_consumer_open(cl->cs->store, req->name, req->filter, &req->start,
+		    cl->cs->cfg->socket.max_cursors, &resume_after)) == -2) {
+			send_error(cl, "too_many_cursors", "%" PRId64 " consumer names are known "
+			    "(socket.max_cursors); reuse one, or have the admin remove one",
+			    cl->cs->cfg->socket.max_cursors);
+			conn_close(cl->conn);
+			return;
+		}
+		if (rc == -1) {
 			log_warnx("consumer %s: %s", search.name, store_errmsg(cl->cs->store));
 			return send_error(cl, "storage", "the history cannot be written now; try again");
 		}
@@ -193,7 +251,7 @@ op_hello(struct client *cl, const struct request *req)
 			return send_error(cl, "storage", "the history cannot be read now; try again");
 		cl->mode = CLIENT_TAIL;
 	}
-	cl->sent_id = cl->acked_id = resume_after;
+	cl->sent_id = cl->acked_id = cl->scanned_id = resume_after;
 	log_info("consumer %s (pid %d uid %d): filter %s, resuming after #%" PRId64,
 	    cl->mode == CLIENT_NAMED ? cl->name : "(tail)", (int)conn_pid(cl->conn),
 	    (int)conn_uid(cl->conn), cl->filter, resume_after);
@@ -255,9 +313,9 @@ add_consumer_stats(const struct store_consumer *sc, void *arg)
 	struct name_search search = { sc->name, NULL, false };
 
 	server_foreach(ctx->cs->server, match_name, &search);
-	json_array_append_new(ctx->list, json_pack("{s:s, s:s, s:I, s:I, s:b}",
+	json_array_append_new(ctx->list, json_pack("{s:s, s:s, s:I, s:I, s:b, s:b}",
 	    "name", sc->name, "filter", sc->filter, "acked_id", (json_int_t)sc->acked_id,
-	    "lag", (json_int_t)sc->lag, "connected", search.found));
+	    "lag", (json_int_t)sc->lag, "lag_exact", sc->lag_exact, "connected", search.found));
 	return 0;
 }
 
@@ -274,6 +332,7 @@ consumers_stats(struct consumers *cs)
 	}
 	cs->hooks.stats(reply, cs->hooks.arg);
 	json_object_set_new(reply, "connections", json_integer((json_int_t)server_connections(cs->server)));
+	json_object_set_new(reply, "cursors_expired", json_integer((json_int_t)cs->cursors_expired));
 	if (store_consumers(cs->store, add_consumer_stats, &ctx) == -1)
 		log_warnx("stats: %s", store_errmsg(cs->store));
 	json_object_set_new(reply, "consumers", ctx.list);
@@ -367,6 +426,7 @@ on_open(struct conn *c, void *arg)
 	}
 	cl->cs = cs;
 	cl->conn = c;
+	event_timer_init(&cl->more, on_more, cl);
 	return cl;
 }
 
@@ -386,16 +446,58 @@ on_close(struct conn *c, void *state, void *arg)
 	(void)arg;
 	log_info("consumer %s (pid %d) disconnected", cl->mode == CLIENT_NAMED ? cl->name : "-",
 	    (int)conn_pid(c));
+	event_timer_disarm(cl->cs->loop, &cl->more);
 	free(cl->inflight);
 	free(cl);
 }
 
+/* A client still catching up reaches the new rows on its own. */
 static void
 notify_one(struct conn *c, void *state, void *arg)
 {
+	struct client *cl = state;
+
 	(void)c;
 	(void)arg;
-	fill(state);
+	if (cl->more.due_ms == 0)
+		fill(cl);
+}
+
+static void
+touch_connected(struct conn *c, void *state, void *arg)
+{
+	struct client *cl = state;
+	struct consumers *cs = arg;
+
+	(void)c;
+	if (cl->mode == CLIENT_NAMED && store_consumer_touch(cs->store, cl->name) == -1)
+		log_warnx("consumer %s: %s", cl->name, store_errmsg(cs->store));
+}
+
+static int
+log_expired(const struct store_consumer *sc, void *arg)
+{
+	struct consumers *cs = arg;
+	char when[40];
+
+	wire_time(sc->updated_at_ms, when, sizeof(when));
+	log_info("consumer %s: cursor (acknowledged up to #%" PRId64 ") unused since %s; removed "
+	    "(socket.cursor_expiry)", sc->name, sc->acked_id, when);
+	cs->cursors_expired++;
+	return 0;
+}
+
+/* Connected cursors are in use; the others expire after socket.cursor_expiry without a hello or ack. */
+static void
+on_expiry(void *arg)
+{
+	struct consumers *cs = arg;
+
+	server_foreach(cs->server, touch_connected, cs);
+	if (store_consumers_expire(cs->store, (int64_t)event_wall_ms() - cs->cfg->socket.cursor_expiry_ms,
+	    log_expired, cs) == -1)
+		log_warnx("cursor expiry: %s", store_errmsg(cs->store));
+	event_timer_arm(cs->loop, &cs->expiry_timer, EXPIRY_INTERVAL_MS);
 }
 
 void
@@ -424,6 +526,7 @@ consumers_new(struct event_loop *loop, const struct config *cfg, struct store *s
 		snprintf(err, errlen, "out of memory");
 		return NULL;
 	}
+	cs->loop = loop;
 	cs->cfg = cfg;
 	cs->store = store;
 	cs->hooks = *hooks;
@@ -432,6 +535,8 @@ consumers_new(struct event_loop *loop, const struct config *cfg, struct store *s
 		free(cs);
 		return NULL;
 	}
+	event_timer_init(&cs->expiry_timer, on_expiry, cs);
+	event_timer_arm(loop, &cs->expiry_timer, 0);
 	return cs;
 }
 
@@ -440,6 +545,7 @@ consumers_free(struct consumers *cs)
 {
 	if (cs == NULL)
 		return;
+	event_timer_disarm(cs->loop, &cs->expiry_timer);
 	server_free(cs->server);
 	free(cs);
 }

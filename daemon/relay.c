@@ -117,9 +117,11 @@ relay_stats(const struct relay *r, json_t *obj)
 	json_object_set_new(obj, "possible_repeats",
 	    json_integer((json_int_t)r->total.by_reason[DEDUP_POSSIBLE_REPEAT]));
 	json_object_set_new(obj, "duplicates", dups);
+	json_object_set_new(obj, "oversized", json_integer((json_int_t)r->total.oversized));
 	json_object_set_new(obj, "commit_failures", json_integer((json_int_t)r->total.commit_failures));
 	json_object_set_new(obj, "last_commit_seconds", json_real((double)r->last_commit_us / 1e6));
 	json_object_set_new(obj, "database_bytes", json_integer((json_int_t)file_bytes(r->cfg->store.path)));
+	json_object_set_new(obj, "wal_bytes", json_integer((json_int_t)store_wal_bytes(r->cfg->store.path)));
 	uplink_stats(r->uplink, obj);
 }
 
@@ -399,6 +401,27 @@ relay_record(struct relay *r, const struct delivery *d, const struct dedup_verdi
 	return 0;
 }
 
+/*
+ * A payload over store.max_payload is recorded without it and acknowledged
+ * like any other delivery: kept, it would bloat every reader; refused, the
+ * broker would send it again for ever. It is not handed to consumers.
+ */
+static int
+relay_record_oversized(struct relay *r, const struct delivery *d, const struct dedup_verdict *v)
+{
+	struct delivery cut = *d;
+
+	cut.payloadlen = 0;
+	if (relay_record(r, &cut, v) == -1 ||
+	    store_mark_oversize(r->store, r->staged_row, d->payloadlen) == -1)
+		return -1;
+	r->staged.oversized++;
+	log_warnx("%s: #%" PRId64 ": payload of %zu bytes is over store.max_payload (%" PRId64
+	    "); recorded without it, not delivered", d->topic, r->staged_row, d->payloadlen,
+	    r->cfg->store.max_payload);
+	return 0;
+}
+
 static int
 on_message(void *arg, const struct delivery *d)
 {
@@ -416,7 +439,8 @@ on_message(void *arg, const struct delivery *d)
 	if (!mqtt_dup_readable(r->mqtt))
 		r->dedup.ids_kept = false;
 	if (dedup_decide(&r->dedup, store_dedup_source(r->store), d, &v) == -1 ||
-	    relay_record(r, d, &v) == -1)
+	    (d->payloadlen > (size_t)r->cfg->store.max_payload ?
+	    relay_record_oversized(r, d, &v) : relay_record(r, d, &v)) == -1)
 		goto fail;
 	r->staged.received++;
 	r->staged.by_reason[v.reason]++;
@@ -504,6 +528,7 @@ on_commit(void *arg)
 	r->total.received += r->staged.received;
 	for (int i = 0; i < DEDUP_NREASONS; i++)
 		r->total.by_reason[i] += r->staged.by_reason[i];
+	r->total.oversized += r->staged.oversized;
 	r->committed_row = r->staged_row;
 	/* Not fatal: without the mark a crash only leaves more to flag. */
 	if (store_puback_mark(r->store, r->connection, r->committed_row) == -1)

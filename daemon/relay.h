@@ -21,6 +21,7 @@ struct relay;
 struct relay_counters {
 	uint64_t received;
 	uint64_t by_reason[DEDUP_NREASONS];	/* dedup_reasons[] */
+	uint64_t oversized;
 	uint64_t commit_failures;
 };
 

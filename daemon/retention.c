@@ -1,5 +1,6 @@
 #include "retention.h"
 
+#include <inttypes.h>
 #include <stdbool.h>
 #include <stdlib.h>
 
@@ -25,7 +26,22 @@ struct retention {
 	int largest_batch;	/* most rows one DELETE transaction removed */
 	bool failing;		/* log a failure once, and its end */
 	uint64_t saved_ms;	/* when the age clock was last saved */
+	bool wal_pinned;	/* log a WAL a reader keeps growing once, and its end */
 };
+
+/* Said once when it happens and once when it is over, from the idle tick. */
+static void
+retention_watch_wal(struct retention *ret)
+{
+	int64_t wal = store_wal_bytes(ret->cfg->store.path);
+
+	if (!ret->wal_pinned && wal > STORE_WAL_PINNED)
+		log_warnx("history: the WAL is %" PRId64 " MiB: a reader (cmdrelayctl, sqlite3) holds an "
+		    "old snapshot, and it grows until that reader ends", wal >> 20);
+	else if (ret->wal_pinned && wal <= STORE_WAL_PINNED)
+		log_info("history: the WAL is back to %" PRId64 " MiB", wal >> 20);
+	ret->wal_pinned = wal > STORE_WAL_PINNED;
+}
 
 static void
 on_timer(void *arg)
@@ -61,6 +77,8 @@ on_timer(void *arg)
 		ret->saved_ms = start;
 	if (event_now_ms() - start > ret->longest_slice_ms)
 		ret->longest_slice_ms = event_now_ms() - start;
+	if (n <= 0)
+		retention_watch_wal(ret);
 	event_timer_arm(ret->loop, &ret->timer, n > 0 ? BUSY_INTERVAL_MS : IDLE_INTERVAL_MS);
 }
 

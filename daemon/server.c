@@ -4,9 +4,11 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -42,10 +44,19 @@ struct server {
 	struct conn *conns;
 	size_t nconns;
 	size_t limit;
+	struct event_timer accept_timer;	/* armed while accepting pauses */
 };
 
 /* How long a closing connection may take to read our last line and leave. */
 #define CLOSE_LINGER_MS 2000
+/*
+ * Descriptors besides the connections: stdio, the listening socket, the
+ * broker, the database with its WAL and shm, metrics, sd_notify, with room
+ * for a reconnect while the old socket is still open.
+ */
+#define SERVER_FD_RESERVE 64
+/* Out of descriptors, accepting waits this long (as tmux does) rather than spin. */
+#define ACCEPT_PAUSE_MS 1000
 
 static void conn_io(int fd, short revents, void *arg);
 
@@ -112,12 +123,23 @@ conn_free(struct conn *c)
 	free(c);
 }
 
+/* While its output is backed up, a connection's input waits in the kernel. */
+static bool
+conn_paused(const struct conn *c)
+{
+	return !c->closing && conn_queued(c) >= SERVER_OUT_LOW_WATER;
+}
+
 static void
 conn_watch(struct conn *c)
 {
-	short events = POLLIN | (conn_queued(c) ? POLLOUT : 0);
+	short events = (conn_paused(c) ? 0 : POLLIN) | (conn_queued(c) ? POLLOUT : 0);
 
-	event_io_set(c->srv->loop, c->fd, events, conn_io, c);
+	if (event_io_set(c->srv->loop, c->fd, events, conn_io, c) == -1) {
+		log_warnx("consumer pid %d: no room in the event loop; closing", (int)c->cred.pid);
+		c->closing = true;
+		event_timer_arm(c->srv->loop, &c->close_timer, 0);
+	}
 }
 
 /* Writes what the socket takes; returns -1 when the peer is gone. */
@@ -143,8 +165,15 @@ conn_flush(struct conn *c)
 void
 conn_send(struct conn *c, const char *data, size_t len)
 {
-	if (c->write_failed)
+	if (c->write_failed || c->closing)
 		return;
+	if (conn_queued(c) + len > SERVER_OUT_MAX) {
+		log_warnx("consumer pid %d uid %d: %zu bytes of output unread; closing",
+		    (int)c->cred.pid, (int)c->cred.uid, conn_queued(c));
+		c->outpos = c->outlen = 0;
+		conn_close(c);
+		return;
+	}
 	if (c->outpos > 0 && c->outlen + len > c->outcap) {
 		memmove(c->out, c->out + c->outpos, conn_queued(c));
 		c->outlen -= c->outpos;
@@ -203,11 +232,34 @@ conn_close(struct conn *c)
 	conn_watch(c);
 }
 
+/* Hands over the complete lines read, as long as the peer reads our answers. */
+static void
+conn_lines(struct conn *c)
+{
+	char *start = c->in, *nl;
+
+	while (!c->closing && !conn_paused(c) &&
+	    (nl = memchr(start, '\n', c->inlen - (size_t)(start - c->in)))) {
+		*nl = '\0';
+		c->srv->h.line(c, c->state, start, (size_t)(nl - start), c->srv->h.arg);
+		start = nl + 1;
+	}
+	c->inlen -= (size_t)(start - c->in);
+	memmove(c->in, start, c->inlen);
+	if (!c->closing && !conn_paused(c) && c->inlen > SERVER_LINE_MAX) {
+		static const char msg[] = "{\"type\":\"error\",\"code\":\"line_too_long\","
+		    "\"message\":\"a line may be at most 65536 bytes\"}\n";
+		log_warnx("consumer pid %d uid %d: line longer than %d bytes; closing",
+		    (int)c->cred.pid, (int)c->cred.uid, SERVER_LINE_MAX);
+		conn_send(c, msg, sizeof(msg) - 1);
+		conn_close(c);
+	}
+}
+
 static void
 conn_read(struct conn *c)
 {
 	ssize_t n = recv(c->fd, c->in + c->inlen, SERVER_LINE_MAX + 1 - c->inlen, 0);
-	char *start, *nl;
 
 	if (n == 0 || (n == -1 && errno != EAGAIN && errno != EINTR)) {
 		conn_free(c);
@@ -216,22 +268,7 @@ conn_read(struct conn *c)
 	if (n == -1)
 		return;
 	c->inlen += (size_t)n;
-	start = c->in;
-	while (!c->closing && (nl = memchr(start, '\n', c->inlen - (size_t)(start - c->in)))) {
-		*nl = '\0';
-		c->srv->h.line(c, c->state, start, (size_t)(nl - start), c->srv->h.arg);
-		start = nl + 1;
-	}
-	c->inlen -= (size_t)(start - c->in);
-	memmove(c->in, start, c->inlen);
-	if (!c->closing && c->inlen > SERVER_LINE_MAX) {
-		static const char msg[] = "{\"type\":\"error\",\"code\":\"line_too_long\","
-		    "\"message\":\"a line may be at most 65536 bytes\"}\n";
-		log_warnx("consumer pid %d uid %d: line longer than %d bytes; closing",
-		    (int)c->cred.pid, (int)c->cred.uid, SERVER_LINE_MAX);
-		conn_send(c, msg, sizeof(msg) - 1);
-		conn_close(c);
-	}
+	conn_lines(c);
 }
 
 static void
@@ -258,8 +295,10 @@ conn_io(int fd, short revents, void *arg)
 	}
 	/* A failed write is noted in the conn; its input is still read to EOF. */
 	conn_flush(c);
-	if (before >= SERVER_OUT_LOW_WATER && conn_queued(c) < SERVER_OUT_LOW_WATER && !c->closing)
+	if (before >= SERVER_OUT_LOW_WATER && !conn_paused(c) && !c->closing) {
 		c->srv->h.drained(c, c->state, c->srv->h.arg);
+		conn_lines(c);
+	}
 	conn_watch(c);
 }
 
@@ -302,8 +341,13 @@ on_accept(int fd, short revents, void *arg)
 
 	(void)revents;
 	if ((cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) == -1) {
-		if (errno != EAGAIN && errno != EINTR)
+		if (errno == EMFILE || errno == ENFILE) {
+			log_warn("accept: not accepting for %d ms", ACCEPT_PAUSE_MS);
+			event_io_del(srv->loop, fd);
+			event_timer_arm(srv->loop, &srv->accept_timer, ACCEPT_PAUSE_MS);
+		} else if (errno != EAGAIN && errno != EINTR) {
 			log_warn("accept");
+		}
 		return;
 	}
 	if ((c = calloc(1, sizeof(*c))) == NULL) {
@@ -343,6 +387,32 @@ on_accept(int fd, short revents, void *arg)
 		return;
 	}
 	conn_watch(c);
+}
+
+static void
+on_accept_resume(void *arg)
+{
+	struct server *srv = arg;
+
+	if (event_io_set(srv->loop, srv->listen_fd, POLLIN, on_accept, srv) == -1)
+		event_timer_arm(srv->loop, &srv->accept_timer, ACCEPT_PAUSE_MS);
+}
+
+/* Enough descriptors for socket.max_consumers connections, as far as the hard limit allows. */
+static void
+server_raise_nofile(size_t conns)
+{
+	rlim_t want = (rlim_t)conns + SERVER_FD_RESERVE;
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) == -1 || rl.rlim_cur >= want)
+		return;
+	rl.rlim_cur = rl.rlim_max != RLIM_INFINITY && rl.rlim_max < want ? rl.rlim_max : want;
+	if (setrlimit(RLIMIT_NOFILE, &rl) == -1)
+		getrlimit(RLIMIT_NOFILE, &rl);
+	if (rl.rlim_cur < want)
+		log_warnx("only %ju file descriptors (RLIMIT_NOFILE); socket.max_consumers %zu needs %ju",
+		    (uintmax_t)rl.rlim_cur, conns, (uintmax_t)want);
 }
 
 /* A socket file left by a daemon that died is removed; a live one is not. */
@@ -458,6 +528,8 @@ server_new(struct event_loop *loop, const struct config *cfg, const struct serve
 	srv->h = *handler;
 	srv->listen_fd = -1;
 	srv->limit = (size_t)cfg->socket.max_consumers;
+	event_timer_init(&srv->accept_timer, on_accept_resume, srv);
+	server_raise_nofile(srv->limit);
 	n = sd_listen_fds(1);
 	rc = n > 0 ? inherit_socket(srv, n, err, errlen) : create_socket(srv, err, errlen);
 	if (rc == -1 || event_io_set(loop, srv->listen_fd, POLLIN, on_accept, srv) == -1) {
@@ -478,6 +550,7 @@ server_free(struct server *srv)
 		return;
 	while (srv->conns)
 		conn_free(srv->conns);
+	event_timer_disarm(srv->loop, &srv->accept_timer);
 	if (srv->listen_fd >= 0) {
 		event_io_del(srv->loop, srv->listen_fd);
 		close(srv->listen_fd);

@@ -16,6 +16,13 @@
 #define SERVER_LINE_MAX 65536	/* longest client line, without its newline */
 /* Below this much queued output a handler may queue more. */
 #define SERVER_OUT_LOW_WATER (64 * 1024)
+/*
+ * The most output queued for one connection: the low-water mark plus one
+ * command line of the largest store.max_payload (4 MiB), escaped at up to
+ * 6 bytes a byte. Handlers stop queueing at the low-water mark; beyond
+ * this the peer is closed, not buffered for.
+ */
+#define SERVER_OUT_MAX (32 * 1024 * 1024)
 
 struct server;
 struct conn;

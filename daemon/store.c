@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -32,8 +33,12 @@ enum stmt_id {
 	STMT_FILTER_TOPIC_ADD,
 	STMT_TOPICS_ALL,
 	STMT_CONSUMER_GET,
+	STMT_CONSUMER_ROOM,
+	STMT_CONSUMER_TOUCH,
+	STMT_CONSUMER_EXPIRE,
 	STMT_CONSUMER_PUT,
 	STMT_CONSUMER_ACK,
+	STMT_OVERSIZE,
 	STMT_FETCH_FILTERED,
 	STMT_FETCH_ALL,
 	STMT_MAX_ID,
@@ -72,6 +77,12 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	[STMT_FILTER_TOPIC_ADD] = "INSERT OR IGNORE INTO filter_topics (filter, topic) VALUES (?1, ?2)",
 	[STMT_TOPICS_ALL] = "SELECT topic FROM topics",
 	[STMT_CONSUMER_GET] = "SELECT acked_id FROM consumers WHERE name = ?1",
+	[STMT_CONSUMER_TOUCH] = "UPDATE consumers SET updated_at = ?2 WHERE name = ?1",
+	[STMT_CONSUMER_EXPIRE] =
+	    "DELETE FROM consumers WHERE updated_at < ?1 RETURNING name, acked_id, updated_at",
+	[STMT_CONSUMER_ROOM] =
+	    "SELECT EXISTS (SELECT 1 FROM consumers WHERE name = ?1)"
+	    " OR (SELECT count(*) FROM consumers) < ?2",
 	[STMT_CONSUMER_PUT] =
 	    "INSERT INTO consumers (name, filter, acked_id, updated_at) VALUES (?1, ?2, ?3, ?4)"
 	    " ON CONFLICT (name) DO UPDATE SET filter = excluded.filter,"
@@ -82,16 +93,19 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	 * The unary + keeps SQLite off the (topic, payload_hash) index: walking
 	 * the rowids after ?1 stops at LIMIT, while the index would read and
 	 * sort every row of the topic at each fetch (measured: 66 % of a drain).
+	 * ?4 bounds the rowids walked, however few of them match.
 	 */
+	[STMT_OVERSIZE] = "UPDATE messages SET oversize = ?2 WHERE id = ?1",
 	[STMT_FETCH_FILTERED] =
 	    "SELECT id, received_at, topic, payload, qos, retain, fields,"
 	    " CASE reason WHEN 'possible_repeat' THEN duplicate_of END FROM messages"
-	    " WHERE id > ?1 AND +status = 'accepted'"
+	    " WHERE id > ?1 AND id <= ?4 AND +status = 'accepted' AND oversize IS NULL"
 	    " AND +topic IN (SELECT topic FROM filter_topics WHERE filter = ?2) ORDER BY id LIMIT ?3",
 	[STMT_FETCH_ALL] =
 	    "SELECT id, received_at, topic, payload, qos, retain, fields,"
 	    " CASE reason WHEN 'possible_repeat' THEN duplicate_of END FROM messages"
-	    " WHERE id > ?1 AND status = 'accepted' ORDER BY id LIMIT ?3",
+	    " WHERE id > ?1 AND id <= ?4 AND +status = 'accepted' AND oversize IS NULL"
+	    " ORDER BY id LIMIT ?3",
 	[STMT_MAX_ID] = "SELECT coalesce(max(id), 0) FROM messages",
 	[STMT_TOPIC_LAST] = "UPDATE topics SET last_accepted = ?2 WHERE topic = ?1",
 	/* Older than max_age: gone, unless it is a topic's newest command. */
@@ -173,6 +187,24 @@ const char *
 store_errmsg(const struct store *st)
 {
 	return st->err;
+}
+
+int64_t
+store_wal_bytes(const char *db_path)
+{
+	char wal[PATH_MAX];
+	struct stat sb;
+
+	snprintf(wal, sizeof(wal), "%s-wal", db_path);
+	return stat(wal, &sb) == 0 ? sb.st_size : 0;
+}
+
+bool
+store_busy(const struct store *st)
+{
+	int rc = sqlite3_errcode(st->db) & 0xff;
+
+	return rc == SQLITE_BUSY || rc == SQLITE_LOCKED;
 }
 
 static int
@@ -398,7 +430,12 @@ store_new(const char *path, char *err, size_t errlen)
 	    "PRAGMA journal_mode = WAL;"
 	    /* FULL: a commit survives power loss too, since its PUBACK follows (G1). */
 	    "PRAGMA synchronous = FULL;"
-	    "PRAGMA busy_timeout = 2000;"
+	    /*
+	     * Every statement runs on the event loop: an admin's short write
+	     * is waited for, a long one fails the statement soon, and the
+	     * caller retries later (G6) or answers storage_busy.
+	     */
+	    "PRAGMA busy_timeout = 100;"
 	    /* A checkpointed WAL is cut back, so retention bounds the files. */
 	    "PRAGMA journal_size_limit = 8388608;"
 	    "PRAGMA wal_autocheckpoint = 256;";
@@ -545,13 +582,21 @@ register_filter(struct store *st, const char *filter)
 
 int
 store_consumer_open(struct store *st, const char *name, const char *filter,
-    const struct store_start *start, int64_t *resume_after)
+    const struct store_start *start, int64_t max_cursors, int64_t *resume_after)
 {
 	sqlite3_stmt *put = st->stmt[STMT_CONSUMER_PUT];
-	int64_t acked = 0;
+	int64_t acked = 0, room;
 
 	if (store_begin(st) == -1)
 		return -1;
+	sqlite3_bind_text(st->stmt[STMT_CONSUMER_ROOM], 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st->stmt[STMT_CONSUMER_ROOM], 2, max_cursors);
+	if (step_int(st, STMT_CONSUMER_ROOM, &room) == -1)
+		goto fail;
+	if (!room) {
+		store_rollback(st);
+		return -2;
+	}
 	sqlite3_bind_text(st->stmt[STMT_CONSUMER_GET], 1, name, -1, SQLITE_STATIC);
 	if (step_int(st, STMT_CONSUMER_GET, &acked) == -1 || register_filter(st, filter) == -1)
 		goto fail;
@@ -599,27 +644,71 @@ store_consumer_ack(struct store *st, const char *name, int64_t id)
 	return step_int(st, STMT_CONSUMER_ACK, NULL);
 }
 
+/*
+ * The lag as consumer_lag counts it, but over at most STORE_LAG_SCAN rows
+ * after the ack (or the oldest row kept): the daemon answers stats and
+ * writes metrics from its loop, where a count over a long history would
+ * stall everything else.
+ */
+int
+store_consumer_touch(struct store *st, const char *name)
+{
+	sqlite3_bind_text(st->stmt[STMT_CONSUMER_TOUCH], 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st->stmt[STMT_CONSUMER_TOUCH], 2, (int64_t)event_wall_ms());
+	return step_int(st, STMT_CONSUMER_TOUCH, NULL);
+}
+
+int
+store_consumers_expire(struct store *st, int64_t before_ms, store_consumer_fn *fn, void *arg)
+{
+	sqlite3_stmt *s = st->stmt[STMT_CONSUMER_EXPIRE];
+	int n = 0, rc;
+
+	sqlite3_bind_int64(s, 1, before_ms);
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct store_consumer c = {
+			.name = (const char *)sqlite3_column_text(s, 0),
+			.acked_id = sqlite3_column_int64(s, 1),
+			.updated_at_ms = sqlite3_column_int64(s, 2),
+		};
+		n++;
+		fn(&c, arg);
+	}
+	sqlite3_reset(s);
+	if (rc != SQLITE_DONE)
+		return store_fail(st, "%s", stmt_sql[STMT_CONSUMER_EXPIRE]);
+	return n;
+}
+
 int
 store_consumers(struct store *st, store_consumer_fn *fn, void *arg)
 {
 	sqlite3_stmt *s;
 	int rc;
 
-	if (sqlite3_prepare_v2(st->db, "SELECT consumer, filter, acked_id, lag FROM consumer_lag"
-	    " ORDER BY consumer", -1, &s, NULL) != SQLITE_OK)
-		return store_fail(st, "reading consumer_lag");
+	if (sqlite3_prepare_v2(st->db,
+	    "WITH b AS (SELECT coalesce(min(id), 1) - 1 AS lo, coalesce(max(id), 0) AS hi FROM messages),"
+	    " c AS (SELECT name, filter, acked_id, max(acked_id, lo) AS start, hi FROM consumers, b)"
+	    " SELECT name, filter, acked_id,"
+	    " (SELECT count(*) FROM messages m WHERE m.id > c.start AND m.id <= c.start + ?1"
+	    "   AND +m.status = 'accepted' AND m.oversize IS NULL"
+	    "   AND +m.topic IN (SELECT topic FROM filter_topics f WHERE f.filter = c.filter)),"
+	    " hi - start <= ?1 FROM c ORDER BY name", -1, &s, NULL) != SQLITE_OK)
+		return store_fail(st, "reading the consumers");
+	sqlite3_bind_int(s, 1, STORE_LAG_SCAN);
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		struct store_consumer c = {
 			.name = (const char *)sqlite3_column_text(s, 0),
 			.filter = (const char *)sqlite3_column_text(s, 1),
 			.acked_id = sqlite3_column_int64(s, 2),
 			.lag = sqlite3_column_int64(s, 3),
+			.lag_exact = sqlite3_column_int(s, 4),
 		};
 		if (fn(&c, arg) == -1)
 			break;
 	}
 	sqlite3_finalize(s);
-	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : store_fail(st, "reading consumer_lag");
+	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : store_fail(st, "reading the consumers");
 }
 
 int64_t
@@ -631,7 +720,7 @@ store_last_id(struct store *st)
 }
 
 int
-store_fetch(struct store *st, const char *filter, int64_t after_id, int limit,
+store_fetch(struct store *st, const char *filter, int64_t after_id, int64_t upto_id, int limit,
     store_command_fn *fn, void *arg)
 {
 	enum stmt_id id = filter ? STMT_FETCH_FILTERED : STMT_FETCH_ALL;
@@ -642,6 +731,7 @@ store_fetch(struct store *st, const char *filter, int64_t after_id, int limit,
 	if (filter)
 		sqlite3_bind_text(s, 2, filter, -1, SQLITE_STATIC);
 	sqlite3_bind_int(s, 3, limit);
+	sqlite3_bind_int64(s, 4, upto_id);
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		struct stored_command c = {
 			.id = sqlite3_column_int64(s, 0),
@@ -722,6 +812,14 @@ store_insert(struct store *st, const struct delivery *d, const struct dedup_verd
 	sqlite3_bind_text(st->stmt[STMT_TOPIC_LAST], 1, d->topic, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(st->stmt[STMT_TOPIC_LAST], 2, row);
 	return step_int(st, STMT_TOPIC_LAST, NULL);
+}
+
+int
+store_mark_oversize(struct store *st, int64_t id, size_t payloadlen)
+{
+	sqlite3_bind_int64(st->stmt[STMT_OVERSIZE], 1, id);
+	sqlite3_bind_int64(st->stmt[STMT_OVERSIZE], 2, (int64_t)payloadlen);
+	return step_int(st, STMT_OVERSIZE, NULL);
 }
 
 int

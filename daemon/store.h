@@ -24,6 +24,14 @@ void store_free(struct store *st);
 /* True when store_new() found no file and began a new history. */
 bool store_created(const struct store *st);
 const char *store_errmsg(const struct store *st);
+/*
+ * The size of the history's WAL. Checkpoints keep it near 1 MiB; much more
+ * means a reader holds an old snapshot, and the WAL grows until it lets go.
+ */
+int64_t store_wal_bytes(const char *db_path);
+#define STORE_WAL_PINNED (64LL * 1024 * 1024)
+/* The last failure was another connection's lock (an admin's write, a long reader). */
+bool store_busy(const struct store *st);
 
 int store_begin(struct store *st);
 int store_commit(struct store *st);
@@ -74,6 +82,9 @@ typedef int store_command_fn(const struct stored_command *c, void *arg);
 int store_insert(struct store *st, const struct delivery *d,
     const struct dedup_verdict *v, const struct topic_fields *fields, int64_t *id);
 
+/* Notes that row id's payload of payloadlen bytes was too large to keep. */
+int store_mark_oversize(struct store *st, int64_t id, size_t payloadlen);
+
 /*
  * Deletes up to limit rows that retention lets go: older than max_age_ms on
  * the age clock (wall-clock steps do not age a row), or beyond the newest keep_rows and acknowledged by every
@@ -84,9 +95,12 @@ int store_prune(struct store *st, int64_t max_age_ms, int64_t keep_rows, int lim
 /* Records the age clock, so that after a reboot it goes on from here. */
 int store_age_clock_save(struct store *st);
 
-/* Creates or moves a named consumer's cursor; *resume_after is where it starts. */
+/*
+ * Creates or moves a named consumer's cursor; *resume_after is where it
+ * starts. -2: a new name, and max_cursors cursors exist already.
+ */
 int store_consumer_open(struct store *st, const char *name, const char *filter,
-    const struct store_start *start, int64_t *resume_after);
+    const struct store_start *start, int64_t max_cursors, int64_t *resume_after);
 int store_consumer_ack(struct store *st, const char *name, int64_t id);
 
 struct store_consumer {
@@ -94,17 +108,26 @@ struct store_consumer {
 	const char *filter;
 	int64_t acked_id;
 	int64_t lag;
+	bool lag_exact;		/* false: at least lag, more beyond the rows counted */
+	int64_t updated_at_ms;	/* store_consumers_expire() only */
 };
+/* History rows one consumer's lag may count in the daemon: about a millisecond. */
+#define STORE_LAG_SCAN 4096
 typedef int store_consumer_fn(const struct store_consumer *c, void *arg);
-/* Every named consumer with its lag (view consumer_lag), by name. */
+/* Every named consumer with its lag (as view consumer_lag, bounded), by name. */
 int store_consumers(struct store *st, store_consumer_fn *fn, void *arg);
 int64_t store_last_id(struct store *st);
+/* Marks a cursor as in use now. */
+int store_consumer_touch(struct store *st, const char *name);
+/* Removes the cursors last used before before_ms, calling fn for each; returns how many. */
+int store_consumers_expire(struct store *st, int64_t before_ms, store_consumer_fn *fn, void *arg);
 /*
- * Calls fn for up to limit accepted commands after after_id, in id order;
- * filter NULL: every topic. Returns how many were read, -1 on error.
+ * Calls fn for up to limit accepted commands with after_id < id <= upto_id,
+ * in id order; filter NULL: every topic. Returns how many were read, -1 on
+ * error. The rows walked are bounded by upto_id - after_id.
  */
-int store_fetch(struct store *st, const char *filter, int64_t after_id, int limit,
-    store_command_fn *fn, void *arg);
+int store_fetch(struct store *st, const char *filter, int64_t after_id, int64_t upto_id,
+    int limit, store_command_fn *fn, void *arg);
 
 /* A local program's publication in the outbox. */
 struct outbox_msg {

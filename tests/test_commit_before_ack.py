@@ -533,7 +533,7 @@ def test_no_puback_when_commit_fails(setup):
     blocker = sqlite3.connect(str(relay.db_path), isolation_level=None, timeout=5)
     released = False
     try:
-        blocker.execute("BEGIN IMMEDIATE")      # hold the write lock (daemon busy_timeout: 2 s)
+        blocker.execute("BEGIN IMMEDIATE")      # hold the write lock (daemon busy_timeout: 100 ms)
         t0 = time.monotonic()
         conn.send_burst(msgs)
         conn.wait_closed(timeout=10)
@@ -543,7 +543,7 @@ def test_no_puback_when_commit_fails(setup):
         assert conn.pubacks == [], \
             f"PUBACKs for uncommitted messages: {[c.mid for c in conn.pubacks]}"
         assert conn.errors == []
-        assert 1.0 <= took <= 10, took   # it waited out busy_timeout, then gave up
+        assert 0.1 <= took <= 10, took   # it waited out busy_timeout, then gave up
         # It says why: the history error is logged before the connection goes
         # (the drop itself is logged just after the shutdown() that we saw).
         relay.wait_for(lambda: any(w in relay.log(since_start=True)

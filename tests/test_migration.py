@@ -1,6 +1,7 @@
 """Schema migrations on an existing history: the daemon migrates on start and
 keeps every row, id and the AUTOINCREMENT sequence (consumers' cursors)."""
 import sqlite3
+import time
 
 from brokers import free_port
 from relay import ROOT, Relay
@@ -31,7 +32,8 @@ def test_v5_history_migrates_to_v6(tmp_path):
                    " VALUES (?, 1000, '/cf/v1/AAA/012C/dev/set', x'6f6e', 7, 1, 0, 0, ?, 1, ?, ?, ?, 'dev')",
                    (id_, id_, status, reason, of))
     db.execute("DELETE FROM messages WHERE id = 3")           # pruned: the sequence stays at 3
-    db.execute("INSERT INTO consumers VALUES ('app', '#', 1, 1000)")
+    # used recently: socket.cursor_expiry (90 days) would remove a cursor unused since 1970
+    db.execute("INSERT INTO consumers VALUES ('app', '#', 1, ?)", (int(time.time() * 1000),))
     db.commit()
     db.close()
 

@@ -1,4 +1,4 @@
--- Schema version 10: commands too large to keep (store.max_payload).
+-- Schema version 8: commands too large to keep (store.max_payload).
 --
 -- oversize is the payload's length in bytes when it exceeded
 -- store.max_payload: the row records the delivery (topic, time, packet id,

@@ -1,4 +1,4 @@
--- Schema version 9 (correct): retention ages rows on the age clock, not the
+-- Schema version 7: retention ages rows on the age clock, not the
 -- wall clock. age_ms and sent_age_ms are the daemon's age clock (meta
 -- 'age_clock': CLOCK_BOOTTIME carried on across restarts) when the row was
 -- received or sent, so an NTP step of the wall clock, in either direction,

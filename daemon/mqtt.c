@@ -51,6 +51,7 @@ struct mqtt {
 	size_t batch_messages;
 	bool batch_failed;
 	bool dropping;		/* closing unacknowledged: ignore what is still read */
+	bool refused;		/* this attempt's CONNACK said no: last_error says why */
 	char publish_log_prefix[300];	/* "Client <client_id>" */
 	struct {
 		bool valid;
@@ -152,6 +153,7 @@ on_connect(struct mosquitto *mosq, void *arg, int rc, int flags)
 	(void)mosq;
 	if (rc != 0) {
 		set_error(m, "broker refused the connection: %s", mosquitto_connack_string(rc));
+		m->refused = true;
 		log_errx("%s", m->last_error);
 		return;		/* libmosquitto closes; on_disconnect follows */
 	}
@@ -212,8 +214,11 @@ on_disconnect(struct mosquitto *mosq, void *arg, int rc)
 	(void)mosq;
 	if (m->state == MQTT_STOPPED)
 		return;
-	/* A connection we dropped ourselves keeps the reason we gave. */
-	if (!m->dropping && (m->state == MQTT_CONNECTED || m->last_error[0] == '\0'))
+	/*
+	 * A connection we dropped ourselves keeps the reason we gave, a refused
+	 * one the broker's; any other loss is new news, also while connecting.
+	 */
+	if (!m->dropping && !m->refused)
 		set_error(m, "connection lost: %s", why);
 	log_warnx("%s:%d: %s", m->cfg->broker.host, (int)m->cfg->broker.port, m->last_error);
 	schedule_reconnect(m);
@@ -448,6 +453,7 @@ on_reconnect_timer(void *arg)
 
 	m->state = MQTT_CONNECTING;
 	m->lib_error[0] = '\0';
+	m->refused = false;
 	if (m->started)
 		rc = mosquitto_reconnect_async(m->mosq);
 	else

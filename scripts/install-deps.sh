@@ -4,12 +4,15 @@
 #  - Fast and offline when everything is installed (dpkg-query only, no
 #    apt-get update).
 #  - Non-interactive; idempotent.
-#  - apt must not start the system-wide mosquitto / rabbitmq-server services:
-#    the tests run their own private brokers (tests/brokers.py). While
-#    installing, a temporary policy-rc.d forbids service starts (when the
-#    machine has none already), and afterwards any system-wide mosquitto,
-#    RabbitMQ node or epmd that is running anyway is stopped.
-#    CMDRELAY_KEEP_SYSTEM_BROKERS=1 skips that last step.
+#  - System services are never stopped, restarted or reconfigured: a
+#    gateway's own Mosquitto (a bridge, say), RabbitMQ node or epmd keeps
+#    running. The tests and `make demo` start private brokers on free loopback
+#    ports, so a system broker on 1883 or an epmd on 4369 is not in their way;
+#    this script only says that it saw one.
+#  - While installing packages that are missing, a temporary policy-rc.d
+#    (only when the machine has none) keeps apt from *starting* the broker
+#    services that those packages bring (mosquitto, rabbitmq-server, epmd);
+#    every other service is left to apt as usual.
 set -euo pipefail
 
 PACKAGES=(
@@ -23,6 +26,8 @@ PACKAGES=(
     # make fuzz (clang 14's libFuzzer and sanitizer runtimes are in libclang-rt-14-dev,
     # only recommended by clang), llvm-symbolizer for sanitizer stacks, make valgrind
     clang libclang-rt-14-dev llvm valgrind
+    # make deb and scripts/package-check.sh (man-db for `man cmdrelayd`)
+    debhelper dpkg-dev fakeroot lintian man-db
 )
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
@@ -30,7 +35,7 @@ log() { printf 'install-deps: %s\n' "$*" >&2; }
 SUDO=()
 if [[ $EUID -ne 0 ]]; then
     if command -v sudo >/dev/null 2>&1; then SUDO=(sudo -n); else
-        log "not root and no sudo: cannot install or stop services"; fi
+        log "not root and no sudo: cannot install packages"; fi
 fi
 
 not_installed() {   # prints those of the given packages that are not installed
@@ -57,8 +62,13 @@ trap cleanup EXIT
 if [[ ${#missing[@]} -gt 0 ]]; then
     log "installing: ${missing[*]}"
     if [[ ! -e $POLICY ]]; then
-        # keep apt's postinst scripts from starting mosquitto / rabbitmq / epmd
-        printf '#!/bin/sh\n# temporary, written by cmdrelay install-deps: no service starts\nexit 101\n' |
+        # policy-rc.d(8) gets the service name first (options may precede it):
+        # 101 = "action forbidden" for the brokers, 0 = allowed for the rest
+        printf '%s\n' '#!/bin/sh' \
+            '# temporary, written by cmdrelay install-deps: new brokers stay stopped' \
+            'while [ "${1#-}" != "$1" ]; do shift; done' \
+            'case "$1" in mosquitto|rabbitmq-server|epmd|epmd.socket|epmd.service) exit 101 ;; esac' \
+            'exit 0' |
             "${SUDO[@]}" tee "$POLICY" >/dev/null
         "${SUDO[@]}" chmod 0755 "$POLICY"
         created_policy=1
@@ -79,34 +89,15 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     created_policy=0
 fi
 
-# ---- no system-wide broker left running ---------------------------------------
-stop_pids() {   # stop_pids WHAT PID...: TERM, wait up to 20 s, then KILL
-    local what=$1; shift
-    [[ $# -gt 0 ]] || return 0
-    log "stopping system-wide $what (pids $*)"
-    "${SUDO[@]}" kill -TERM "$@" 2>/dev/null || true
-    for _ in $(seq 1 200); do
-        local alive=()
-        for p in "$@"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
-        [[ ${#alive[@]} -eq 0 ]] && return 0
-        sleep 0.1
-    done
-    "${SUDO[@]}" kill -KILL "$@" 2>/dev/null || true
+# ---- system brokers: seen, never touched -----------------------------------
+# Only a note: the tests' brokers listen on free ports of their own.
+note_running() {   # note_running WHAT PGREP-PATTERN
+    local pids
+    pids=$(pgrep -f "$2" | tr '\n' ' ' || true)
+    [[ -z $pids ]] || log "leaving the system $1 running (pids ${pids% }): tests and make demo use private brokers on free ports"
 }
-
-if [[ ${CMDRELAY_KEEP_SYSTEM_BROKERS:-0} != 1 ]]; then
-    # the packaged mosquitto service: started with the system config
-    mapfile -t pids < <(pgrep -f '^/usr/sbin/mosquitto -c /etc/mosquitto/mosquitto.conf' || true)
-    stop_pids mosquitto "${pids[@]}"
-    # the packaged RabbitMQ node: the one whose HOME is the system one (test nodes have private HOMEs)
-    mapfile -t pids < <(pgrep -f 'beam[.]smp .*-home /var/lib/rabbitmq( |$)' || true)
-    stop_pids "RabbitMQ node" "${pids[@]}"
-    # an epmd on the standard port 4369 (the tests' nodes use private epmd ports)
-    pids=()
-    for p in $(pgrep -x epmd || true); do
-        if ss -Hltnp 'sport = :4369' 2>/dev/null | grep -q "pid=$p,"; then pids+=("$p"); fi
-    done
-    stop_pids epmd "${pids[@]}"
-fi
+note_running mosquitto '^/usr/sbin/mosquitto -c /etc/mosquitto/'
+note_running "RabbitMQ node" 'beam[.]smp .*-home /var/lib/rabbitmq( |$)'
+note_running epmd '^/usr/bin/epmd( -daemon)?( -systemd)?$'
 
 log "all ${#PACKAGES[@]} packages present"

@@ -35,7 +35,7 @@ COMMON := log config topic event dedup store store_dedup mqtt relay wire server 
 COMMON_OBJS := $(COMMON:%=$(B)/%.o) $(B)/migrations.o
 MIGRATIONS := $(sort $(wildcard sql/[0-9][0-9][0-9]_*.sql))
 
-.PHONY: all check unit integration deps demo run clean install uninstall \
+.PHONY: all check unit integration deps demo run clean install uninstall deb \
 	check-sanitize fuzz fuzz-build fuzz-merge valgrind soak bench
 all: $(B)/cmdrelayd $(B)/cmdrelayctl
 
@@ -43,13 +43,13 @@ $(B):
 	mkdir -p $(B)
 
 $(B)/%.o: daemon/%.c daemon/*.h | $(B)
-	$(CC) $(CFLAGS) $(PKG_CFLAGS) -c -o $@ $<
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(PKG_CFLAGS) -c -o $@ $<
 
 $(B)/migrations.c: $(MIGRATIONS) scripts/embed-sql.sh | $(B)
 	scripts/embed-sql.sh $(MIGRATIONS) > $@.tmp && mv $@.tmp $@
 
 $(B)/migrations.o: $(B)/migrations.c daemon/migrations.h
-	$(CC) $(CFLAGS) -c -o $@ $<
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
 
 $(B)/cmdrelayd: $(B)/cmdrelayd.o $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
@@ -97,6 +97,9 @@ clean:
 BINDIR ?= $(PREFIX)/bin
 DATADIR ?= $(PREFIX)/share/cmdrelay
 DOCDIR ?= $(PREFIX)/share/doc/cmdrelay
+MANDIR ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+MAN_PAGES := man/cmdrelayd.8 man/cmdrelayctl.1 man/cmdrelay.yaml.5
 CONFDIR := /etc/cmdrelay
 SYSTEMDUNITDIR ?= $(shell pkg-config --variable=systemdsystemunitdir systemd)
 SYSUSERSDIR ?= $(shell pkg-config --variable=sysusersdir systemd)
@@ -110,8 +113,14 @@ install: all
 	@test -n "$(SYSTEMDUNITDIR)" -a -n "$(SYSUSERSDIR)" -a -n "$(TMPFILESDIR)" || \
 		{ echo "install: pkg-config does not know systemd's directories (is systemd.pc installed?)" >&2; exit 1; }
 	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SYSTEMDUNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
-		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DATADIR)/sql $(DESTDIR)$(DOCDIR)
+		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DATADIR)/sql $(DESTDIR)$(DOCDIR) \
+		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
+		$(DESTDIR)$(BASHCOMPDIR)
 	$(INSTALL) -m 0755 $(B)/cmdrelayd $(B)/cmdrelayctl $(DESTDIR)$(BINDIR)/
+	for m in $(MAN_PAGES); do \
+		$(INSTALL) -m 0644 $$m $(DESTDIR)$(MANDIR)/man$${m##*.}/ || exit 1; \
+	done
+	$(INSTALL) -m 0644 scripts/cmdrelayctl.bash-completion $(DESTDIR)$(BASHCOMPDIR)/cmdrelayctl
 	for u in cmdrelayd.service cmdrelayd.socket; do \
 		sed $(UNIT_SUBST) systemd/$$u.in > $(DESTDIR)$(SYSTEMDUNITDIR)/$$u.tmp && \
 		chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/$$u.tmp && \
@@ -142,8 +151,23 @@ uninstall:
 	rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/cmdrelayd.service $(DESTDIR)$(SYSTEMDUNITDIR)/cmdrelayd.socket
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/cmdrelay.conf $(DESTDIR)$(TMPFILESDIR)/cmdrelay.conf
 	rm -rf $(DESTDIR)$(DATADIR) $(DESTDIR)$(DOCDIR)
+	rm -f $(DESTDIR)$(MANDIR)/man8/cmdrelayd.8 $(DESTDIR)$(MANDIR)/man1/cmdrelayctl.1 \
+		$(DESTDIR)$(MANDIR)/man5/cmdrelay.yaml.5 $(DESTDIR)$(BASHCOMPDIR)/cmdrelayctl
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "uninstall: kept $(DESTDIR)$(CONFDIR) (config, password), the user cmdrelay and /var/lib/cmdrelay (history); remove them by hand"
+
+# make deb: the Debian package (debian/, debhelper), built by
+# dpkg-buildpackage -us -uc -b in a copy of the tree under build/deb/src, so
+# that its products land in build/deb/ rather than beside the tree, and
+# checked by lintian (its report in build/deb/lintian.txt; an error fails).
+DEB_DIR := build/deb
+deb:
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	tar --exclude=./build --exclude=./.git -cf - . | tar -C $(DEB_DIR)/src -xf -
+	cd $(DEB_DIR)/src && DEB_BUILD_OPTIONS="parallel=$$(nproc) $$DEB_BUILD_OPTIONS" \
+		dpkg-buildpackage -us -uc -b
+	lintian --fail-on error --info $(DEB_DIR)/*.changes > $(DEB_DIR)/lintian.txt 2>&1; \
+		rc=$$?; cat $(DEB_DIR)/lintian.txt; exit $$rc
 
 # ---- sanitizers, fuzzing, valgrind -------------------------------------------
 # make check-sanitize: make check with SANITIZE=1 (see the top), in build/asan.

@@ -154,8 +154,12 @@ def test_install_puts_every_file_where_the_units_expect_it(tmp_path, prefix):
 
     for unit in (service, socket):
         for doc in " ".join(unit["Unit"]["Documentation"]).split():
+            if doc.startswith("man:"):   # man:cmdrelayd(8) -> share/man/man8/cmdrelayd.8
+                name, section = re.fullmatch(r"man:([\w.]+)\((\d)\)", doc).groups()
+                doc = f"file:{p}/share/man/man{section}/{name}.{section}"
             assert doc.startswith("file:"), doc
             assert os.path.isfile(under(root, doc[len("file:"):])), f"Documentation={doc} not installed"
+    assert os.path.isfile(under(root, f"{p}/share/bash-completion/completions/cmdrelayctl"))
 
     conf = under(root, "/etc/cmdrelay/cmdrelay.yaml")
     assert stat.S_IMODE(os.stat(conf).st_mode) == 0o640

@@ -1,6 +1,7 @@
 /* cmdrelayctl: ask the history what the relay received. */
 #include <errno.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <getopt.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -25,22 +26,53 @@
 /* Rows read per read transaction: a few hundred KiB to print, then the snapshot is let go. */
 #define HISTORY_PAGE 256
 
+static int cmd_history(struct ctl *, int, char *[]);
+static int cmd_consumers(struct ctl *, int, char *[]);
+static int cmd_outbox(struct ctl *, int, char *[]);
+static int cmd_check_config(struct ctl *, int, char *[]);
+
+/* One row per subcommand: its arguments as usage shows them. */
+static const struct ctl_command {
+	const char *name;
+	int (*fn)(struct ctl *, int, char *[]);
+	const char *args;
+} ctl_commands[] = {
+	{ "history", cmd_history, "[--device D] [--topic FILTER] [--since T] [--until T]\n"
+	  "          [--status accepted|duplicate|all] [--limit N] [--json]" },
+	{ "consumers", cmd_consumers, "[--json]" },
+	{ "publish", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain]" },
+	{ "outbox", cmd_outbox, "[--status queued|sent|failed|all] [--limit N] [--json]" },
+	{ "tail", cmd_tail, "[--consumer NAME] [--filter F] [--from stored|live|ID] [--json]" },
+	{ "stats", cmd_stats, "[--json]" },
+	{ "check-config", cmd_check_config, "" },
+};
+#define NCOMMANDS (sizeof(ctl_commands) / sizeof(ctl_commands[0]))
+
+#define USAGE_GLOBAL "[-c FILE] [--db PATH] [--socket PATH]"
+#define USAGE_NOTES \
+	"Global options may stand anywhere. T is ISO 8601 (2026-11-25T18:00:00Z, 2026-11-25)\n" \
+	"or an age such as 90s, 2h, 7d. Exit status: 0 ok, 1 database or socket error,\n" \
+	"64 usage, 66 no history database, 69 cmdrelayd unreachable, 77 permission denied,\n" \
+	"78 configuration error. See cmdrelayctl(1).\n"
+
 void
 ctl_usage(int status)
 {
-	fprintf(status ? stderr : stdout,
-	    "usage: cmdrelayctl [-c FILE] [--db PATH] [--socket PATH] COMMAND [OPTIONS]\n"
-	    "commands:\n"
-	    "  history [--device D] [--topic FILTER] [--since T] [--until T]\n"
-	    "          [--status accepted|duplicate|all] [--limit N] [--json]\n"
-	    "  consumers [--json]\n"
-	    "  publish TOPIC PAYLOAD [--qos 0|1] [--retain]\n"
-	    "  outbox [--status queued|sent|failed|all] [--limit N] [--json]\n"
-	    "  tail [--consumer NAME] [--filter F] [--from stored|live|ID] [--json]\n"
-	    "  stats\n"
-	    "  check-config\n"
-	    "T is ISO 8601 (2026-11-25T18:00:00Z, 2026-11-25) or an age such as 90s, 2h, 7d.\n");
+	FILE *out = status ? stderr : stdout;
+
+	fprintf(out, "usage: cmdrelayctl " USAGE_GLOBAL " COMMAND [OPTIONS]\ncommands:\n");
+	for (size_t i = 0; i < NCOMMANDS; i++)
+		fprintf(out, "  %s %s\n", ctl_commands[i].name, ctl_commands[i].args);
+	fputs(USAGE_NOTES, out);
 	exit(status);
+}
+
+static void __attribute__((noreturn))
+ctl_command_usage(const struct ctl_command *c)
+{
+	printf("usage: cmdrelayctl " USAGE_GLOBAL " %s%s%s\n" USAGE_NOTES, c->name, *c->args ? " " : "",
+	    c->args);
+	exit(0);
 }
 
 void
@@ -61,7 +93,10 @@ ctl_config(struct ctl *ctl)
 {
 	char err[CONFIG_ERR_MAX];
 
-	if (ctl->cfg == NULL && config_load(ctl->config_file, &ctl->cfg, err, sizeof(err)) == -1)
+	/* Only check-config needs the secrets; the rest must work for users who
+	 * may read the history or the socket but not broker.password_file. */
+	if (ctl->cfg == NULL && (ctl->check_secrets ? config_load : config_load_public)(ctl->config_file,
+	    &ctl->cfg, err, sizeof(err)) == -1)
 		ctl_die(EX_CONFIG_STATUS, "%s", err);
 	return ctl->cfg;
 }
@@ -563,65 +598,82 @@ cmd_check_config(struct ctl *ctl, int argc, char *argv[])
 	(void)argv;
 	if (argc != 1)
 		ctl_usage(EX_USAGE_STATUS);
+	ctl->check_secrets = true;
 	ctl_config(ctl);
 	printf("%s: configuration OK\n", ctl->config_file);
 	return 0;
 }
 
-int
-main(int argc, char *argv[])
+/*
+ * Takes the global options out of argv wherever they stand (before or after
+ * the subcommand and its options) and returns what is left; "--" ends them.
+ */
+static int
+ctl_take_globals(struct ctl *ctl, int argc, char *argv[])
 {
 	static const struct {
-		const char *name;
-		int (*fn)(struct ctl *, int, char *[]);
-	} commands[] = {
-		{ "history", cmd_history },
-		{ "consumers", cmd_consumers },
-		{ "outbox", cmd_outbox },
-		{ "publish", cmd_publish },
-		{ "tail", cmd_tail },
-		{ "stats", cmd_stats },
-		{ "check-config", cmd_check_config },
+		const char *name;	/* "-c" also takes -cFILE, the others --NAME=VALUE */
+		size_t field;		/* the const char * in struct ctl it sets */
+	} globals[] = {
+		{ "-c", offsetof(struct ctl, config_file) },
+		{ "--db", offsetof(struct ctl, db_path) },
+		{ "--socket", offsetof(struct ctl, socket_path) },
 	};
-	static const struct option opts[] = {
-		{ "db", required_argument, NULL, 'd' },
-		{ "socket", required_argument, NULL, 's' },
-		{ "version", no_argument, NULL, 'V' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
-	};
-	struct ctl ctl = { .config_file = DEFAULT_CONFIG };
-	int ch;
+	int out = 1, i;
 
-	while ((ch = getopt_long(argc, argv, "+c:h", opts, NULL)) != -1) {
-		switch (ch) {
-		case 'c':
-			ctl.config_file = optarg;
-			break;
-		case 'd':
-			ctl.db_path = optarg;
-			break;
-		case 's':
-			ctl.socket_path = optarg;
-			break;
-		case 'V':
-			printf("cmdrelayctl %s\n", CMDRELAY_VERSION);
-			return 0;
-		case 'h':
-			ctl_usage(0);
-		default:
+	for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
+		size_t g, len;
+		for (g = 0; g < sizeof(globals) / sizeof(globals[0]); g++) {
+			len = strlen(globals[g].name);
+			if (strncmp(argv[i], globals[g].name, len) == 0 &&
+			    (argv[i][len] == '\0' || argv[i][len] == '=' || (g == 0 && argv[i][len] != '\0')))
+				break;
+		}
+		if (g == sizeof(globals) / sizeof(globals[0])) {
+			if (strcmp(argv[i], "--version") == 0) {
+				printf("cmdrelayctl %s\n", CMDRELAY_VERSION);
+				exit(0);
+			}
+			argv[out++] = argv[i];
+			continue;
+		}
+		const char **field = (const char **)((char *)ctl + globals[g].field);
+		if (argv[i][len] != '\0')
+			*field = argv[i] + len + (argv[i][len] == '=');
+		else if (i + 1 < argc)
+			*field = argv[++i];
+		else {
+			fprintf(stderr, "cmdrelayctl: %s needs an argument\n", globals[g].name);
 			ctl_usage(EX_USAGE_STATUS);
 		}
 	}
-	if (optind >= argc)
+	for (; i < argc; i++)
+		argv[out++] = argv[i];
+	argv[out] = NULL;
+	return out;
+}
+
+int
+main(int argc, char *argv[])
+{
+	struct ctl ctl = { .config_file = DEFAULT_CONFIG };
+
+	argc = ctl_take_globals(&ctl, argc, argv);
+	if (argc < 2)
 		ctl_usage(EX_USAGE_STATUS);
-	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
-		if (strcmp(argv[optind], commands[i].name) == 0) {
-			int rc = commands[i].fn(&ctl, argc - optind, argv + optind);
+	if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0)
+		ctl_usage(0);
+	for (size_t i = 0; i < NCOMMANDS; i++) {
+		if (strcmp(argv[1], ctl_commands[i].name) == 0) {
+			int rc;
+			for (int a = 2; a < argc && strcmp(argv[a], "--") != 0; a++)
+				if (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0)
+					ctl_command_usage(&ctl_commands[i]);
+			rc = ctl_commands[i].fn(&ctl, argc - 1, argv + 1);
 			config_free(ctl.cfg);
 			return rc;
 		}
 	}
-	fprintf(stderr, "cmdrelayctl: unknown command '%s'\n", argv[optind]);
+	fprintf(stderr, "cmdrelayctl: unknown command '%s'\n", argv[1]);
 	ctl_usage(EX_USAGE_STATUS);
 }

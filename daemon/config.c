@@ -108,6 +108,7 @@ struct parser {
 	size_t errlen;
 	yaml_document_t doc;
 	struct config *cfg;
+	bool no_secrets;	/* config_load_public: no password, no TLS file checks */
 };
 
 static int __attribute__((format(printf, 3, 4)))
@@ -623,7 +624,7 @@ validate(struct parser *p, yaml_node_t *root)
 		const char *const tls_files[] = {
 			cfg->broker.tls_ca_file, cfg->broker.tls_cert_file, cfg->broker.tls_key_file,
 		};
-		for (size_t i = 0; i < 3; i++)
+		for (size_t i = 0; i < 3 && !p->no_secrets; i++)
 			if (tls_files[i] && access(tls_files[i], R_OK) == -1)
 				return fail_at(p, key_node(p, root, tls_keys[i]), "%s: %s: %s", tls_keys[i],
 				    tls_files[i], strerror(errno));
@@ -637,7 +638,7 @@ validate(struct parser *p, yaml_node_t *root)
 	if ((pattern = topic_pattern_new(cfg->topic_fields, why, sizeof(why))) == NULL)
 		return fail_at(p, key_node(p, root, "topic_fields"), "topic_fields: %s", why);
 	topic_pattern_free(pattern);
-	return load_password(p, root);
+	return p->no_secrets ? 0 : load_password(p, root);
 }
 
 static int
@@ -740,10 +741,10 @@ config_check_bounds(struct parser *p, FILE *fp)
 	return rc;
 }
 
-int
-config_load(const char *file, struct config **out, char *err, size_t errlen)
+static int
+config_load_as(const char *file, bool no_secrets, struct config **out, char *err, size_t errlen)
 {
-	struct parser p = { .file = file, .err = err, .errlen = errlen };
+	struct parser p = { .file = file, .err = err, .errlen = errlen, .no_secrets = no_secrets };
 	FILE *fp;
 	int rc;
 
@@ -766,6 +767,18 @@ config_load(const char *file, struct config **out, char *err, size_t errlen)
 	}
 	*out = p.cfg;
 	return 0;
+}
+
+int
+config_load(const char *file, struct config **out, char *err, size_t errlen)
+{
+	return config_load_as(file, false, out, err, errlen);
+}
+
+int
+config_load_public(const char *file, struct config **out, char *err, size_t errlen)
+{
+	return config_load_as(file, true, out, err, errlen);
 }
 
 static bool

@@ -89,6 +89,12 @@ struct config {
  * message of the form "FILE:LINE:COLUMN: what is wrong".
  */
 int config_load(const char *file, struct config **out, char *err, size_t errlen);
+/*
+ * The same without what only the daemon needs: the password is not read
+ * (broker.password stays NULL) and the TLS files are not opened. For
+ * cmdrelayctl, whose users may read the config but not the secrets.
+ */
+int config_load_public(const char *file, struct config **out, char *err, size_t errlen);
 void config_free(struct config *cfg);
 
 /*

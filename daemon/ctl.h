@@ -11,12 +11,14 @@
 #define EX_USAGE_STATUS 64
 #define EX_NOINPUT_STATUS 66
 #define EX_UNAVAILABLE_STATUS 69
+#define EX_NOPERM_STATUS 77	/* sysexits.h EX_NOPERM */
 
 struct ctl {
 	const char *config_file;
 	const char *db_path;		/* --db, else store.path */
 	const char *socket_path;	/* --socket, else socket.path */
 	struct config *cfg;		/* loaded when first needed */
+	bool check_secrets;		/* load the password and TLS files too */
 };
 
 void ctl_usage(int status) __attribute__((noreturn));

@@ -1,11 +1,14 @@
 /* cmdrelayctl subcommands that talk to the running daemon over its socket. */
 #include <errno.h>
+#include <grp.h>
+#include <stdbool.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -37,6 +40,25 @@ connect_socket(const char *path)
 	return fd;
 }
 
+/*
+ * A socket the file mode keeps us out of is no "not running": say so, and
+ * which group lets one in (socket.mode is 0660 root or cmdrelay's group).
+ */
+static void
+ctl_socket_refused(const char *path, int err)
+{
+	struct group *gr;
+	struct stat st;
+
+	if (err != EACCES && err != EPERM)
+		return;
+	if (stat(path, &st) == 0 && (gr = getgrgid(st.st_gid)) != NULL)
+		ctl_die(EX_NOPERM_STATUS, "cannot connect to %s: %s; join the group '%s' "
+		    "(usermod -aG %s USER, then log in again)", path, strerror(err), gr->gr_name, gr->gr_name);
+	ctl_die(EX_NOPERM_STATUS, "cannot connect to %s: %s (its directory or file mode keeps you out)",
+	    path, strerror(err));
+}
+
 /* The daemon's socket, for writing (fd) and reading lines (returned). */
 static FILE *
 open_daemon(struct ctl *ctl, int *fd)
@@ -44,9 +66,12 @@ open_daemon(struct ctl *ctl, int *fd)
 	const char *path = ctl_socket_path(ctl);
 	FILE *in;
 
-	if ((*fd = connect_socket(path)) == -1)
+	if ((*fd = connect_socket(path)) == -1) {
+		int err = errno;
+		ctl_socket_refused(path, err);
 		ctl_die(EX_UNAVAILABLE_STATUS, "cannot connect to %s: %s (is cmdrelayd running?)", path,
-		    strerror(errno));
+		    strerror(err));
+	}
 	if ((in = fdopen(dup(*fd), "r")) == NULL)
 		ctl_die(1, "fdopen: %s", strerror(errno));
 	return in;
@@ -220,16 +245,24 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 {
 	const char *path;
 	json_t *reply;
+	bool json = false;
 	char *text;
 	int fd;
 
-	(void)argv;
-	if (argc != 1)
+	if (argc == 2 && strcmp(argv[1], "--json") == 0)
+		json = true;	/* one line, for scripts; without it indented for people */
+	else if (argc != 1)
 		ctl_usage(EX_USAGE_STATUS);
 	path = ctl_socket_path(ctl);
 	if ((fd = connect_socket(path)) == -1) {
+		int err = errno;
+		ctl_socket_refused(path, err);
+		/* --socket alone names no history: no config to fall back on */
+		if (ctl->socket_path && ctl->db_path == NULL)
+			ctl_die(EX_UNAVAILABLE_STATUS, "cannot connect to %s: %s (is cmdrelayd running? "
+			    "--db PATH reads the history instead)", path, strerror(err));
 		fprintf(stderr, "cmdrelayctl: cannot connect to %s (%s); reading the history instead\n",
-		    path, strerror(errno));
+		    path, strerror(err));
 		reply = stats_from_history(ctl);
 	} else {
 		FILE *in = fdopen(dup(fd), "r");
@@ -241,7 +274,7 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 		fclose(in);
 		close(fd);
 	}
-	text = json_dumps(reply, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+	text = json_dumps(reply, (json ? JSON_COMPACT : JSON_INDENT(2)) | JSON_PRESERVE_ORDER);
 	puts(text);
 	free(text);
 	json_decref(reply);

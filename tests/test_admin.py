@@ -996,7 +996,7 @@ BAD_ARGS = [
     (["consumers", "--bogus"], "usage:"),
     (["consumers", "--json", "extra"], "usage:"),
     (["stats", "extra"], "usage:"),
-    (["stats", "--json"], "usage:"),
+    (["stats", "--json", "extra"], "usage:"),
     (["check-config", "extra"], "usage:"),
     (["tail", "extra"], "usage:"),
     (["tail", "--bogus"], "usage:"),

@@ -43,6 +43,7 @@ static const struct ctl_command {
 	{ "publish", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain]" },
 	{ "outbox", cmd_outbox, "[--status queued|sent|failed|all] [--limit N] [--json]" },
 	{ "tail", cmd_tail, "[--consumer NAME] [--filter F] [--from stored|live|ID] [--json]" },
+	{ "status", cmd_status, "[--json]" },
 	{ "stats", cmd_stats, "[--json]" },
 	{ "check-config", cmd_check_config, "" },
 };

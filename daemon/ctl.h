@@ -30,6 +30,7 @@ sqlite3 *ctl_open_history(struct ctl *ctl);
 
 int cmd_tail(struct ctl *ctl, int argc, char *argv[]);
 int cmd_stats(struct ctl *ctl, int argc, char *argv[]);
+int cmd_status(struct ctl *ctl, int argc, char *argv[]);
 int cmd_publish(struct ctl *ctl, int argc, char *argv[]);
 
 #endif

@@ -336,3 +336,94 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	json_decref(reply);
 	ctl_die(1, "cmdrelayd refused it: %s", why);
 }
+
+static json_int_t
+status_int(json_t *obj, const char *key)
+{
+	return json_integer_value(json_object_get(obj, key));
+}
+
+/* "3d 4h", "2h 5m", "12m 3s", "40s": the two largest units are enough. */
+static void
+status_age(json_int_t secs, char *buf, size_t len)
+{
+	static const struct {
+		json_int_t secs;
+		char unit;
+	} units[] = { { 86400, 'd' }, { 3600, 'h' }, { 60, 'm' }, { 1, 's' } };
+	size_t i;
+
+	for (i = 0; i + 1 < sizeof(units) / sizeof(units[0]) && secs < units[i].secs; i++)
+		;
+	if (i + 1 == sizeof(units) / sizeof(units[0]))
+		snprintf(buf, len, "%llds", (long long)secs);
+	else
+		snprintf(buf, len, "%lld%c %lld%c", (long long)(secs / units[i].secs), units[i].unit,
+		    (long long)(secs % units[i].secs / units[i + 1].secs), units[i + 1].unit);
+}
+
+/* The daemon's answer to "is it connected, since when, to what", for people. */
+static void
+status_print(json_t *st)
+{
+	json_t *broker = json_object_get(st, "broker"), *dups = json_object_get(st, "duplicates");
+	json_t *consumers = json_object_get(st, "consumers"), *c;
+	const char *err = json_string_value(json_object_get(broker, "last_error"));
+	json_int_t connected = 0, behind = 0, lag = 0;
+	char up[32];
+	size_t i;
+
+	json_array_foreach(consumers, i, c) {
+		connected += json_is_true(json_object_get(c, "connected"));
+		behind += status_int(c, "lag") > 0;
+		lag += status_int(c, "lag");
+	}
+	status_age(status_int(st, "uptime_seconds"), up, sizeof(up));
+	printf("cmdrelayd %s, up %s (started %s)\n", json_string_value(json_object_get(st, "version")), up,
+	    json_string_value(json_object_get(st, "started_at")));
+	if (json_is_true(json_object_get(broker, "connected")))
+		printf("broker:    connected to %s:%lld (%s) since %s, session %s\n",
+		    json_string_value(json_object_get(broker, "host")), (long long)status_int(broker, "port"),
+		    json_string_value(json_object_get(broker, "protocol")),
+		    json_string_value(json_object_get(broker, "connected_since")),
+		    json_is_true(json_object_get(broker, "session_present")) ? "present" : "new");
+	else
+		printf("broker:    DISCONNECTED from %s:%lld\n", json_string_value(json_object_get(broker, "host")),
+		    (long long)status_int(broker, "port"));
+	printf("client id: %s\n", json_string_value(json_object_get(broker, "client_id")));
+	printf("since start: %lld received, %lld accepted, %lld retained replays, %lld redeliveries, "
+	    "%lld commit failures\n", (long long)status_int(st, "received"), (long long)status_int(st, "accepted"),
+	    (long long)status_int(dups, "retained_replay"), (long long)status_int(dups, "redelivery"),
+	    (long long)status_int(st, "commit_failures"));
+	printf("consumers: %lld named, %lld connected, %lld behind (%lld commands unacknowledged); "
+	    "%lld socket connections\n", (long long)json_array_size(consumers), (long long)connected,
+	    (long long)behind, (long long)lag, (long long)status_int(st, "connections"));
+	printf("history:   %lld bytes\n", (long long)status_int(st, "database_bytes"));
+	printf("last error: %s\n", err && *err ? err : "none");
+}
+
+int
+cmd_status(struct ctl *ctl, int argc, char *argv[])
+{
+	bool json = argc == 2 && strcmp(argv[1], "--json") == 0;
+	json_t *reply;
+	FILE *in;
+	int fd;
+
+	if (argc != 1 && !json)
+		ctl_usage(EX_USAGE_STATUS);
+	in = open_daemon(ctl, &fd);
+	send_json(fd, json_pack("{s:s}", "op", "stats"));
+	reply = read_json(in);
+	fclose(in);
+	close(fd);
+	if (json) {
+		char *text = json_dumps(reply, JSON_COMPACT | JSON_PRESERVE_ORDER);
+		puts(text);
+		free(text);
+	} else {
+		status_print(reply);
+	}
+	json_decref(reply);
+	return 0;
+}

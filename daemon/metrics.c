@@ -10,6 +10,7 @@
 #include <jansson.h>
 
 #include "log.h"
+#include "version.h"
 
 struct metrics {
 	struct event_loop *loop;
@@ -68,6 +69,9 @@ render(FILE *fp, json_t *stats)
 		fprintf(fp, "# HELP %s %s\n# TYPE %s %s\n", m->name, m->help, m->name, m->type);
 		print_value(fp, m->name, "", v);
 	}
+	/* build_info: the constant-1 gauge whose labels carry the version */
+	fprintf(fp, "# HELP cmdrelay_build_info The running cmdrelayd's version.\n"
+	    "# TYPE cmdrelay_build_info gauge\ncmdrelay_build_info{version=\"%s\"} 1\n", CMDRELAY_VERSION);
 	fputs("# HELP cmdrelay_duplicates_total Deliveries recorded as repeats, by reason.\n"
 	    "# TYPE cmdrelay_duplicates_total counter\n", fp);
 	print_value(fp, "cmdrelay_duplicates_total", "{reason=\"retained_replay\"}",

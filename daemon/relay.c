@@ -14,6 +14,8 @@
 #include "store.h"
 #include "topic.h"
 #include "uplink.h"
+#include "version.h"
+#include "wire.h"
 
 #define PENDING_MAX (2 * CONFIG_MAX_SUBSCRIPTIONS)
 
@@ -50,6 +52,9 @@ struct relay {
 	void *status_arg;
 	void (*commit_fn)(void *arg);
 	void *commit_arg;
+	/* for stats and status: since when, and how the broker took us */
+	uint64_t started_mono_ms, started_wall_ms, connected_wall_ms;
+	bool session_present;
 };
 
 static void
@@ -98,13 +103,23 @@ file_bytes(const char *db)
 void
 relay_stats(const struct relay *r, json_t *obj)
 {
-	json_object_set_new(obj, "broker", json_pack("{s:s, s:i, s:s, s:b, s:s}",
-	    "host", r->cfg->broker.host, "port", (int)r->cfg->broker.port,
-	    "client_id", r->cfg->broker.client_id, "connected", mqtt_is_connected(r->mqtt),
-	    "last_error", mqtt_last_error(r->mqtt)));
+	bool connected = mqtt_is_connected(r->mqtt);
+	char started[40], since[40];
 	json_t *dups = json_object();
 	uint64_t accepted = 0;
 
+	wire_time((int64_t)r->started_wall_ms, started, sizeof(started));
+	wire_time((int64_t)r->connected_wall_ms, since, sizeof(since));
+	json_object_set_new(obj, "version", json_string(CMDRELAY_VERSION));
+	json_object_set_new(obj, "started_at", json_string(started));
+	json_object_set_new(obj, "uptime_seconds",
+	    json_integer((json_int_t)((event_now_ms() - r->started_mono_ms) / 1000)));
+	json_object_set_new(obj, "broker", json_pack("{s:s, s:i, s:s, s:s, s:b, s:s?, s:o?, s:s}",
+	    "host", r->cfg->broker.host, "port", (int)r->cfg->broker.port,
+	    "protocol", r->cfg->broker.protocol, "client_id", r->cfg->broker.client_id,
+	    "connected", connected, "connected_since", connected ? since : NULL,
+	    "session_present", connected ? json_boolean(r->session_present) : NULL,
+	    "last_error", mqtt_last_error(r->mqtt)));
 	for (int i = 0; i < DEDUP_NREASONS; i++) {
 		if (dedup_reasons[i].accepted)
 			accepted += r->total.by_reason[i];
@@ -319,6 +334,8 @@ on_connected(void *arg, bool session_present)
 		mqtt_abort(r->mqtt, "could not read the history's unacknowledged messages; dropped it");
 		return;
 	}
+	r->connected_wall_ms = event_wall_ms();
+	r->session_present = session_present;
 	sync_subscriptions(r, session_present);
 	uplink_connected(r->uplink);
 	status_changed(r);
@@ -619,6 +636,8 @@ relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t e
 	}
 	r->loop = loop;
 	event_timer_init(&r->confirm_timer, on_confirm_timer, r);
+	r->started_mono_ms = event_now_ms();
+	r->started_wall_ms = event_wall_ms();
 	set_config(r, cfg);
 	if ((r->pattern = topic_pattern_new(cfg->topic_fields, err, errlen)) == NULL ||
 	    (r->store = store_new(cfg->store.path, err, errlen)) == NULL ||

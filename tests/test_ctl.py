@@ -14,7 +14,7 @@ import pytest
 from relay import CMDRELAYCTL, Relay
 
 EX_NOPERM, EX_UNAVAILABLE, EX_CONFIG = 77, 69, 78
-COMMANDS = ["history", "consumers", "publish", "outbox", "tail", "stats", "check-config"]
+COMMANDS = ["history", "consumers", "publish", "outbox", "tail", "status", "stats", "check-config"]
 NOBODY = pwd.getpwnam("nobody")
 
 
@@ -89,3 +89,31 @@ def test_stats_needs_no_password_file(relay):
     # check-config still checks the secrets: that is what it is for
     r = ctl("-c", str(relay.conf_path), "check-config", user=NOBODY)
     assert r.returncode == EX_CONFIG and "broker.password_file" in r.stderr and "Permission denied" in r.stderr
+
+
+def test_status_says_connected_since_when_to_what(mosquitto, uid, tmp_path):
+    prom = tmp_path / "cmdrelay.prom"
+    r = Relay(tmp_path / "relay", mosquitto, f"st-{uid}", [f"/st/{uid}/#"],
+              metrics={"textfile": str(prom), "interval": "1s"})
+    r.start()
+    try:
+        sock = str(r.workdir / "cmdrelay.sock")
+        st = ctl("--socket", sock, "status")
+        assert st.returncode == 0, st.stderr
+        version = ctl("--version").stdout.split()[1]
+        assert st.stdout.startswith(f"cmdrelayd {version}, up "), st.stdout
+        assert f"broker:    connected to {mosquitto.host}:{mosquitto.port} (mqttv311) since 20" in st.stdout
+        assert f"client id: st-{uid}" in st.stdout and "last error: none" in st.stdout
+        j = json.loads(ctl("--socket", sock, "status", "--json").stdout)
+        assert j["version"] == version and j["uptime_seconds"] >= 0 and j["started_at"].endswith("Z")
+        assert j["broker"]["connected"] is True and j["broker"]["session_present"] in (True, False)
+        assert j["broker"]["connected_since"] >= j["started_at"]
+        # the same facts in stats
+        stats = json.loads(ctl("--socket", sock, "stats", "--json").stdout)
+        assert stats["broker"]["connected_since"] == j["broker"]["connected_since"]
+        r.wait_for(lambda: prom.exists(), 10, "the metrics textfile")
+        assert f'cmdrelay_build_info{{version="{version}"}} 1' in prom.read_text()
+    finally:
+        r.stop()
+    st = ctl("--socket", sock, "status")
+    assert st.returncode == EX_UNAVAILABLE and "is cmdrelayd running?" in st.stderr

@@ -444,8 +444,9 @@ on_close(struct conn *c, void *state, void *arg)
 	struct client *cl = state;
 
 	(void)arg;
-	log_info("consumer %s (pid %d) disconnected", cl->mode == CLIENT_NAMED ? cl->name : "-",
-	    (int)conn_pid(c));
+	/* one that never said hello (a stats poll) was not logged at info either */
+	(cl->mode == CLIENT_NEW ? log_debug : log_info)("consumer %s (pid %d) disconnected",
+	    cl->mode == CLIENT_NAMED ? cl->name : "-", (int)conn_pid(c));
 	event_timer_disarm(cl->cs->loop, &cl->more);
 	free(cl->inflight);
 	free(cl);

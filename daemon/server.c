@@ -380,7 +380,9 @@ on_accept(int fd, short revents, void *arg)
 		conn_close(c);
 		return;
 	}
-	log_info("consumer connected: pid %d uid %d gid %d", (int)c->cred.pid, (int)c->cred.uid,
+	/* debug: a monitor's stats poll would otherwise log two lines each time;
+	 * consumers are logged at info when they say hello */
+	log_debug("consumer connected: pid %d uid %d gid %d", (int)c->cred.pid, (int)c->cred.uid,
 	    (int)c->cred.gid);
 	if ((c->state = srv->h.open(c, srv->h.arg)) == NULL) {
 		conn_close(c);

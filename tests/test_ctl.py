@@ -7,6 +7,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,21 @@ def test_status_says_connected_since_when_to_what(mosquitto, uid, tmp_path):
         r.stop()
     st = ctl("--socket", sock, "status")
     assert st.returncode == EX_UNAVAILABLE and "is cmdrelayd running?" in st.stderr
+
+
+def test_stats_polls_do_not_fill_the_log(mosquitto, uid, tmp_path):
+    # a monitor polling stats every 10 s must not add lines at info level
+    r = Relay(tmp_path / "relay", mosquitto, f"lg-{uid}", [f"/lg/{uid}/#"], log={"level": "info"})
+    r.start(wait_subscribed=False)
+    try:
+        sock = str(r.workdir / "cmdrelay.sock")
+        time.sleep(0.5)
+        before = r.log_path.read_text()
+        for _ in range(3):
+            assert ctl("--socket", sock, "stats", "--json").returncode == 0
+            assert ctl("--socket", sock, "status").returncode == 0
+        time.sleep(0.3)
+        added = r.log_path.read_text()[len(before):]
+        assert "consumer" not in added, added
+    finally:
+        r.stop()

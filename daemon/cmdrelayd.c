@@ -185,6 +185,18 @@ reload(struct daemon_state *d, const char *file, bool verbose)
 	send_status(d);
 }
 
+/* -t -v: the values after {hostname}/{machine_id}, as the daemon will use them. */
+static void
+check_print(const struct config *cfg)
+{
+	printf("broker: %s:%d, client_id %s\n", cfg->broker.host, (int)cfg->broker.port, cfg->broker.client_id);
+	for (size_t i = 0; i < cfg->nsubs; i++)
+		printf("subscription: %s (qos %d)\n", cfg->subs[i].topic, (int)cfg->subs[i].qos);
+	printf("store.path: %s\nsocket.path: %s\n", cfg->store.path, cfg->socket.path);
+	if (cfg->metrics.textfile)
+		printf("metrics.textfile: %s\n", cfg->metrics.textfile);
+}
+
 int
 main(int argc, char *argv[])
 {
@@ -231,11 +243,23 @@ main(int argc, char *argv[])
 		return EX_CONFIG_STATUS;
 	}
 	if (check_only) {
+		if (config_dirs(d.cfg, false, err, sizeof(err)) == -1) {
+			log_errx("%s", err);
+			config_free(d.cfg);
+			return EX_CONFIG_STATUS;
+		}
+		if (verbose)
+			check_print(d.cfg);
 		printf("%s: configuration OK\n", config_file);
 		config_free(d.cfg);
 		return 0;
 	}
 	log_set_level(verbose ? LOG_LEVEL_DEBUG : (enum log_level)d.cfg->log_level);
+	if (config_dirs(d.cfg, true, err, sizeof(err)) == -1) {
+		log_errx("%s", err);
+		config_free(d.cfg);
+		return EX_CONFIG_STATUS;
+	}
 	if (mqtt_library_check(err, sizeof(err)) == -1)
 		fatalx("%s", err);
 	mosquitto_lib_init();

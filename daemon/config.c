@@ -214,6 +214,66 @@ node_kind(const yaml_node_t *node)
 	}
 }
 
+/* The first line of machine-id(5); -1 with errno (0: the file is empty). */
+static int
+config_machine_id(const char *file, char *id, size_t len)
+{
+	FILE *fp = fopen(file, "re");
+	bool ok;
+
+	if (fp == NULL)
+		return -1;
+	errno = 0;
+	ok = fgets(id, (int)len, fp) != NULL;
+	fclose(fp);
+	if (!ok)
+		return -1;
+	id[strcspn(id, "\n")] = '\0';
+	return id[0] == '\0' ? -1 : 0;
+}
+
+/*
+ * {hostname} and {machine_id} in a string value, so that one file serves a
+ * fleet: client_id, topics and paths name the gateway they run on. Other
+ * braces stay (topic_fields has its own {name} segments and is not expanded).
+ */
+static int
+config_expand(struct parser *p, const yaml_node_t *node, const struct config_key *key,
+    const char *text, char *out, size_t outlen)
+{
+	static const char machine_id_file[] = "/etc/machine-id";	/* machine-id(5) */
+	char host[HOST_NAME_MAX + 1], id[64] = "";
+	size_t o = 0;
+
+	for (const char *t = text; *t != '\0'; ) {
+		const char *value = NULL;
+		size_t skip = 0;
+
+		if (strncmp(t, "{hostname}", 10) == 0) {
+			if (gethostname(host, sizeof(host)) == -1)
+				return fail_at(p, node, "%s: {hostname}: %s", key->path, strerror(errno));
+			host[sizeof(host) - 1] = '\0';
+			value = host, skip = 10;
+		} else if (strncmp(t, "{machine_id}", 12) == 0) {
+			if (id[0] == '\0' && config_machine_id(machine_id_file, id, sizeof(id)) == -1)
+				return fail_at(p, node, "%s: {machine_id}: %s: %s", key->path, machine_id_file,
+				    errno ? strerror(errno) : "empty");
+			value = id, skip = 12;
+		} else {
+			value = t, skip = 1;
+		}
+		if (o + (value == t ? 1 : strlen(value)) >= outlen)
+			return fail_at(p, node, "%s: longer than %zu bytes once expanded", key->path, outlen - 1);
+		if (value == t)
+			out[o++] = *t;
+		else
+			o += (size_t)snprintf(out + o, outlen - o, "%s", value);
+		t += skip;
+	}
+	out[o] = '\0';
+	return 0;
+}
+
 /* Converts one scalar into the field; node is NULL when text is a default. */
 static int
 set_value(struct parser *p, const struct config_key *key, const yaml_node_t *node,
@@ -224,8 +284,15 @@ set_value(struct parser *p, const struct config_key *key, const yaml_node_t *nod
 
 	switch (key->type) {
 	case KEY_STRING: {
-		size_t len = strlen(text);
+		char expanded[CONFIG_MAX_STRING + 1];
+		size_t len;
 		char **s = field;
+		if (strcmp(key->path, "topic_fields") != 0 && strchr(text, '{') != NULL) {
+			if (config_expand(p, node, key, text, expanded, sizeof(expanded)) == -1)
+				return -1;
+			text = expanded;
+		}
+		len = strlen(text);
 		if ((int64_t)len < key->min || (int64_t)len > key->max)
 			return fail_at(p, node, "%s: length %zu is out of range (%" PRId64 "..%" PRId64 ")",
 			    key->path, len, key->min, key->max);
@@ -838,4 +905,66 @@ config_free(struct config *cfg)
 	free(cfg->broker.password);
 	free(cfg->file);
 	free(cfg);
+}
+
+/*
+ * dir exists, or can be made below its nearest existing ancestor; with
+ * create, made (0750, like StateDirectoryMode=). -1 with errno.
+ */
+static int
+config_dir(char *dir, bool create)
+{
+	struct stat st;
+	char *slash;
+	int rc;
+
+	if (stat(dir, &st) == 0) {
+		if (S_ISDIR(st.st_mode))
+			return 0;
+		errno = ENOTDIR;
+		return -1;
+	}
+	if (errno != ENOENT || (slash = strrchr(dir, '/')) == NULL || slash == dir)
+		return -1;
+	*slash = '\0';
+	rc = config_dir(dir, create);
+	if (rc == 0 && !create && access(dir, W_OK | X_OK) == -1)
+		rc = -1;
+	*slash = '/';
+	if (rc == 0 && create && mkdir(dir, 0750) == -1 && errno != EEXIST)
+		rc = -1;
+	return rc;
+}
+
+/*
+ * The directories the daemon creates files in: for -t (create false) they
+ * must exist or be creatable, at start they are made. A check that says OK
+ * must not be followed by a start that fails on a missing /run/cmdrelay.
+ */
+int
+config_dirs(const struct config *cfg, bool create, char *err, size_t errlen)
+{
+	const struct {
+		const char *key, *path;
+	} files[] = {
+		{ "store.path", cfg->store.path },
+		{ "socket.path", cfg->socket.path },
+		{ "metrics.textfile", cfg->metrics.textfile },
+	};
+
+	for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+		char dir[PATH_MAX];
+		const char *slash;
+
+		if (files[i].path == NULL || (slash = strrchr(files[i].path, '/')) == NULL ||
+		    slash == files[i].path)
+			continue;	/* unset, in the working directory, or in / */
+		snprintf(dir, sizeof(dir), "%.*s", (int)(slash - files[i].path), files[i].path);
+		if (config_dir(dir, create) == -1) {
+			snprintf(err, errlen, "%s: %s: directory %s %s: %s", cfg->file, files[i].key, dir,
+			    create ? "cannot be made" : "does not exist and cannot be made", strerror(errno));
+			return -1;
+		}
+	}
+	return 0;
 }

@@ -96,6 +96,12 @@ int config_load(const char *file, struct config **out, char *err, size_t errlen)
  */
 int config_load_public(const char *file, struct config **out, char *err, size_t errlen);
 void config_free(struct config *cfg);
+/*
+ * The directories of store.path, socket.path and metrics.textfile: with
+ * create false (-t) -1 unless each exists or can be made, with create true
+ * made; the message names the key and the directory.
+ */
+int config_dirs(const struct config *cfg, bool create, char *err, size_t errlen);
 
 /*
  * For a reload: puts back into next the values of running for the keys a

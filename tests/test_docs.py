@@ -69,3 +69,15 @@ def test_bash_completion_offers_commands_and_their_options():
     assert "--since" in _complete("cmdrelayctl", "-c", "x.yaml", "history", "--")
     assert _complete("cmdrelayctl", "outbox", "--status", "") == ["queued", "sent", "failed", "all"]
     assert "--help" in _complete("cmdrelayctl", "stats", "--")
+
+
+def test_example_config_carries_every_key():
+    """conf/cmdrelay.yaml names every key of config.c, set or commented out."""
+    conf = (ROOT / "conf" / "cmdrelay.yaml").read_text()
+    for path, _, _ in _key_table():
+        leaf = path.rsplit(".", 1)[-1]
+        parent = path.rsplit(".", 1)[0] if "." in path else None
+        assert re.search(rf"^[ #-]*{re.escape(leaf)}:|[{{ ,]{re.escape(leaf)}:", conf, re.M), \
+            f"conf/cmdrelay.yaml lacks {path}"
+        if parent and not parent.endswith("[]"):
+            assert re.search(rf"^[ #]*{re.escape(parent.rsplit('.', 1)[-1])}:", conf, re.M), path

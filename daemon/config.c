@@ -94,6 +94,7 @@ static const struct config_key config_keys[] = {
 	{ "uplink.max_queued", KEY_INT, 1, 10000000, "100000", CFG(uplink.max_queued), false },
 	{ "metrics", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "metrics.textfile", KEY_STRING, 1, PATH_MAX, NULL, CFG(metrics.textfile), false },
+	{ "metrics.mode", KEY_MODE, 0, 0777, "0644", CFG(metrics.mode), false },
 	{ "metrics.interval", KEY_DURATION, 1000, 3600 * 1000, "5s", CFG(metrics.interval_ms), false },
 	{ "log", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "log.level", KEY_LOG_LEVEL, 0, 0, "info", CFG(log_level), false },

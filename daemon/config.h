@@ -79,6 +79,7 @@ struct config {
 	} uplink;
 	struct {
 		char *textfile;		/* Prometheus textfile; NULL: none */
+		int64_t mode;		/* its file mode, whatever the umask */
 		int64_t interval_ms;
 	} metrics;
 	int64_t log_level;

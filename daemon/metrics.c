@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -100,7 +101,8 @@ write_textfile(struct metrics *m, json_t *stats)
 	if ((fp = fopen(tmp, "we")) == NULL)
 		return -1;
 	render(fp, stats);
-	if (fflush(fp) != 0 || ferror(fp) || fsync(fileno(fp)) == -1) {
+	/* metrics.mode, not the umask: the unit's UMask= would keep node_exporter out */
+	if (fchmod(fileno(fp), (mode_t)m->cfg->metrics.mode) == -1 || fflush(fp) != 0 || ferror(fp) || fsync(fileno(fp)) == -1) {
 		int saved = errno;
 		fclose(fp);
 		unlink(tmp);

@@ -55,3 +55,24 @@ def test_textfile_matches_stats(mosquitto, tmp_path, uid):
                    "cmdrelay_broker_connected 0")
     lamp.close()
     relay.stop()
+
+
+def test_textfile_mode_ignores_the_umask(mosquitto, tmp_path, uid):
+    # under the unit's UMask= the file would be private to cmdrelay, and
+    # node_exporter (user prometheus) could not read it: metrics.mode decides
+    for mode, expect in ((None, 0o644), ("0640", 0o640)):
+        prom = tmp_path / f"m{expect:o}.prom"
+        metrics = {"textfile": str(prom), "interval": "1s"}
+        if mode:
+            metrics["mode"] = mode
+        relay = Relay(tmp_path / f"relay{expect:o}", mosquitto, f"mm-{uid}", [f"/mm/{uid}/#"], metrics=metrics)
+        old = os.umask(0o077)
+        try:
+            relay.start(wait_subscribed=False)
+        finally:
+            os.umask(old)
+        try:
+            relay.wait_for(lambda: prom.exists(), 10, "the textfile")
+            assert oct(os.stat(prom).st_mode & 0o777) == oct(expect)
+        finally:
+            relay.stop()

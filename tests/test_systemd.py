@@ -250,7 +250,7 @@ def test_service_settings(tree):
         "Restart": "on-failure", "RestartPreventExitStatus": "78",
         "StateDirectory": "cmdrelay", "RuntimeDirectory": "cmdrelay",
         "RuntimeDirectoryPreserve": "yes", "ConfigurationDirectory": "cmdrelay",
-        "UMask": "0077", "NoNewPrivileges": "yes", "PrivateUsers": "yes",
+        "UMask": "0027", "NoNewPrivileges": "yes", "PrivateUsers": "yes",
         "ProtectSystem": "strict", "CapabilityBoundingSet": "", "AmbientCapabilities": "",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
     }

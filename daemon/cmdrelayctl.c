@@ -51,8 +51,9 @@ static const struct ctl_command {
 
 #define USAGE_GLOBAL "[-c FILE] [--db PATH] [--socket PATH]"
 #define USAGE_NOTES \
-	"Global options may stand anywhere. T is ISO 8601 (2026-11-25T18:00:00Z, 2026-11-25)\n" \
-	"or an age such as 90s, 2h, 7d. Exit status: 0 ok, 1 database or socket error,\n" \
+	"Global options may stand anywhere. T is ISO 8601 (2026-11-25T18:00:00Z,\n" \
+	"2026-12-01T21:00:00+01:00, 2026-11-25), today, yesterday or an age (90s, 2h, 7d).\n" \
+	"Exit status: 0 ok, 1 database or socket error,\n" \
 	"64 usage, 66 no history database, 69 cmdrelayd unreachable, 77 permission denied,\n" \
 	"78 configuration error. See cmdrelayctl(1).\n"
 
@@ -142,9 +143,54 @@ ctl_open_history(struct ctl *ctl)
 	return db;
 }
 
+/* "today" and "yesterday": the local midnight that began the day. */
+static bool
+parse_day(const char *text, int64_t *out_ms)
+{
+	time_t now = time(NULL);
+	struct tm tm;
+
+	if (strcmp(text, "today") != 0 && strcmp(text, "yesterday") != 0)
+		return false;
+	localtime_r(&now, &tm);
+	tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
+	tm.tm_mday -= text[0] == 'y';
+	tm.tm_isdst = -1;	/* mktime finds whether that midnight was summer time */
+	*out_ms = (int64_t)mktime(&tm) * 1000;
+	return true;
+}
+
+static int
+two_digits(const char *p)
+{
+	return p[0] >= '0' && p[0] <= '9' && p[1] >= '0' && p[1] <= '9' ? (p[0] - '0') * 10 + p[1] - '0' : -1;
+}
+
+/* "Z", "+01:00", "-0530", "+02" after a time: seconds east of UTC. */
+static bool
+parse_offset(const char *p, long *east)
+{
+	int sign = *p == '-' ? -1 : 1, h, m = 0;
+
+	if (*p == 'Z') {
+		*east = 0;
+		return p[1] == '\0';
+	}
+	if ((*p != '+' && *p != '-') || (h = two_digits(p + 1)) < 0 || h > 23)
+		return false;
+	p += 3;
+	if (*p == ':')
+		p++;
+	if (*p != '\0' && ((m = two_digits(p)) < 0 || m > 59 || p[2] != '\0'))
+		return false;
+	*east = sign * (h * 3600L + m * 60L);
+	return true;
+}
+
 /*
- * "2h", "7d" before now, or an ISO 8601 UTC date or time as history prints
- * it (2026-11-25T18:24:44.123Z; seconds, fraction and Z optional).
+ * "2h", "7d" before now, "today", "yesterday", or ISO 8601 as history prints
+ * it (2026-11-25T18:24:44.123Z; seconds and fraction optional), with "Z" or
+ * an offset (+01:00); a date or time without either is UTC.
  */
 static bool
 parse_time(const char *text, int64_t *out_ms)
@@ -158,10 +204,13 @@ parse_time(const char *text, int64_t *out_ms)
 		*out_ms = (int64_t)time(NULL) * 1000 - age;
 		return true;
 	}
+	if (parse_day(text, out_ms))
+		return true;
 	for (size_t i = 0; i < sizeof(formats) / sizeof(formats[0]); i++) {
 		struct tm tm = { 0 }, back;
 		const char *end = strptime(text, formats[i], &tm);
 		int64_t ms = 0;
+		long east = 0;
 		time_t secs;
 
 		if (end == NULL)
@@ -176,9 +225,7 @@ parse_time(const char *text, int64_t *out_ms)
 			for (; digits < 3; digits++)
 				ms *= 10;
 		}
-		if (*end == 'Z' && i != 3)
-			end++;
-		if (*end != '\0')
+		if (*end != '\0' && (i == 3 || !parse_offset(end, &east)))
 			continue;
 		/* timegm() would turn 2026-02-30 into March 2: refuse what it moved. */
 		back = tm;
@@ -186,7 +233,7 @@ parse_time(const char *text, int64_t *out_ms)
 		gmtime_r(&secs, &back);
 		if (back.tm_mday != tm.tm_mday || back.tm_mon != tm.tm_mon || back.tm_hour != tm.tm_hour)
 			return false;
-		*out_ms = (int64_t)secs * 1000 + ms;
+		*out_ms = ((int64_t)secs - east) * 1000 + ms;
 		return true;
 	}
 	return false;
@@ -365,7 +412,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	};
 	const char *device = NULL, *topic = NULL, *status = "all";
 	int64_t since = 0, until = INT64_MAX;
-	long limit = 100;
+	long limit = 100, rows = 0;
 	bool json = false;
 	struct history_filter filter;
 	int64_t first, last;
@@ -387,7 +434,8 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		case 's':
 		case 'u':
 			if (!parse_time(optarg, ch == 's' ? &since : &until))
-				ctl_die(EX_USAGE_STATUS, "--%s: '%s' is neither ISO 8601 nor an age like 2h",
+				ctl_die(EX_USAGE_STATUS, "--%s: '%s' is not ISO 8601 (2026-12-01T21:00:00+01:00), "
+				    "today, yesterday or an age like 2h",
 				    ch == 's' ? "since" : "until", optarg);
 			break;
 		case 'S':
@@ -444,12 +492,25 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		}
 		if (rc != SQLITE_DONE)
 			ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+		rows += n;
 		sqlite3_reset(s);	/* the read transaction ends here */
 		fclose(out);
 		fwrite(buf, 1, buflen, stdout);
 		free(buf);
 	}
 	sqlite3_finalize(s);
+	if (rows == limit) {
+		/* a cut that says nothing reads as "that is all there is" */
+		if (sqlite3_prepare_v2(db, "SELECT count(*) - ?6 FROM messages" HISTORY_WHERE, -1, &s,
+		    NULL) != SQLITE_OK)
+			ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+		history_bind(s, &filter);
+		sqlite3_bind_int64(s, 6, limit);
+		if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_int64(s, 0) > 0)
+			fprintf(stderr, "cmdrelayctl: %lld more rows match; use --limit N (up to %d) or "
+			    "--since\n", (long long)sqlite3_column_int64(s, 0), HISTORY_MAX_LIMIT);
+		sqlite3_finalize(s);
+	}
 	sqlite3_close(db);
 	return 0;
 }

@@ -968,7 +968,7 @@ BAD_ARGS = [
     (["history", "--limit", "99999999999999999999"], "--limit"),
     (["history", "--status", "bogus"], "--status"),
     (["history", "--status", "Accepted"], "--status"),
-    (["history", "--since", "yesterday"], "--since"),
+    (["history", "--since", "lastweek"], "--since"),
     (["history", "--since", "2h ago"], "--since"),
     (["history", "--since", "-2h"], "--since"),
     (["history", "--since", "2"], "--since"),
@@ -1265,3 +1265,34 @@ def test_live_stats_and_tail(known, mosquitto, uid, tmp_path):
             t.stop()
         if relay.running():
             relay.stop()
+
+
+def test_history_times_with_offsets_and_days(known):
+    def ids(*args):
+        return [o["id"] for o in json_lines(ctl("--db", known.db, "history", "--json", "--limit", "1000", *args))]
+    # the same instant written three ways selects the same rows
+    utc = ids("--since", f"{DAY2}T09:30:00Z")
+    assert utc, "the fixture has rows on DAY2"
+    assert ids("--since", f"{DAY2}T10:30:00+01:00") == utc
+    assert ids("--since", f"{DAY2}T04:00-0530") == utc
+    assert ids("--until", f"{DAY2}T09:29:59+00") == [i for i in ids() if i not in utc]
+    # today / yesterday: the local midnights that began those days
+    import datetime
+    rows = json_lines(ctl("--db", known.db, "history", "--json", "--limit", "1000"))
+    midnight = datetime.datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+    for word, start in (("today", midnight), ("yesterday", midnight - datetime.timedelta(days=1))):
+        want = [o["id"] for o in rows if datetime.datetime.fromisoformat(o["received_at"].replace("Z", "+00:00"))
+                >= start]
+        assert ids("--since", word) == want, word
+    for bad in (f"{DAY2}T10:30:00+25:00", f"{DAY2}T10:30:00+01:0", f"{DAY2}+01:00", "tomorrow"):
+        r = ctl("--db", known.db, "history", "--since", bad)
+        assert r.returncode == EX_USAGE and "today, yesterday" in err(r), (bad, err(r))
+
+
+def test_history_says_when_rows_were_left_out(known):
+    total = len(json_lines(ctl("--db", known.db, "history", "--json", "--limit", "1000")))
+    r = ctl("--db", known.db, "history", "--limit", "2")
+    assert len(ok(r).splitlines()) == 1 + 2
+    assert f"{total - 2} more rows match; use --limit N" in err(r)
+    r = ctl("--db", known.db, "history", "--limit", str(total))
+    assert ok(r) and err(r) == ""

@@ -202,6 +202,18 @@ cmd_tail(struct ctl *ctl, int argc, char *argv[])
 	}
 }
 
+/* The daemon's reply as it came, in its key order; one line with JSON_COMPACT. */
+static void
+print_reply(const json_t *reply, size_t flags)
+{
+	char *text = json_dumps(reply, flags | JSON_PRESERVE_ORDER);
+
+	if (text == NULL)
+		ctl_die(1, "out of memory");
+	puts(text);
+	free(text);
+}
+
 /* When the daemon is down, the history still knows the totals. */
 static json_t *
 stats_from_history(struct ctl *ctl)
@@ -246,7 +258,6 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 	const char *path;
 	json_t *reply;
 	bool json = false;
-	char *text;
 	int fd;
 
 	if (argc == 2 && strcmp(argv[1], "--json") == 0)
@@ -274,9 +285,7 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 		fclose(in);
 		close(fd);
 	}
-	text = json_dumps(reply, (json ? JSON_COMPACT : JSON_INDENT(2)) | JSON_PRESERVE_ORDER);
-	puts(text);
-	free(text);
+	print_reply(reply, json ? JSON_COMPACT : JSON_INDENT(2));
 	json_decref(reply);
 	return 0;
 }
@@ -417,13 +426,10 @@ cmd_status(struct ctl *ctl, int argc, char *argv[])
 	reply = read_json(in);
 	fclose(in);
 	close(fd);
-	if (json) {
-		char *text = json_dumps(reply, JSON_COMPACT | JSON_PRESERVE_ORDER);
-		puts(text);
-		free(text);
-	} else {
+	if (json)
+		print_reply(reply, JSON_COMPACT);
+	else
 		status_print(reply);
-	}
 	json_decref(reply);
 	return 0;
 }

@@ -156,9 +156,8 @@ parse_time(const char *text, int64_t *out_ms)
 	return false;
 }
 
-/* Bytes in a valid UTF-8 sequence at p (at most len), 0 when it is not one. */
-static int
-utf8_sequence(const unsigned char *p, int len)
+int
+ctl_utf8_sequence(const unsigned char *p, int len)
 {
 	int n = p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : p[0] >= 0xe0 ? 3 : p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : 0;
 
@@ -177,7 +176,7 @@ utf8_sequence(const unsigned char *p, int len)
 static int
 cell_char(const unsigned char *p, int len, int *width)
 {
-	int n = p[0] >= 0x20 && p[0] < 0x7f ? 1 : p[0] >= 0x80 ? utf8_sequence(p, len) : 0;
+	int n = p[0] >= 0x20 && p[0] < 0x7f ? 1 : p[0] >= 0x80 ? ctl_utf8_sequence(p, len) : 0;
 
 	*width = n ? 1 : 4;
 	return n;

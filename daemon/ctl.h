@@ -26,6 +26,11 @@ const char *ctl_socket_path(struct ctl *ctl);
 /* The history, read-only; exits with a clear message when it is missing. */
 sqlite3 *ctl_open_history(struct ctl *ctl);
 
+/* Connects to the consumer socket; -1 (errno set) when nobody listens. */
+int ctl_connect_socket(const char *path);
+/* Bytes in a valid UTF-8 sequence at p (at most len), 0 when it is not one. */
+int ctl_utf8_sequence(const unsigned char *p, int len);
+
 int cmd_tail(struct ctl *ctl, int argc, char *argv[]);
 int cmd_stats(struct ctl *ctl, int argc, char *argv[]);
 int cmd_publish(struct ctl *ctl, int argc, char *argv[]);

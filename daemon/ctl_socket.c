@@ -14,9 +14,8 @@
 #include "ctl.h"
 #include "wire.h"
 
-/* Connects to the consumer socket; -1 (errno set) when nobody listens. */
-static int
-connect_socket(const char *path)
+int
+ctl_connect_socket(const char *path)
 {
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
 	int fd, saved;
@@ -44,7 +43,7 @@ open_daemon(struct ctl *ctl, int *fd)
 	const char *path = ctl_socket_path(ctl);
 	FILE *in;
 
-	if ((*fd = connect_socket(path)) == -1)
+	if ((*fd = ctl_connect_socket(path)) == -1)
 		ctl_die(EX_UNAVAILABLE_STATUS, "cannot connect to %s: %s (is cmdrelayd running?)", path,
 		    strerror(errno));
 	if ((in = fdopen(dup(*fd), "r")) == NULL)
@@ -79,102 +78,6 @@ read_json(FILE *in)
 	if ((msg = json_loads(line, 0, &jerr)) == NULL || !json_is_object(msg))
 		ctl_die(1, "cmdrelayd sent a line that is not a JSON object: %s", jerr.text);
 	return msg;
-}
-
-static void
-print_command(json_t *cmd)
-{
-	printf("%-6" JSON_INTEGER_FORMAT " %-24s %s %s%s\n",
-	    json_integer_value(json_object_get(cmd, "id")),
-	    json_string_value(json_object_get(cmd, "received_at")),
-	    json_string_value(json_object_get(cmd, "topic")),
-	    strcmp(json_string_value(json_object_get(cmd, "encoding")), "base64") == 0 ? "base64:" : "",
-	    json_string_value(json_object_get(cmd, "payload")));
-}
-
-int
-cmd_tail(struct ctl *ctl, int argc, char *argv[])
-{
-	static const struct option opts[] = {
-		{ "consumer", required_argument, NULL, 'n' },
-		{ "filter", required_argument, NULL, 'f' },
-		{ "from", required_argument, NULL, 'F' },
-		{ "json", no_argument, NULL, 'j' },
-		{ NULL, 0, NULL, 0 },
-	};
-	const char *name = NULL, *filter = NULL, *from = NULL;
-	bool json = false;
-	json_t *hello;
-	FILE *in;
-	int ch, fd;
-
-	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
-	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-		char *end;
-		long long id;
-
-		switch (ch) {
-		case 'n':
-			name = optarg;
-			break;
-		case 'f':
-			filter = optarg;
-			break;
-		case 'F':
-			errno = 0;
-			id = strtoll(optarg, &end, 10);
-			if (strcmp(optarg, "stored") != 0 && strcmp(optarg, "live") != 0 &&
-			    (errno != 0 || *end != '\0' || end == optarg || id < 0))
-				ctl_die(EX_USAGE_STATUS, "--from: '%s' is not stored, live or a history id", optarg);
-			from = optarg;
-			break;
-		case 'j':
-			json = true;
-			break;
-		default:
-			ctl_usage(EX_USAGE_STATUS);
-		}
-	}
-	if (optind != argc)
-		ctl_usage(EX_USAGE_STATUS);
-	in = open_daemon(ctl, &fd);
-	hello = json_pack("{s:s}", "op", "hello");
-	if (name)
-		json_object_set_new(hello, "consumer", json_string(name));
-	if (filter)
-		json_object_set_new(hello, "filter", json_string(filter));
-	if (from && (strcmp(from, "stored") == 0 || strcmp(from, "live") == 0))
-		json_object_set_new(hello, "from", json_string(from));
-	else if (from)
-		json_object_set_new(hello, "from", json_integer(strtoll(from, NULL, 10)));
-	send_json(fd, hello);
-	for (;;) {
-		json_t *msg = read_json(in);
-		const char *type = json_string_value(json_object_get(msg, "type"));
-
-		if (type && strcmp(type, "command") == 0) {
-			if (json) {
-				char *text = json_dumps(msg, JSON_COMPACT | JSON_PRESERVE_ORDER);
-				puts(text);
-				free(text);
-			} else {
-				print_command(msg);
-			}
-			fflush(stdout);
-			/* Acked once printed: a consumer that dies here gets it again. */
-			if (name)
-				send_json(fd, json_pack("{s:s, s:O}", "op", "ack", "id", json_object_get(msg, "id")));
-		} else if (type && strcmp(type, "welcome") == 0) {
-			fprintf(stderr, "cmdrelayctl: following %s%s after #%" JSON_INTEGER_FORMAT "\n",
-			    name ? "as consumer " : "live", name ? name : "",
-			    json_integer_value(json_object_get(msg, "resume_after")));
-		} else if (type && strcmp(type, "error") == 0) {
-			fprintf(stderr, "cmdrelayctl: cmdrelayd says %s: %s\n",
-			    json_string_value(json_object_get(msg, "code")),
-			    json_string_value(json_object_get(msg, "message")));
-		}
-		json_decref(msg);
-	}
 }
 
 /* When the daemon is down, the history still knows the totals. */
@@ -227,7 +130,7 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 	if (argc != 1)
 		ctl_usage(EX_USAGE_STATUS);
 	path = ctl_socket_path(ctl);
-	if ((fd = connect_socket(path)) == -1) {
+	if ((fd = ctl_connect_socket(path)) == -1) {
 		fprintf(stderr, "cmdrelayctl: cannot connect to %s (%s); reading the history instead\n",
 		    path, strerror(errno));
 		reply = stats_from_history(ctl);

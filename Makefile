@@ -37,7 +37,7 @@ MIGRATIONS := $(sort $(wildcard sql/[0-9][0-9][0-9]_*.sql))
 
 .PHONY: all check unit integration deps demo run clean install uninstall \
 	check-sanitize fuzz fuzz-build fuzz-merge valgrind soak bench
-all: $(B)/cmdrelayd $(B)/cmdrelayctl
+all: $(B)/cmdrelayd $(B)/cmdrelayctl $(B)/example-consumer
 
 $(B):
 	mkdir -p $(B)
@@ -56,6 +56,10 @@ $(B)/cmdrelayd: $(B)/cmdrelayd.o $(COMMON_OBJS)
 
 $(B)/cmdrelayctl: $(B)/cmdrelayctl.o $(B)/ctl_socket.o $(B)/ctl_tail.o $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
+
+# The C example consumer, built as its users would: one file and Jansson.
+$(B)/example-consumer: scripts/examples/consumer.c | $(B)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(shell pkg-config --libs jansson)
 
 UNIT_TESTS := unit_tests dedup_tests
 

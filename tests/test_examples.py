@@ -3,6 +3,7 @@
 then live commands. Each handled id once, in order, none missing, and the
 cursor's last ack is the last id handled."""
 import fcntl
+import os
 import re
 import subprocess
 import sys
@@ -25,8 +26,11 @@ PIPE_BYTES = 4096
 
 def example_command(name, sock, consumer):
     return {
-        "python": [sys.executable, str(EXAMPLES / "consumer.py"), sock, consumer, "#"],
-    }[name]
+        "python": [sys.executable, str(EXAMPLES / "consumer.py")],
+        "node": ["/usr/bin/node", str(EXAMPLES / "consumer.js")],
+        "c": [str(CMDRELAYCTL.parent / "example-consumer")],
+        "shell": ["/bin/sh", str(EXAMPLES / "consumer.sh")],
+    }[name] + [sock, consumer, "#"]
 
 
 class Output:
@@ -54,7 +58,7 @@ class Output:
         return len(self.ids)
 
 
-@pytest.mark.parametrize("example", ["python"])
+@pytest.mark.parametrize("example", ["python", "node", "c", "shell"])
 def test_example_backlog_and_relay_restart(example, mosquitto, tmp_path, uid):
     topic = f"/cf/v1/AAA/012C/{uid}/set"
     relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
@@ -64,7 +68,8 @@ def test_example_backlog_and_relay_restart(example, mosquitto, tmp_path, uid):
     relay.wait_count(BACKLOG)
     sock = str(relay.workdir / "cmdrelay.sock")
     proc = subprocess.Popen(example_command(example, sock, "app"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, CMDRELAYCTL=str(CMDRELAYCTL)))
     fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     out = Output(proc)
     try:
@@ -85,7 +90,7 @@ def test_example_backlog_and_relay_restart(example, mosquitto, tmp_path, uid):
             if acked and acked[0][0] == total:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, f"the example exited {proc.returncode} after the restart"
+        assert proc.poll() is None, f"the example exited {proc.returncode} after the restart: {proc.stderr.read()}"
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)

@@ -54,7 +54,7 @@ $(B)/migrations.o: $(B)/migrations.c daemon/migrations.h
 $(B)/cmdrelayd: $(B)/cmdrelayd.o $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 
-$(B)/cmdrelayctl: $(B)/cmdrelayctl.o $(B)/ctl_socket.o $(B)/ctl_tail.o $(COMMON_OBJS)
+$(B)/cmdrelayctl: $(B)/cmdrelayctl.o $(B)/ctl_socket.o $(B)/ctl_tail.o $(B)/ctl_consumers.o $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 
 # The C example consumer, built as its users would: one file and Jansson.

@@ -33,10 +33,12 @@ ctl_usage(int status)
 	    "commands:\n"
 	    "  history [--device D] [--topic FILTER] [--since T] [--until T]\n"
 	    "          [--status accepted|duplicate|all] [--limit N] [--json]\n"
-	    "  consumers [--json]\n"
+	    "  consumers [--json] | consumers delete NAME\n"
+	    "  consumers reset NAME --to ID|--live|--oldest\n"
 	    "  publish TOPIC PAYLOAD [--qos 0|1] [--retain]\n"
 	    "  outbox [--status queued|sent|failed|all] [--limit N] [--json]\n"
-	    "  tail [--consumer NAME] [--filter F] [--from stored|live|ID] [--json]\n"
+	    "  tail [--consumer NAME [--no-ack]] [--filter F] [--from stored|live|ID] [--json]\n"
+	    "       [--exec CMD] [--once]\n"
 	    "  stats\n"
 	    "  check-config\n"
 	    "T is ISO 8601 (2026-11-25T18:00:00Z, 2026-11-25) or an age such as 90s, 2h, 7d.\n");
@@ -412,57 +414,6 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		fwrite(buf, 1, buflen, stdout);
 		free(buf);
 	}
-	sqlite3_finalize(s);
-	sqlite3_close(db);
-	return 0;
-}
-
-static int
-cmd_consumers(struct ctl *ctl, int argc, char *argv[])
-{
-	static const struct option opts[] = {
-		{ "json", no_argument, NULL, 'j' },
-		{ NULL, 0, NULL, 0 },
-	};
-	bool json = false;
-	sqlite3_stmt *s;
-	sqlite3 *db;
-	int ch, rc;
-
-	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
-	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-		if (ch != 'j')
-			ctl_usage(EX_USAGE_STATUS);
-		json = true;
-	}
-	if (optind != argc)
-		ctl_usage(EX_USAGE_STATUS);
-	db = ctl_open_history(ctl);
-	if (sqlite3_prepare_v2(db, "SELECT consumer, filter, acked_id, lag, updated FROM consumer_lag"
-	    " ORDER BY consumer", -1, &s, NULL) != SQLITE_OK)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
-	if (!json)
-		printf("%-20s %-36s %-8s %-8s %s\n", "CONSUMER", "FILTER", "ACKED", "LAG", "LAST ACK");
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		const char *name = (const char *)sqlite3_column_text(s, 0);
-		const char *filter = (const char *)sqlite3_column_text(s, 1);
-		const char *updated = (const char *)sqlite3_column_text(s, 4);
-
-		if (json) {
-			json_t *o = json_pack("{s:s, s:s, s:I, s:I, s:s}", "consumer", name, "filter", filter,
-			    "acked_id", (json_int_t)sqlite3_column_int64(s, 2),
-			    "lag", (json_int_t)sqlite3_column_int64(s, 3), "last_ack", updated);
-			char *line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
-			puts(line);
-			free(line);
-			json_decref(o);
-		} else {
-			printf("%-20s %-36s %-8lld %-8lld %s\n", name, filter,
-			    (long long)sqlite3_column_int64(s, 2), (long long)sqlite3_column_int64(s, 3), updated);
-		}
-	}
-	if (rc != SQLITE_DONE)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
 	sqlite3_finalize(s);
 	sqlite3_close(db);
 	return 0;

@@ -191,6 +191,7 @@ struct name_search {
 	const char *name;
 	const struct client *except;
 	bool found;
+	pid_t pid;
 };
 
 static void
@@ -199,9 +200,10 @@ match_name(struct conn *c, void *state, void *arg)
 	struct client *cl = state;
 	struct name_search *s = arg;
 
-	(void)c;
-	if (cl != s->except && cl->mode == CLIENT_NAMED && strcmp(cl->name, s->name) == 0)
+	if (cl != s->except && cl->mode == CLIENT_NAMED && strcmp(cl->name, s->name) == 0) {
 		s->found = true;
+		s->pid = conn_pid(c);
+	}
 }
 
 static void
@@ -223,7 +225,7 @@ op_hello(struct client *cl, const struct request *req)
 			    "newest command, #%" PRId64, req->start.id, newest);
 	}
 	if (req->named) {
-		struct name_search search = { req->name, cl, false };
+		struct name_search search = { .name = req->name, .except = cl };
 		server_foreach(cl->cs->server, match_name, &search);
 		if (search.found) {
 			send_error(cl, "consumer_busy", "consumer %s is connected already", search.name);
@@ -310,7 +312,7 @@ static int
 add_consumer_stats(const struct store_consumer *sc, void *arg)
 {
 	struct stats_ctx *ctx = arg;
-	struct name_search search = { sc->name, NULL, false };
+	struct name_search search = { .name = sc->name };
 
 	server_foreach(ctx->cs->server, match_name, &search);
 	json_array_append_new(ctx->list, json_pack("{s:s, s:s, s:I, s:I, s:b, s:b}",
@@ -390,6 +392,37 @@ op_publish(struct client *cl, const struct request *req)
 	cl->cs->hooks.queued(cl->cs->hooks.arg);
 }
 
+/* Deleting or moving a cursor under a connected consumer would race its acks: refused. */
+static void
+op_cursor(struct client *cl, const struct request *req)
+{
+	struct name_search search = { .name = req->name };
+	int64_t acked_id;
+	int rc;
+
+	server_foreach(cl->cs->server, match_name, &search);
+	if (search.found)
+		return send_error(cl, "consumer_busy", "consumer %s is connected (pid %d); stop it first",
+		    req->name, (int)search.pid);
+	rc = store_consumer_set(cl->cs->store, req->name, req->cursor_delete ? NULL : &req->start,
+	    &acked_id);
+	if (rc == -2)
+		return send_error(cl, "no_consumer", "there is no consumer %s", req->name);
+	if (rc == -3)
+		return send_error(cl, "bad_request", "consumer: #%" PRId64 " is beyond the newest command",
+		    req->start.id);
+	if (rc == -1) {
+		log_warnx("consumer %s: %s", req->name, store_errmsg(cl->cs->store));
+		return send_error(cl, "storage", "the history cannot be written now; try again");
+	}
+	log_info("consumer %s %s by uid %d pid %d", req->name, req->cursor_delete ? "deleted" : "reset",
+	    (int)conn_uid(cl->conn), (int)conn_pid(cl->conn));
+	send_json(cl, req->cursor_delete ?
+	    json_pack("{s:s, s:s, s:b}", "type", "consumer", "consumer", req->name, "deleted", 1) :
+	    json_pack("{s:s, s:s, s:I}", "type", "consumer", "consumer", req->name,
+	    "acked_id", (json_int_t)acked_id));
+}
+
 static void
 on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 {
@@ -398,6 +431,7 @@ on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 		[REQUEST_ACK] = op_ack,
 		[REQUEST_STATS] = op_stats,
 		[REQUEST_PUBLISH] = op_publish,
+		[REQUEST_CURSOR] = op_cursor,
 	};
 	struct client *cl = state;
 	struct request_error err;

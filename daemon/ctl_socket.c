@@ -36,9 +36,8 @@ ctl_connect_socket(const char *path)
 	return fd;
 }
 
-/* The daemon's socket, for writing (fd) and reading lines (returned). */
-static FILE *
-open_daemon(struct ctl *ctl, int *fd)
+FILE *
+ctl_open_daemon(struct ctl *ctl, int *fd)
 {
 	const char *path = ctl_socket_path(ctl);
 	FILE *in;
@@ -51,8 +50,8 @@ open_daemon(struct ctl *ctl, int *fd)
 	return in;
 }
 
-static void
-send_json(int fd, json_t *msg)
+void
+ctl_send_json(int fd, json_t *msg)
 {
 	char *text = json_dumps(msg, JSON_COMPACT);
 
@@ -64,9 +63,8 @@ send_json(int fd, json_t *msg)
 	free(text);
 }
 
-/* One reply line as JSON; exits when the daemon closed or sent garbage. */
-static json_t *
-read_json(FILE *in)
+json_t *
+ctl_read_json(FILE *in)
 {
 	static char *line;
 	static size_t cap;
@@ -138,8 +136,8 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 		FILE *in = fdopen(dup(fd), "r");
 		if (in == NULL)
 			ctl_die(1, "fdopen: %s", strerror(errno));
-		send_json(fd, json_pack("{s:s}", "op", "stats"));
-		reply = read_json(in);
+		ctl_send_json(fd, json_pack("{s:s}", "op", "stats"));
+		reply = ctl_read_json(in);
 		json_object_set_new(reply, "source", json_string("cmdrelayd"));
 		fclose(in);
 		close(fd);
@@ -187,13 +185,13 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	if ((topic = json_string(argv[optind])) == NULL)
 		ctl_die(EX_USAGE_STATUS, "TOPIC must be UTF-8");
 	json_decref(topic);
-	in = open_daemon(ctl, &fd);
+	in = ctl_open_daemon(ctl, &fd);
 	/* A payload that is not UTF-8 travels as base64. */
 	payload = wire_payload(argv[optind + 1], strlen(argv[optind + 1]), &encoding);
 	msg = json_pack("{s:s, s:s, s:o, s:s, s:i, s:b}", "op", "publish", "topic", argv[optind],
 	    "payload", payload, "encoding", encoding, "qos", qos, "retain", retain);
-	send_json(fd, msg);
-	reply = read_json(in);
+	ctl_send_json(fd, msg);
+	reply = ctl_read_json(in);
 	type = json_string_value(json_object_get(reply, "type"));
 	if (type && strcmp(type, "queued") == 0) {
 		printf("queued as outbox #%" JSON_INTEGER_FORMAT "\n",

@@ -110,6 +110,40 @@ parse_ack(json_t *msg, struct request *req, struct request_error *err)
 	return 0;
 }
 
+/* {"op":"consumer","consumer":NAME,"action":"delete"} or "reset" with "to": an id, "live", "oldest". */
+static int
+parse_cursor(json_t *msg, struct request *req, struct request_error *err)
+{
+	static const char *const keys[] = { "op", "consumer", "action", "to", NULL };
+	json_t *jname = json_object_get(msg, "consumer"), *jto = json_object_get(msg, "to");
+	const char *action = json_string_value(json_object_get(msg, "action")), *to, *bad;
+
+	if ((bad = unknown_key(msg, keys)) != NULL)
+		return fail(err, "bad_request", false, "consumer: unknown field \"%.64s\"", bad);
+	if (!json_is_string(jname) || !valid_name(json_string_value(jname)))
+		return fail(err, "bad_request", false,
+		    "consumer: consumer must be 1 to %d of A-Z a-z 0-9 . _ -", REQUEST_NAME_MAX);
+	req->named = true;
+	snprintf(req->name, sizeof(req->name), "%s", json_string_value(jname));
+	if (action && strcmp(action, "delete") == 0 && jto == NULL) {
+		req->cursor_delete = true;
+		return 0;
+	}
+	if (action == NULL || strcmp(action, "reset") != 0)
+		return fail(err, "bad_request", false,
+		    "consumer: action must be \"delete\" or \"reset\" (with \"to\")");
+	to = json_string_value(jto);
+	if (to && strcmp(to, "live") == 0)
+		req->start = (struct store_start){ .from = STORE_FROM_LIVE };
+	else if (to && strcmp(to, "oldest") == 0)
+		req->start = (struct store_start){ STORE_FROM_ID, 0 };
+	else if (json_is_integer(jto) && json_integer_value(jto) >= 0)
+		req->start = (struct store_start){ STORE_FROM_ID, json_integer_value(jto) };
+	else
+		return fail(err, "bad_request", false, "consumer: to must be a history id, \"live\" or \"oldest\"");
+	return 0;
+}
+
 /* Strict base64 into out; -1 when text is not base64 or does not fit. */
 static int
 decode_base64(const char *text, size_t len, unsigned char *out, size_t outmax, size_t *outlen)
@@ -197,6 +231,7 @@ request_parse(const char *line, size_t len, struct request *req, struct request_
 	snprintf(req->filter, sizeof(req->filter), "#");
 	req->start = (struct store_start){ .from = STORE_FROM_LIVE };
 	req->ack_id = 0;
+	req->cursor_delete = false;
 	req->publish.topic[0] = '\0';
 	req->publish.payloadlen = 0;
 	/* Jansson rejects invalid UTF-8 and, with this flag, duplicate keys. */
@@ -214,8 +249,10 @@ request_parse(const char *line, size_t len, struct request *req, struct request_
 		rc = (req->op = REQUEST_STATS, 0);
 	else if (strcmp(op, "publish") == 0)
 		rc = (req->op = REQUEST_PUBLISH, parse_publish(msg, req, err));
+	else if (strcmp(op, "consumer") == 0)
+		rc = (req->op = REQUEST_CURSOR, parse_cursor(msg, req, err));
 	else
-		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats, publish)", op);
+		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats, publish, consumer)", op);
 	json_decref(msg);
 	return rc;
 }

@@ -21,6 +21,7 @@ enum request_op {
 	REQUEST_ACK,
 	REQUEST_STATS,
 	REQUEST_PUBLISH,
+	REQUEST_CURSOR,		/* delete or reset a named cursor */
 };
 
 struct request {
@@ -30,6 +31,7 @@ struct request {
 	char filter[REQUEST_FILTER_MAX + 1];	/* "#" unless given */
 	struct store_start start;		/* stored for named, live for tails, unless given */
 	int64_t ack_id;
+	bool cursor_delete;		/* REQUEST_CURSOR: delete, else move to start */
 	struct {			/* REQUEST_PUBLISH */
 		char topic[REQUEST_TOPIC_MAX + 1];
 		unsigned char payload[REQUEST_PAYLOAD_MAX];

@@ -39,6 +39,8 @@ enum stmt_id {
 	STMT_CONSUMER_PUT,
 	STMT_CONSUMER_ACK,
 	STMT_OVERSIZE,
+	STMT_CONSUMER_MOVE,
+	STMT_CONSUMER_DELETE,
 	STMT_FETCH_FILTERED,
 	STMT_FETCH_ALL,
 	STMT_MAX_ID,
@@ -89,6 +91,8 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    " acked_id = excluded.acked_id, updated_at = excluded.updated_at",
 	[STMT_CONSUMER_ACK] =
 	    "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1 AND acked_id < ?2",
+	[STMT_CONSUMER_MOVE] = "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1",
+	[STMT_CONSUMER_DELETE] = "DELETE FROM consumers WHERE name = ?1",
 	/*
 	 * The unary + keeps SQLite off the (topic, payload_hash) index: walking
 	 * the rowids after ?1 stops at LIMIT, while the index would read and
@@ -678,6 +682,29 @@ store_consumers_expire(struct store *st, int64_t before_ms, store_consumer_fn *f
 	if (rc != SQLITE_DONE)
 		return store_fail(st, "%s", stmt_sql[STMT_CONSUMER_EXPIRE]);
 	return n;
+}
+
+int
+store_consumer_set(struct store *st, const char *name, const struct store_start *start,
+    int64_t *acked_id)
+{
+	enum stmt_id id = start ? STMT_CONSUMER_MOVE : STMT_CONSUMER_DELETE;
+	sqlite3_stmt *s = st->stmt[id];
+	int64_t newest;
+
+	if (step_int(st, STMT_MAX_ID, &newest) == -1)
+		return -1;
+	*acked_id = start && start->from == STORE_FROM_ID ? start->id : newest;
+	if (*acked_id > newest)
+		return -3;
+	sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
+	if (start) {
+		sqlite3_bind_int64(s, 2, *acked_id);
+		sqlite3_bind_int64(s, 3, (int64_t)event_wall_ms());
+	}
+	if (step_int(st, id, NULL) == -1)
+		return -1;
+	return sqlite3_changes(st->db) == 0 ? -2 : 0;
 }
 
 int

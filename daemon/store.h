@@ -102,6 +102,13 @@ int store_age_clock_save(struct store *st);
 int store_consumer_open(struct store *st, const char *name, const char *filter,
     const struct store_start *start, int64_t max_cursors, int64_t *resume_after);
 int store_consumer_ack(struct store *st, const char *name, int64_t id);
+/*
+ * Moves a cursor to after an id or the newest row (start NULL: deletes it);
+ * *acked_id is where it is now. -2: no such consumer, -3: the id is beyond
+ * the newest row, -1: storage.
+ */
+int store_consumer_set(struct store *st, const char *name, const struct store_start *start,
+    int64_t *acked_id);
 
 struct store_consumer {
 	const char *name;

@@ -1,0 +1,137 @@
+/*
+ * cmdrelayctl consumers: the named cursors from the history, and their
+ * lifecycle (delete, reset) through the running daemon, which refuses it
+ * while the consumer is connected and checks socket.allow like any client.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "ctl.h"
+
+/* consumers delete NAME | consumers reset NAME --to ID|--live|--oldest */
+static int
+consumers_change(struct ctl *ctl, int argc, char *argv[])
+{
+	static const struct option opts[] = {
+		{ "to", required_argument, NULL, 't' },
+		{ "live", no_argument, NULL, 'l' },
+		{ "oldest", no_argument, NULL, 'o' },
+		{ NULL, 0, NULL, 0 },
+	};
+	bool reset = strcmp(argv[0], "reset") == 0;
+	json_t *msg, *to = NULL, *reply;
+	const char *type;
+	char why[512];
+	FILE *in;
+	int ch, fd;
+
+	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
+	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		char *end;
+		long long id;
+
+		if (!reset || to != NULL)
+			ctl_usage(EX_USAGE_STATUS);
+		switch (ch) {
+		case 't':
+			errno = 0;
+			id = strtoll(optarg, &end, 10);
+			if (errno != 0 || *end != '\0' || end == optarg || id < 0)
+				ctl_die(EX_USAGE_STATUS, "--to: '%s' is not a history id", optarg);
+			to = json_integer(id);
+			break;
+		case 'l':
+			to = json_string("live");
+			break;
+		case 'o':
+			to = json_string("oldest");
+			break;
+		default:
+			ctl_usage(EX_USAGE_STATUS);
+		}
+	}
+	if (argc - optind != 1 || (reset && to == NULL))
+		ctl_usage(EX_USAGE_STATUS);
+	in = ctl_open_daemon(ctl, &fd);
+	msg = json_pack("{s:s, s:s, s:s}", "op", "consumer", "consumer", argv[optind],
+	    "action", reset ? "reset" : "delete");
+	if (to)
+		json_object_set_new(msg, "to", to);
+	ctl_send_json(fd, msg);
+	reply = ctl_read_json(in);
+	fclose(in);
+	close(fd);
+	type = json_string_value(json_object_get(reply, "type"));
+	if (type && strcmp(type, "consumer") == 0) {
+		if (reset)
+			printf("consumer %s: acknowledged up to #%" JSON_INTEGER_FORMAT "\n", argv[optind],
+			    json_integer_value(json_object_get(reply, "acked_id")));
+		else
+			printf("consumer %s deleted\n", argv[optind]);
+		json_decref(reply);
+		return 0;
+	}
+	snprintf(why, sizeof(why), "%s: %s", json_string_value(json_object_get(reply, "code")),
+	    json_string_value(json_object_get(reply, "message")));
+	json_decref(reply);
+	ctl_die(1, "cmdrelayd refused it: %s", why);
+}
+
+int
+cmd_consumers(struct ctl *ctl, int argc, char *argv[])
+{
+	static const struct option opts[] = {
+		{ "json", no_argument, NULL, 'j' },
+		{ NULL, 0, NULL, 0 },
+	};
+	bool json = false;
+	sqlite3_stmt *s;
+	sqlite3 *db;
+	int ch, rc;
+
+	if (argc > 1 && (strcmp(argv[1], "delete") == 0 || strcmp(argv[1], "reset") == 0))
+		return consumers_change(ctl, argc - 1, argv + 1);
+	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
+	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		if (ch != 'j')
+			ctl_usage(EX_USAGE_STATUS);
+		json = true;
+	}
+	if (optind != argc)
+		ctl_usage(EX_USAGE_STATUS);
+	db = ctl_open_history(ctl);
+	if (sqlite3_prepare_v2(db, "SELECT consumer, filter, acked_id, lag, updated FROM consumer_lag"
+	    " ORDER BY consumer", -1, &s, NULL) != SQLITE_OK)
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	if (!json)
+		printf("%-20s %-36s %-8s %-8s %s\n", "CONSUMER", "FILTER", "ACKED", "LAG", "LAST ACK");
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		const char *name = (const char *)sqlite3_column_text(s, 0);
+		const char *filter = (const char *)sqlite3_column_text(s, 1);
+		const char *updated = (const char *)sqlite3_column_text(s, 4);
+
+		if (json) {
+			json_t *o = json_pack("{s:s, s:s, s:I, s:I, s:s}", "consumer", name, "filter", filter,
+			    "acked_id", (json_int_t)sqlite3_column_int64(s, 2),
+			    "lag", (json_int_t)sqlite3_column_int64(s, 3), "last_ack", updated);
+			char *line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
+			puts(line);
+			free(line);
+			json_decref(o);
+		} else {
+			printf("%-20s %-36s %-8lld %-8lld %s\n", name, filter,
+			    (long long)sqlite3_column_int64(s, 2), (long long)sqlite3_column_int64(s, 3), updated);
+		}
+	}
+	if (rc != SQLITE_DONE)
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	sqlite3_finalize(s);
+	sqlite3_close(db);
+	return 0;
+}

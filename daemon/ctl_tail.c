@@ -263,7 +263,7 @@ tail_session(struct tail *t, int fd)
 				t->last = json_integer_value(json_object_get(msg, "resume_after"));
 			t->resume = true;
 			fprintf(stderr, "cmdrelayctl: following %s%s after #%" JSON_INTEGER_FORMAT "%s\n",
-			    t->name ? "consumer " : "live", t->name ? t->name : "",
+			    t->name ? "as consumer " : "live", t->name ? t->name : "",
 			    json_integer_value(json_object_get(msg, "resume_after")),
 			    t->name && !t->ack ? " (not acknowledging)" : "");
 		} else if (type && strcmp(type, "command") == 0) {

@@ -40,6 +40,8 @@ FILE *ctl_open_daemon(struct ctl *ctl, int *fd);
 void ctl_send_json(int fd, json_t *msg);
 /* One reply line as JSON; exits when the daemon closed or sent garbage. */
 json_t *ctl_read_json(FILE *in);
+/* An error reply: its code and message, exit status 1. */
+void ctl_die_refused(json_t *reply) __attribute__((noreturn));
 
 int cmd_consumers(struct ctl *ctl, int argc, char *argv[]);
 int cmd_tail(struct ctl *ctl, int argc, char *argv[]);

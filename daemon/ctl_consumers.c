@@ -27,7 +27,6 @@ consumers_change(struct ctl *ctl, int argc, char *argv[])
 	bool reset = strcmp(argv[0], "reset") == 0;
 	json_t *msg, *to = NULL, *reply;
 	const char *type;
-	char why[512];
 	FILE *in;
 	int ch, fd;
 
@@ -77,10 +76,7 @@ consumers_change(struct ctl *ctl, int argc, char *argv[])
 		json_decref(reply);
 		return 0;
 	}
-	snprintf(why, sizeof(why), "%s: %s", json_string_value(json_object_get(reply, "code")),
-	    json_string_value(json_object_get(reply, "message")));
-	json_decref(reply);
-	ctl_die(1, "cmdrelayd refused it: %s", why);
+	ctl_die_refused(reply);
 }
 
 int

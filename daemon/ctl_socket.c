@@ -149,6 +149,17 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 	return 0;
 }
 
+void
+ctl_die_refused(json_t *reply)
+{
+	char why[512];
+
+	snprintf(why, sizeof(why), "%s: %s", json_string_value(json_object_get(reply, "code")),
+	    json_string_value(json_object_get(reply, "message")));
+	json_decref(reply);
+	ctl_die(1, "cmdrelayd refused it: %s", why);
+}
+
 int
 cmd_publish(struct ctl *ctl, int argc, char *argv[])
 {
@@ -159,7 +170,6 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	};
 	json_t *msg, *reply, *topic, *payload;
 	const char *type, *encoding;
-	char why[512];
 	bool retain = false;
 	int qos = 1;
 	FILE *in;
@@ -199,8 +209,5 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 		json_decref(reply);
 		return 0;
 	}
-	snprintf(why, sizeof(why), "%s: %s", json_string_value(json_object_get(reply, "code")),
-	    json_string_value(json_object_get(reply, "message")));
-	json_decref(reply);
-	ctl_die(1, "cmdrelayd refused it: %s", why);
+	ctl_die_refused(reply);
 }

@@ -41,6 +41,7 @@ struct client {
 	int64_t scanned_id;	/* every row up to here was looked at for this client */
 	bool live;		/* caught up with the history once */
 	struct event_timer more;	/* armed while a catch-up continues */
+	int64_t since_ms;	/* when hello was said, for stats */
 	int64_t acked_id;
 	int64_t *inflight;	/* ring of sent, unacknowledged ids; socket.window long */
 	uint64_t errors;	/* error lines sent on this connection */
@@ -192,6 +193,7 @@ struct name_search {
 	const struct client *except;
 	bool found;
 	pid_t pid;
+	int64_t since_ms;
 };
 
 static void
@@ -203,6 +205,7 @@ match_name(struct conn *c, void *state, void *arg)
 	if (cl != s->except && cl->mode == CLIENT_NAMED && strcmp(cl->name, s->name) == 0) {
 		s->found = true;
 		s->pid = conn_pid(c);
+		s->since_ms = cl->since_ms;
 	}
 }
 
@@ -254,6 +257,7 @@ op_hello(struct client *cl, const struct request *req)
 		cl->mode = CLIENT_TAIL;
 	}
 	cl->sent_id = cl->acked_id = cl->scanned_id = resume_after;
+	cl->since_ms = (int64_t)event_wall_ms();
 	log_info("consumer %s (pid %d uid %d): filter %s, resuming after #%" PRId64,
 	    cl->mode == CLIENT_NAMED ? cl->name : "(tail)", (int)conn_pid(cl->conn),
 	    (int)conn_uid(cl->conn), cl->filter, resume_after);
@@ -313,11 +317,19 @@ add_consumer_stats(const struct store_consumer *sc, void *arg)
 {
 	struct stats_ctx *ctx = arg;
 	struct name_search search = { .name = sc->name };
+	json_t *entry;
+	char since[40];
 
 	server_foreach(ctx->cs->server, match_name, &search);
-	json_array_append_new(ctx->list, json_pack("{s:s, s:s, s:I, s:I, s:b, s:b}",
-	    "name", sc->name, "filter", sc->filter, "acked_id", (json_int_t)sc->acked_id,
-	    "lag", (json_int_t)sc->lag, "lag_exact", sc->lag_exact, "connected", search.found));
+	entry = json_pack("{s:s, s:s, s:I, s:I, s:b, s:b}", "name", sc->name, "filter", sc->filter,
+	    "acked_id", (json_int_t)sc->acked_id, "lag", (json_int_t)sc->lag, "lag_exact", sc->lag_exact,
+	    "connected", search.found);
+	if (entry && search.found) {
+		wire_time(search.since_ms, since, sizeof(since));
+		json_object_set_new(entry, "pid", json_integer(search.pid));
+		json_object_set_new(entry, "connected_since", json_string(since));
+	}
+	json_array_append_new(ctx->list, entry);
 	return 0;
 }
 

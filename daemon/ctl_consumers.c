@@ -79,6 +79,35 @@ consumers_change(struct ctl *ctl, int argc, char *argv[])
 	ctl_die_refused(reply);
 }
 
+/* Who is connected, by consumer name, from the running daemon; an empty object without one. */
+static json_t *
+consumers_connected(struct ctl *ctl)
+{
+	json_t *by_name = json_object(), *reply, *c;
+	FILE *in;
+	size_t i;
+	int fd;
+
+	/* --db alone names a history, maybe a copy: no daemon to ask, no config to load. */
+	if (ctl->db_path && ctl->socket_path == NULL && access(ctl->config_file, R_OK) == -1)
+		return by_name;
+	if ((fd = ctl_connect_socket(ctl_socket_path(ctl))) == -1)
+		return by_name;
+	if ((in = fdopen(dup(fd), "r")) == NULL)
+		ctl_die(1, "fdopen: %s", strerror(errno));
+	ctl_send_json(fd, json_pack("{s:s}", "op", "stats"));
+	reply = ctl_read_json(in);
+	fclose(in);
+	close(fd);
+	json_array_foreach(json_object_get(reply, "consumers"), i, c)
+		if (json_is_true(json_object_get(c, "connected")))
+			json_object_set_new(by_name, json_string_value(json_object_get(c, "name")),
+			    json_pack("{s:O, s:O}", "pid", json_object_get(c, "pid"),
+			    "since", json_object_get(c, "connected_since")));
+	json_decref(reply);
+	return by_name;
+}
+
 int
 cmd_consumers(struct ctl *ctl, int argc, char *argv[])
 {
@@ -87,6 +116,7 @@ cmd_consumers(struct ctl *ctl, int argc, char *argv[])
 		{ NULL, 0, NULL, 0 },
 	};
 	bool json = false;
+	json_t *connected;
 	sqlite3_stmt *s;
 	sqlite3 *db;
 	int ch, rc;
@@ -102,31 +132,45 @@ cmd_consumers(struct ctl *ctl, int argc, char *argv[])
 	if (optind != argc)
 		ctl_usage(EX_USAGE_STATUS);
 	db = ctl_open_history(ctl);
-	if (sqlite3_prepare_v2(db, "SELECT consumer, filter, acked_id, lag, updated FROM consumer_lag"
-	    " ORDER BY consumer", -1, &s, NULL) != SQLITE_OK)
+	if (sqlite3_prepare_v2(db, "SELECT l.consumer, l.filter, l.acked_id, l.lag,"
+	    " strftime('%Y-%m-%dT%H:%M:%fZ', c.acked_at / 1000.0, 'unixepoch')"
+	    " FROM consumer_lag l JOIN consumers c ON c.name = l.consumer ORDER BY l.consumer",
+	    -1, &s, NULL) != SQLITE_OK)
 		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	connected = consumers_connected(ctl);
 	if (!json)
-		printf("%-20s %-36s %-8s %-8s %s\n", "CONSUMER", "FILTER", "ACKED", "LAG", "LAST ACK");
+		printf("%-20s %-36s %-8s %-8s %-24s %s\n", "CONSUMER", "FILTER", "ACKED", "LAG", "LAST ACK",
+		    "CONNECTED");
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		const char *name = (const char *)sqlite3_column_text(s, 0);
 		const char *filter = (const char *)sqlite3_column_text(s, 1);
-		const char *updated = (const char *)sqlite3_column_text(s, 4);
+		const char *acked_at = (const char *)sqlite3_column_text(s, 4);
+		json_t *conn = json_object_get(connected, name);
 
 		if (json) {
-			json_t *o = json_pack("{s:s, s:s, s:I, s:I, s:s}", "consumer", name, "filter", filter,
-			    "acked_id", (json_int_t)sqlite3_column_int64(s, 2),
-			    "lag", (json_int_t)sqlite3_column_int64(s, 3), "last_ack", updated);
+			json_t *o = json_pack("{s:s, s:s, s:I, s:I, s:s*, s:O*}", "consumer", name,
+			    "filter", filter, "acked_id", (json_int_t)sqlite3_column_int64(s, 2),
+			    "lag", (json_int_t)sqlite3_column_int64(s, 3), "last_ack", acked_at,
+			    "connected", conn);
 			char *line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
 			puts(line);
 			free(line);
 			json_decref(o);
 		} else {
-			printf("%-20s %-36s %-8lld %-8lld %s\n", name, filter,
-			    (long long)sqlite3_column_int64(s, 2), (long long)sqlite3_column_int64(s, 3), updated);
+			printf("%-20s %-36s %-8lld %-8lld %-24s ", name, filter,
+			    (long long)sqlite3_column_int64(s, 2), (long long)sqlite3_column_int64(s, 3),
+			    acked_at ? acked_at : "");
+			if (conn)
+				printf("pid %" JSON_INTEGER_FORMAT " since %s\n",
+				    json_integer_value(json_object_get(conn, "pid")),
+				    json_string_value(json_object_get(conn, "since")));
+			else
+				printf("-\n");
 		}
 	}
 	if (rc != SQLITE_DONE)
 		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	json_decref(connected);
 	sqlite3_finalize(s);
 	sqlite3_close(db);
 	return 0;

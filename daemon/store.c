@@ -90,7 +90,8 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    " ON CONFLICT (name) DO UPDATE SET filter = excluded.filter,"
 	    " acked_id = excluded.acked_id, updated_at = excluded.updated_at",
 	[STMT_CONSUMER_ACK] =
-	    "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1 AND acked_id < ?2",
+	    "UPDATE consumers SET acked_id = ?2, updated_at = ?3, acked_at = ?3"
+	    " WHERE name = ?1 AND acked_id < ?2",
 	[STMT_CONSUMER_MOVE] = "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1",
 	[STMT_CONSUMER_DELETE] = "DELETE FROM consumers WHERE name = ?1",
 	/*

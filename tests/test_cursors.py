@@ -1,5 +1,7 @@
 """cmdrelayctl consumers delete / reset: through the running daemon, refused
 while that consumer is connected, and what the cursor then gets."""
+import json
+import os
 import subprocess
 
 from brokers import publish_many
@@ -27,6 +29,11 @@ def test_reset_and_delete(mosquitto, tmp_path, uid):
     c.hello(consumer="app", from_="live")
     busy = ctl(relay, "consumers", "reset", "app", "--oldest")
     assert busy.returncode == 1 and "consumer_busy: consumer app is connected (pid" in busy.stderr
+    row = [ln.split() for ln in ctl(relay, "consumers").stdout.splitlines() if ln.startswith("app ")]
+    # never acked: LAST ACK empty; connected: this process's pid and since when
+    assert row[0][:4] == ["app", "#", "10", "0"] and row[0][4:7] == ["pid", str(os.getpid()), "since"], row
+    listed = [json.loads(ln) for ln in ctl(relay, "consumers", "--json").stdout.splitlines()]
+    assert "last_ack" not in listed[0] and listed[0]["connected"]["pid"] == os.getpid(), listed
     c.close()
     relay.wait_log(") disconnected")
     for args, want in [(["--oldest"], 0), (["--to", "4"], 4), (["--live"], 10)]:

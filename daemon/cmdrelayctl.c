@@ -36,6 +36,7 @@ ctl_usage(int status)
 	    "  consumers [--json] | consumers delete NAME\n"
 	    "  consumers reset NAME --to ID|--live|--oldest\n"
 	    "  publish TOPIC PAYLOAD [--qos 0|1] [--retain]\n"
+	    "  inject TOPIC PAYLOAD [--qos 0|1] [--retain]\n"
 	    "  outbox [--status queued|sent|failed|all] [--limit N] [--json]\n"
 	    "  tail [--consumer NAME [--no-ack]] [--filter F] [--from stored|live|ID] [--json]\n"
 	    "       [--exec CMD] [--once]\n"
@@ -529,6 +530,7 @@ main(int argc, char *argv[])
 		{ "consumers", cmd_consumers },
 		{ "outbox", cmd_outbox },
 		{ "publish", cmd_publish },
+		{ "inject", cmd_publish },
 		{ "tail", cmd_tail },
 		{ "stats", cmd_stats },
 		{ "check-config", cmd_check_config },

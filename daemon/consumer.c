@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "request.h"
@@ -435,6 +436,35 @@ op_cursor(struct client *cl, const struct request *req)
 	    "acked_id", (json_int_t)acked_id));
 }
 
+/* Only root and the daemon's own user may make up commands: consumers act on them. */
+static void
+op_inject(struct client *cl, const struct request *req)
+{
+	const struct delivery d = {
+		.topic = req->publish.topic,
+		.payload = req->publish.payload,
+		.payloadlen = req->publish.payloadlen,
+		.qos = req->publish.qos,
+		.retain = req->publish.retain,
+		.received_at_ms = (int64_t)event_wall_ms(),
+	};
+	uid_t uid = conn_uid(cl->conn);
+	int64_t row;
+	int rc;
+
+	if (uid != 0 && uid != geteuid())
+		return send_error(cl, "not_allowed", "inject: only root or uid %d may inject", (int)geteuid());
+	if ((rc = cl->cs->hooks.inject(&d, &row, cl->cs->hooks.arg)) == -2)
+		return send_error(cl, "busy", "inject: a broker batch is being committed; try again");
+	if (rc == -1) {
+		log_warnx("inject: %s", store_errmsg(cl->cs->store));
+		return send_error(cl, "storage", "inject: the history cannot be written now; try again");
+	}
+	log_info("injected #%" PRId64 " on %.256s by uid %d pid %d", row, d.topic, (int)uid,
+	    (int)conn_pid(cl->conn));
+	send_json(cl, json_pack("{s:s, s:I}", "type", "injected", "id", (json_int_t)row));
+}
+
 static void
 on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 {
@@ -444,6 +474,7 @@ on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 		[REQUEST_STATS] = op_stats,
 		[REQUEST_PUBLISH] = op_publish,
 		[REQUEST_CURSOR] = op_cursor,
+		[REQUEST_INJECT] = op_inject,
 	};
 	struct client *cl = state;
 	struct request_error err;

@@ -170,7 +170,7 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	};
 	json_t *msg, *reply, *topic, *payload;
 	const char *type, *encoding;
-	bool retain = false;
+	bool retain = false, inject = strcmp(argv[0], "inject") == 0;	/* inject: the same, inward */
 	int qos = 1;
 	FILE *in;
 	int ch, fd;
@@ -198,13 +198,14 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	in = ctl_open_daemon(ctl, &fd);
 	/* A payload that is not UTF-8 travels as base64. */
 	payload = wire_payload(argv[optind + 1], strlen(argv[optind + 1]), &encoding);
-	msg = json_pack("{s:s, s:s, s:o, s:s, s:i, s:b}", "op", "publish", "topic", argv[optind],
+	msg = json_pack("{s:s, s:s, s:o, s:s, s:i, s:b}", "op", inject ? "inject" : "publish",
+	    "topic", argv[optind],
 	    "payload", payload, "encoding", encoding, "qos", qos, "retain", retain);
 	ctl_send_json(fd, msg);
 	reply = ctl_read_json(in);
 	type = json_string_value(json_object_get(reply, "type"));
-	if (type && strcmp(type, "queued") == 0) {
-		printf("queued as outbox #%" JSON_INTEGER_FORMAT "\n",
+	if (type && strcmp(type, inject ? "injected" : "queued") == 0) {
+		printf(inject ? "injected as #%" JSON_INTEGER_FORMAT "\n" : "queued as outbox #%" JSON_INTEGER_FORMAT "\n",
 		    json_integer_value(json_object_get(reply, "id")));
 		json_decref(reply);
 		return 0;

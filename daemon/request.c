@@ -173,7 +173,7 @@ decode_base64(const char *text, size_t len, unsigned char *out, size_t outmax, s
 }
 
 static int
-parse_publish(json_t *msg, struct request *req, struct request_error *err)
+parse_publish(const char *op, json_t *msg, struct request *req, struct request_error *err)
 {
 	static const char *const keys[] = { "op", "topic", "payload", "encoding", "qos", "retain", NULL };
 	json_t *jtopic = json_object_get(msg, "topic"), *jpayload = json_object_get(msg, "payload");
@@ -183,36 +183,36 @@ parse_publish(json_t *msg, struct request *req, struct request_error *err)
 	const char *bad;
 
 	if ((bad = unknown_key(msg, keys)) != NULL)
-		return fail(err, "bad_request", false, "publish: unknown field \"%.64s\"", bad);
+		return fail(err, "bad_request", false, "%s: unknown field \"%.64s\"", op, bad);
 	if (topic == NULL || strlen(topic) == 0 || strlen(topic) > REQUEST_TOPIC_MAX ||
 	    json_string_length(jtopic) != strlen(topic) ||
 	    mosquitto_validate_utf8(topic, (int)strlen(topic)) != MOSQ_ERR_SUCCESS ||
 	    mosquitto_pub_topic_check(topic) != MOSQ_ERR_SUCCESS)
 		return fail(err, "bad_request", false,
-		    "publish: topic must be an MQTT topic without wildcards or control characters, "
-		    "at most %d bytes", REQUEST_TOPIC_MAX);
+		    "%s: topic must be an MQTT topic without wildcards or control characters, "
+		    "at most %d bytes", op, REQUEST_TOPIC_MAX);
 	snprintf(req->publish.topic, sizeof(req->publish.topic), "%s", topic);
 	if (!json_is_string(jpayload))
-		return fail(err, "bad_request", false, "publish: payload must be a string");
+		return fail(err, "bad_request", false, "%s: payload must be a string", op);
 	if (enc && strcmp(enc, "utf8") == 0) {
 		if (json_string_length(jpayload) > REQUEST_PAYLOAD_MAX)
-			return fail(err, "bad_request", false, "publish: payload too long");
+			return fail(err, "bad_request", false, "%s: payload too long", op);
 		memcpy(req->publish.payload, json_string_value(jpayload), json_string_length(jpayload));
 		req->publish.payloadlen = json_string_length(jpayload);
 	} else if (enc && strcmp(enc, "base64") == 0) {
 		if (decode_base64(json_string_value(jpayload), json_string_length(jpayload),
 		    req->publish.payload, sizeof(req->publish.payload), &req->publish.payloadlen) == -1)
-			return fail(err, "bad_request", false, "publish: payload is not base64");
+			return fail(err, "bad_request", false, "%s: payload is not base64", op);
 	} else {
-		return fail(err, "bad_request", false, "publish: encoding must be \"utf8\" or \"base64\"");
+		return fail(err, "bad_request", false, "%s: encoding must be \"utf8\" or \"base64\"", op);
 	}
 	req->publish.qos = 1;
 	if (jqos && (!json_is_integer(jqos) || json_integer_value(jqos) < 0 || json_integer_value(jqos) > 1))
-		return fail(err, "bad_request", false, "publish: qos must be 0 or 1");
+		return fail(err, "bad_request", false, "%s: qos must be 0 or 1", op);
 	if (jqos)
 		req->publish.qos = (int)json_integer_value(jqos);
 	if (jretain && !json_is_boolean(jretain))
-		return fail(err, "bad_request", false, "publish: retain must be true or false");
+		return fail(err, "bad_request", false, "%s: retain must be true or false", op);
 	req->publish.retain = jretain && json_is_true(jretain);
 	return 0;
 }
@@ -248,11 +248,13 @@ request_parse(const char *line, size_t len, struct request *req, struct request_
 	else if (strcmp(op, "stats") == 0)
 		rc = (req->op = REQUEST_STATS, 0);
 	else if (strcmp(op, "publish") == 0)
-		rc = (req->op = REQUEST_PUBLISH, parse_publish(msg, req, err));
+		rc = (req->op = REQUEST_PUBLISH, parse_publish(op, msg, req, err));
+	else if (strcmp(op, "inject") == 0)
+		rc = (req->op = REQUEST_INJECT, parse_publish(op, msg, req, err));
 	else if (strcmp(op, "consumer") == 0)
 		rc = (req->op = REQUEST_CURSOR, parse_cursor(msg, req, err));
 	else
-		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats, publish, consumer)", op);
+		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats, publish, consumer, inject)", op);
 	json_decref(msg);
 	return rc;
 }

@@ -41,6 +41,7 @@ enum stmt_id {
 	STMT_OVERSIZE,
 	STMT_CONSUMER_MOVE,
 	STMT_CONSUMER_DELETE,
+	STMT_MARK_INJECTED,
 	STMT_FETCH_FILTERED,
 	STMT_FETCH_ALL,
 	STMT_MAX_ID,
@@ -94,6 +95,7 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    " WHERE name = ?1 AND acked_id < ?2",
 	[STMT_CONSUMER_MOVE] = "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1",
 	[STMT_CONSUMER_DELETE] = "DELETE FROM consumers WHERE name = ?1",
+	[STMT_MARK_INJECTED] = "UPDATE messages SET injected = 1 WHERE id = ?1",
 	/*
 	 * The unary + keeps SQLite off the (topic, payload_hash) index: walking
 	 * the rowids after ?1 stops at LIMIT, while the index would read and
@@ -848,6 +850,13 @@ store_mark_oversize(struct store *st, int64_t id, size_t payloadlen)
 	sqlite3_bind_int64(st->stmt[STMT_OVERSIZE], 1, id);
 	sqlite3_bind_int64(st->stmt[STMT_OVERSIZE], 2, (int64_t)payloadlen);
 	return step_int(st, STMT_OVERSIZE, NULL);
+}
+
+int
+store_mark_injected(struct store *st, int64_t row)
+{
+	sqlite3_bind_int64(st->stmt[STMT_MARK_INJECTED], 1, row);
+	return step_int(st, STMT_MARK_INJECTED, NULL);
 }
 
 int

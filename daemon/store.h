@@ -81,6 +81,8 @@ typedef int store_command_fn(const struct stored_command *c, void *arg);
 
 int store_insert(struct store *st, const struct delivery *d,
     const struct dedup_verdict *v, const struct topic_fields *fields, int64_t *id);
+/* The row came from the inject op, not from a broker. */
+int store_mark_injected(struct store *st, int64_t row);
 
 /* Notes that row id's payload of payloadlen bytes was too large to keep. */
 int store_mark_oversize(struct store *st, int64_t id, size_t payloadlen);

@@ -23,11 +23,9 @@ import json
 import os
 import pwd
 import secrets
-import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -136,17 +134,6 @@ def accounts():
         yield a
     finally:
         a.remove()
-
-
-@pytest.fixture
-def sockdir():
-    """A directory everyone may traverse, for the socket."""
-    d = Path(tempfile.mkdtemp(prefix="cmdrelay-access-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def run_as(path, user=None, gid=None, groups="clear", hello=None):

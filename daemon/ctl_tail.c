@@ -62,21 +62,22 @@ static void
 tail_escaped(FILE *out, const char *text, size_t len)
 {
 	const unsigned char *p = (const unsigned char *)text;
+	size_t i = 0;
 
-	for (size_t i = 0; i < len;) {
-		int n = p[i] >= 0x80 ? ctl_utf8_sequence(p + i, (int)(len - i)) : 0;
+	while (i < len) {
+		int n = p[i] >= 0x80 ? ctl_utf8_sequence(p + i, (int)(len - i)) : 1;
 
 		if (p[i] == '\\')
-			fputs("\\\\", out), n = 1;
+			fputs("\\\\", out);
 		else if (p[i] >= 0x20 && p[i] < 0x7f)
-			fputc(p[i], out), n = 1;
-		else if (n > 0 && !(n == 2 && p[i] == 0xc2 && p[i + 1] < 0xa0))
+			fputc(p[i], out);
+		else if (n == 2 && p[i] == 0xc2 && p[i + 1] < 0xa0)
+			fprintf(out, "\\u%04x", p[i + 1]);	/* C1: U+0080 to U+009F */
+		else if (n > 1)
 			fwrite(p + i, 1, (size_t)n, out);
-		else if (n == 2)
-			fprintf(out, "\\u%04x", p[i + 1]), n = 2;
 		else
-			fprintf(out, "\\x%02x", p[i]), n = 1;
-		i += (size_t)n;
+			fprintf(out, "\\x%02x", p[i]);
+		i += (size_t)(n > 0 ? n : 1);
 	}
 }
 
@@ -178,7 +179,7 @@ tail_handle(struct tail *t, json_t *cmd)
 	} else {
 		tail_print(cmd);
 	}
-	if (fflush(stdout) == EOF || ferror(stdout) || (t->ack && tail_wait_taken() == -1))
+	if (fflush(stdout) == EOF || ferror(stdout) || (t->name && t->ack && tail_wait_taken() == -1))
 		ctl_die(1, "writing to stdout: %s; #%" JSON_INTEGER_FORMAT " not acknowledged",
 		    strerror(errno), id);
 }

@@ -75,6 +75,7 @@ def test_example_backlog_and_relay_restart(example, mosquitto, tmp_path, uid):
     try:
         assert out.wait(RESTART_AT) >= RESTART_AT, proc.stderr.read() if proc.poll() is not None else ""
         out.go.clear()      # the example blocks on its stdout, mid-backlog
+        at_restart = len(out.ids)
         relay.stop()
         out.go.set()
         time.sleep(0.5)     # it notices the relay is gone and retries
@@ -100,6 +101,7 @@ def test_example_backlog_and_relay_restart(example, mosquitto, tmp_path, uid):
     assert ids == list(range(1, total + 1)), "handled ids are not contiguous, in order, once each"
     assert acked == [(ids[-1],)], f"last ack {acked} != last handled {ids[-1]}"
     assert f"cmd-{BACKLOG - 1:04d}-" in out.lines[BACKLOG - 1]
+    print(f"{example}: {len(ids)} handled (ids 1-{ids[-1]}), relay restarted after {at_restart}, last ack {acked[0][0]}")
     relay.stop()
 
 

@@ -37,7 +37,7 @@ MIGRATIONS := $(sort $(wildcard sql/[0-9][0-9][0-9]_*.sql))
 
 .PHONY: all check unit integration deps demo run clean install uninstall deb \
 	check-sanitize fuzz fuzz-build fuzz-merge valgrind soak bench
-all: $(B)/cmdrelayd $(B)/cmdrelayctl
+all: $(B)/cmdrelayd $(B)/cmdrelayctl $(B)/example-consumer
 
 $(B):
 	mkdir -p $(B)
@@ -54,8 +54,12 @@ $(B)/migrations.o: $(B)/migrations.c daemon/migrations.h
 $(B)/cmdrelayd: $(B)/cmdrelayd.o $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 
-$(B)/cmdrelayctl: $(B)/cmdrelayctl.o $(B)/ctl_socket.o $(COMMON_OBJS)
+$(B)/cmdrelayctl: $(B)/cmdrelayctl.o $(B)/ctl_socket.o $(B)/ctl_tail.o $(B)/ctl_consumers.o $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
+
+# The C example consumer, built as its users would: one file and Jansson.
+$(B)/example-consumer: scripts/examples/consumer.c | $(B)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(shell pkg-config --libs jansson)
 
 UNIT_TESTS := unit_tests dedup_tests
 

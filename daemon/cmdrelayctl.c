@@ -27,7 +27,6 @@
 #define HISTORY_PAGE 256
 
 static int cmd_history(struct ctl *, int, char *[]);
-static int cmd_consumers(struct ctl *, int, char *[]);
 static int cmd_outbox(struct ctl *, int, char *[]);
 static int cmd_check_config(struct ctl *, int, char *[]);
 
@@ -39,10 +38,13 @@ static const struct ctl_command {
 } ctl_commands[] = {
 	{ "history", cmd_history, "[--device D] [--topic FILTER] [--since T] [--until T]\n"
 	  "          [--status accepted|duplicate|all] [--limit N] [--json]" },
-	{ "consumers", cmd_consumers, "[--json]" },
+	{ "consumers", cmd_consumers, "[--json] | consumers delete NAME\n"
+	  "  consumers reset NAME --to ID|--live|--oldest" },
 	{ "publish", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain]" },
+	{ "inject", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain]" },
 	{ "outbox", cmd_outbox, "[--status queued|sent|failed|all] [--limit N] [--json]" },
-	{ "tail", cmd_tail, "[--consumer NAME] [--filter F] [--from stored|live|ID] [--json]" },
+	{ "tail", cmd_tail, "[--consumer NAME [--no-ack]] [--filter F] [--from stored|live|ID] [--json]\n"
+	  "       [--exec CMD] [--once]" },
 	{ "status", cmd_status, "[--json]" },
 	{ "stats", cmd_stats, "[--json]" },
 	{ "check-config", cmd_check_config, "" },
@@ -239,9 +241,8 @@ parse_time(const char *text, int64_t *out_ms)
 	return false;
 }
 
-/* Bytes in a valid UTF-8 sequence at p (at most len), 0 when it is not one. */
-static int
-utf8_sequence(const unsigned char *p, int len)
+int
+ctl_utf8_sequence(const unsigned char *p, int len)
 {
 	int n = p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : p[0] >= 0xe0 ? 3 : p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : 0;
 
@@ -260,7 +261,7 @@ utf8_sequence(const unsigned char *p, int len)
 static int
 cell_char(const unsigned char *p, int len, int *width)
 {
-	int n = p[0] >= 0x20 && p[0] < 0x7f ? 1 : p[0] >= 0x80 ? utf8_sequence(p, len) : 0;
+	int n = p[0] >= 0x20 && p[0] < 0x7f ? 1 : p[0] >= 0x80 ? ctl_utf8_sequence(p, len) : 0;
 
 	*width = n ? 1 : 4;
 	return n;
@@ -511,57 +512,6 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 			    "--since\n", (long long)sqlite3_column_int64(s, 0), HISTORY_MAX_LIMIT);
 		sqlite3_finalize(s);
 	}
-	sqlite3_close(db);
-	return 0;
-}
-
-static int
-cmd_consumers(struct ctl *ctl, int argc, char *argv[])
-{
-	static const struct option opts[] = {
-		{ "json", no_argument, NULL, 'j' },
-		{ NULL, 0, NULL, 0 },
-	};
-	bool json = false;
-	sqlite3_stmt *s;
-	sqlite3 *db;
-	int ch, rc;
-
-	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
-	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-		if (ch != 'j')
-			ctl_usage(EX_USAGE_STATUS);
-		json = true;
-	}
-	if (optind != argc)
-		ctl_usage(EX_USAGE_STATUS);
-	db = ctl_open_history(ctl);
-	if (sqlite3_prepare_v2(db, "SELECT consumer, filter, acked_id, lag, updated FROM consumer_lag"
-	    " ORDER BY consumer", -1, &s, NULL) != SQLITE_OK)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
-	if (!json)
-		printf("%-20s %-36s %-8s %-8s %s\n", "CONSUMER", "FILTER", "ACKED", "LAG", "LAST ACK");
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		const char *name = (const char *)sqlite3_column_text(s, 0);
-		const char *filter = (const char *)sqlite3_column_text(s, 1);
-		const char *updated = (const char *)sqlite3_column_text(s, 4);
-
-		if (json) {
-			json_t *o = json_pack("{s:s, s:s, s:I, s:I, s:s}", "consumer", name, "filter", filter,
-			    "acked_id", (json_int_t)sqlite3_column_int64(s, 2),
-			    "lag", (json_int_t)sqlite3_column_int64(s, 3), "last_ack", updated);
-			char *line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
-			puts(line);
-			free(line);
-			json_decref(o);
-		} else {
-			printf("%-20s %-36s %-8lld %-8lld %s\n", name, filter,
-			    (long long)sqlite3_column_int64(s, 2), (long long)sqlite3_column_int64(s, 3), updated);
-		}
-	}
-	if (rc != SQLITE_DONE)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
-	sqlite3_finalize(s);
 	sqlite3_close(db);
 	return 0;
 }

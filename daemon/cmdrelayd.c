@@ -104,6 +104,14 @@ on_queued(void *arg)
 	relay_uplink_kick(d->relay);
 }
 
+static int
+on_inject(const struct delivery *dv, int64_t *row, void *arg)
+{
+	struct daemon_state *d = arg;
+
+	return relay_inject(d->relay, dv, row);
+}
+
 static void
 add_relay_stats(json_t *reply, void *arg)
 {
@@ -208,7 +216,9 @@ main(int argc, char *argv[])
 	const char *config_file = DEFAULT_CONFIG;
 	char err[CONFIG_ERR_MAX];
 	struct daemon_state d = { 0 };
-	const struct consumers_hooks hooks = { add_relay_stats, on_queued, &d };
+	const struct consumers_hooks hooks = {
+		.stats = add_relay_stats, .queued = on_queued, .inject = on_inject, .arg = &d,
+	};
 	bool check_only = false, verbose = false;
 	sigset_t sleep_mask;
 	uint64_t usec;

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "request.h"
@@ -41,6 +42,7 @@ struct client {
 	int64_t scanned_id;	/* every row up to here was looked at for this client */
 	bool live;		/* caught up with the history once */
 	struct event_timer more;	/* armed while a catch-up continues */
+	int64_t since_ms;	/* when hello was said, for stats */
 	int64_t acked_id;
 	int64_t *inflight;	/* ring of sent, unacknowledged ids; socket.window long */
 	uint64_t errors;	/* error lines sent on this connection */
@@ -191,6 +193,8 @@ struct name_search {
 	const char *name;
 	const struct client *except;
 	bool found;
+	pid_t pid;
+	int64_t since_ms;
 };
 
 static void
@@ -199,9 +203,11 @@ match_name(struct conn *c, void *state, void *arg)
 	struct client *cl = state;
 	struct name_search *s = arg;
 
-	(void)c;
-	if (cl != s->except && cl->mode == CLIENT_NAMED && strcmp(cl->name, s->name) == 0)
+	if (cl != s->except && cl->mode == CLIENT_NAMED && strcmp(cl->name, s->name) == 0) {
 		s->found = true;
+		s->pid = conn_pid(c);
+		s->since_ms = cl->since_ms;
+	}
 }
 
 static void
@@ -223,7 +229,7 @@ op_hello(struct client *cl, const struct request *req)
 			    "newest command, #%" PRId64, req->start.id, newest);
 	}
 	if (req->named) {
-		struct name_search search = { req->name, cl, false };
+		struct name_search search = { .name = req->name, .except = cl };
 		server_foreach(cl->cs->server, match_name, &search);
 		if (search.found) {
 			send_error(cl, "consumer_busy", "consumer %s is connected already", search.name);
@@ -252,6 +258,7 @@ op_hello(struct client *cl, const struct request *req)
 		cl->mode = CLIENT_TAIL;
 	}
 	cl->sent_id = cl->acked_id = cl->scanned_id = resume_after;
+	cl->since_ms = (int64_t)event_wall_ms();
 	log_info("consumer %s (pid %d uid %d): filter %s, resuming after #%" PRId64,
 	    cl->mode == CLIENT_NAMED ? cl->name : "(tail)", (int)conn_pid(cl->conn),
 	    (int)conn_uid(cl->conn), cl->filter, resume_after);
@@ -310,12 +317,20 @@ static int
 add_consumer_stats(const struct store_consumer *sc, void *arg)
 {
 	struct stats_ctx *ctx = arg;
-	struct name_search search = { sc->name, NULL, false };
+	struct name_search search = { .name = sc->name };
+	json_t *entry;
+	char since[40];
 
 	server_foreach(ctx->cs->server, match_name, &search);
-	json_array_append_new(ctx->list, json_pack("{s:s, s:s, s:I, s:I, s:b, s:b}",
-	    "name", sc->name, "filter", sc->filter, "acked_id", (json_int_t)sc->acked_id,
-	    "lag", (json_int_t)sc->lag, "lag_exact", sc->lag_exact, "connected", search.found));
+	entry = json_pack("{s:s, s:s, s:I, s:I, s:b, s:b}", "name", sc->name, "filter", sc->filter,
+	    "acked_id", (json_int_t)sc->acked_id, "lag", (json_int_t)sc->lag, "lag_exact", sc->lag_exact,
+	    "connected", search.found);
+	if (entry && search.found) {
+		wire_time(search.since_ms, since, sizeof(since));
+		json_object_set_new(entry, "pid", json_integer(search.pid));
+		json_object_set_new(entry, "connected_since", json_string(since));
+	}
+	json_array_append_new(ctx->list, entry);
 	return 0;
 }
 
@@ -390,6 +405,66 @@ op_publish(struct client *cl, const struct request *req)
 	cl->cs->hooks.queued(cl->cs->hooks.arg);
 }
 
+/* Deleting or moving a cursor under a connected consumer would race its acks: refused. */
+static void
+op_cursor(struct client *cl, const struct request *req)
+{
+	struct name_search search = { .name = req->name };
+	int64_t acked_id;
+	int rc;
+
+	server_foreach(cl->cs->server, match_name, &search);
+	if (search.found)
+		return send_error(cl, "consumer_busy", "consumer %s is connected (pid %d); stop it first",
+		    req->name, (int)search.pid);
+	rc = store_consumer_set(cl->cs->store, req->name, req->cursor_delete ? NULL : &req->start,
+	    &acked_id);
+	if (rc == -2)
+		return send_error(cl, "no_consumer", "there is no consumer %s", req->name);
+	if (rc == -3)
+		return send_error(cl, "bad_request", "consumer: #%" PRId64 " is beyond the newest command",
+		    req->start.id);
+	if (rc == -1) {
+		log_warnx("consumer %s: %s", req->name, store_errmsg(cl->cs->store));
+		return send_error(cl, "storage", "the history cannot be written now; try again");
+	}
+	log_info("consumer %s %s by uid %d pid %d", req->name, req->cursor_delete ? "deleted" : "reset",
+	    (int)conn_uid(cl->conn), (int)conn_pid(cl->conn));
+	send_json(cl, req->cursor_delete ?
+	    json_pack("{s:s, s:s, s:b}", "type", "consumer", "consumer", req->name, "deleted", 1) :
+	    json_pack("{s:s, s:s, s:I}", "type", "consumer", "consumer", req->name,
+	    "acked_id", (json_int_t)acked_id));
+}
+
+/* Only root and the daemon's own user may make up commands: consumers act on them. */
+static void
+op_inject(struct client *cl, const struct request *req)
+{
+	const struct delivery d = {
+		.topic = req->publish.topic,
+		.payload = req->publish.payload,
+		.payloadlen = req->publish.payloadlen,
+		.qos = req->publish.qos,
+		.retain = req->publish.retain,
+		.received_at_ms = (int64_t)event_wall_ms(),
+	};
+	uid_t uid = conn_uid(cl->conn);
+	int64_t row;
+	int rc;
+
+	if (uid != 0 && uid != geteuid())
+		return send_error(cl, "not_allowed", "inject: only root or uid %d may inject", (int)geteuid());
+	if ((rc = cl->cs->hooks.inject(&d, &row, cl->cs->hooks.arg)) == -2)
+		return send_error(cl, "busy", "inject: a broker batch is being committed; try again");
+	if (rc == -1) {
+		log_warnx("inject: %s", store_errmsg(cl->cs->store));
+		return send_error(cl, "storage", "inject: the history cannot be written now; try again");
+	}
+	log_info("injected #%" PRId64 " on %.256s by uid %d pid %d", row, d.topic, (int)uid,
+	    (int)conn_pid(cl->conn));
+	send_json(cl, json_pack("{s:s, s:I}", "type", "injected", "id", (json_int_t)row));
+}
+
 static void
 on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 {
@@ -398,6 +473,8 @@ on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 		[REQUEST_ACK] = op_ack,
 		[REQUEST_STATS] = op_stats,
 		[REQUEST_PUBLISH] = op_publish,
+		[REQUEST_CURSOR] = op_cursor,
+		[REQUEST_INJECT] = op_inject,
 	};
 	struct client *cl = state;
 	struct request_error err;

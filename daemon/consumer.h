@@ -18,6 +18,8 @@ struct consumers_hooks {
 	void (*stats)(json_t *reply, void *arg);
 	/* A publish op committed a message to the outbox. */
 	void (*queued)(void *arg);
+	/* The inject op: records d as a command (relay_inject()'s return). */
+	int (*inject)(const struct delivery *d, int64_t *row, void *arg);
 	void *arg;
 };
 

@@ -4,6 +4,9 @@
 
 #include <stdbool.h>
 
+#include <stdio.h>
+
+#include <jansson.h>
 #include <sqlite3.h>
 
 #include "config.h"
@@ -28,6 +31,21 @@ const char *ctl_socket_path(struct ctl *ctl);
 /* The history, read-only; exits with a clear message when it is missing. */
 sqlite3 *ctl_open_history(struct ctl *ctl);
 
+/* Connects to the consumer socket; -1 (errno set) when nobody listens. */
+int ctl_connect_socket(const char *path);
+/* Bytes in a valid UTF-8 sequence at p (at most len), 0 when it is not one. */
+int ctl_utf8_sequence(const unsigned char *p, int len);
+
+/* The daemon's socket, for writing (fd) and reading lines (returned); exits when it is not there. */
+FILE *ctl_open_daemon(struct ctl *ctl, int *fd);
+/* Sends msg (and drops the reference); exits when that fails. */
+void ctl_send_json(int fd, json_t *msg);
+/* One reply line as JSON; exits when the daemon closed or sent garbage. */
+json_t *ctl_read_json(FILE *in);
+/* An error reply: its code and message, exit status 1. */
+void ctl_die_refused(json_t *reply) __attribute__((noreturn));
+
+int cmd_consumers(struct ctl *ctl, int argc, char *argv[]);
 int cmd_tail(struct ctl *ctl, int argc, char *argv[]);
 int cmd_stats(struct ctl *ctl, int argc, char *argv[]);
 int cmd_status(struct ctl *ctl, int argc, char *argv[]);

@@ -17,9 +17,8 @@
 #include "ctl.h"
 #include "wire.h"
 
-/* Connects to the consumer socket; -1 (errno set) when nobody listens. */
-static int
-connect_socket(const char *path)
+int
+ctl_connect_socket(const char *path)
 {
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
 	int fd, saved;
@@ -59,14 +58,13 @@ ctl_socket_refused(const char *path, int err)
 	    path, strerror(err));
 }
 
-/* The daemon's socket, for writing (fd) and reading lines (returned). */
-static FILE *
-open_daemon(struct ctl *ctl, int *fd)
+FILE *
+ctl_open_daemon(struct ctl *ctl, int *fd)
 {
 	const char *path = ctl_socket_path(ctl);
 	FILE *in;
 
-	if ((*fd = connect_socket(path)) == -1) {
+	if ((*fd = ctl_connect_socket(path)) == -1) {
 		int err = errno;
 		ctl_socket_refused(path, err);
 		ctl_die(EX_UNAVAILABLE_STATUS, "cannot connect to %s: %s (is cmdrelayd running?)", path,
@@ -77,8 +75,8 @@ open_daemon(struct ctl *ctl, int *fd)
 	return in;
 }
 
-static void
-send_json(int fd, json_t *msg)
+void
+ctl_send_json(int fd, json_t *msg)
 {
 	char *text = json_dumps(msg, JSON_COMPACT);
 
@@ -90,9 +88,8 @@ send_json(int fd, json_t *msg)
 	free(text);
 }
 
-/* One reply line as JSON; exits when the daemon closed or sent garbage. */
-static json_t *
-read_json(FILE *in)
+json_t *
+ctl_read_json(FILE *in)
 {
 	static char *line;
 	static size_t cap;
@@ -104,102 +101,6 @@ read_json(FILE *in)
 	if ((msg = json_loads(line, 0, &jerr)) == NULL || !json_is_object(msg))
 		ctl_die(1, "cmdrelayd sent a line that is not a JSON object: %s", jerr.text);
 	return msg;
-}
-
-static void
-print_command(json_t *cmd)
-{
-	printf("%-6" JSON_INTEGER_FORMAT " %-24s %s %s%s\n",
-	    json_integer_value(json_object_get(cmd, "id")),
-	    json_string_value(json_object_get(cmd, "received_at")),
-	    json_string_value(json_object_get(cmd, "topic")),
-	    strcmp(json_string_value(json_object_get(cmd, "encoding")), "base64") == 0 ? "base64:" : "",
-	    json_string_value(json_object_get(cmd, "payload")));
-}
-
-int
-cmd_tail(struct ctl *ctl, int argc, char *argv[])
-{
-	static const struct option opts[] = {
-		{ "consumer", required_argument, NULL, 'n' },
-		{ "filter", required_argument, NULL, 'f' },
-		{ "from", required_argument, NULL, 'F' },
-		{ "json", no_argument, NULL, 'j' },
-		{ NULL, 0, NULL, 0 },
-	};
-	const char *name = NULL, *filter = NULL, *from = NULL;
-	bool json = false;
-	json_t *hello;
-	FILE *in;
-	int ch, fd;
-
-	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
-	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-		char *end;
-		long long id;
-
-		switch (ch) {
-		case 'n':
-			name = optarg;
-			break;
-		case 'f':
-			filter = optarg;
-			break;
-		case 'F':
-			errno = 0;
-			id = strtoll(optarg, &end, 10);
-			if (strcmp(optarg, "stored") != 0 && strcmp(optarg, "live") != 0 &&
-			    (errno != 0 || *end != '\0' || end == optarg || id < 0))
-				ctl_die(EX_USAGE_STATUS, "--from: '%s' is not stored, live or a history id", optarg);
-			from = optarg;
-			break;
-		case 'j':
-			json = true;
-			break;
-		default:
-			ctl_usage(EX_USAGE_STATUS);
-		}
-	}
-	if (optind != argc)
-		ctl_usage(EX_USAGE_STATUS);
-	in = open_daemon(ctl, &fd);
-	hello = json_pack("{s:s}", "op", "hello");
-	if (name)
-		json_object_set_new(hello, "consumer", json_string(name));
-	if (filter)
-		json_object_set_new(hello, "filter", json_string(filter));
-	if (from && (strcmp(from, "stored") == 0 || strcmp(from, "live") == 0))
-		json_object_set_new(hello, "from", json_string(from));
-	else if (from)
-		json_object_set_new(hello, "from", json_integer(strtoll(from, NULL, 10)));
-	send_json(fd, hello);
-	for (;;) {
-		json_t *msg = read_json(in);
-		const char *type = json_string_value(json_object_get(msg, "type"));
-
-		if (type && strcmp(type, "command") == 0) {
-			if (json) {
-				char *text = json_dumps(msg, JSON_COMPACT | JSON_PRESERVE_ORDER);
-				puts(text);
-				free(text);
-			} else {
-				print_command(msg);
-			}
-			fflush(stdout);
-			/* Acked once printed: a consumer that dies here gets it again. */
-			if (name)
-				send_json(fd, json_pack("{s:s, s:O}", "op", "ack", "id", json_object_get(msg, "id")));
-		} else if (type && strcmp(type, "welcome") == 0) {
-			fprintf(stderr, "cmdrelayctl: following %s%s after #%" JSON_INTEGER_FORMAT "\n",
-			    name ? "as consumer " : "live", name ? name : "",
-			    json_integer_value(json_object_get(msg, "resume_after")));
-		} else if (type && strcmp(type, "error") == 0) {
-			fprintf(stderr, "cmdrelayctl: cmdrelayd says %s: %s\n",
-			    json_string_value(json_object_get(msg, "code")),
-			    json_string_value(json_object_get(msg, "message")));
-		}
-		json_decref(msg);
-	}
 }
 
 /* The daemon's reply as it came, in its key order; one line with JSON_COMPACT. */
@@ -265,7 +166,7 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 	else if (argc != 1)
 		ctl_usage(EX_USAGE_STATUS);
 	path = ctl_socket_path(ctl);
-	if ((fd = connect_socket(path)) == -1) {
+	if ((fd = ctl_connect_socket(path)) == -1) {
 		int err = errno;
 		ctl_socket_refused(path, err);
 		/* --socket alone names no history: no config to fall back on */
@@ -279,8 +180,8 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 		FILE *in = fdopen(dup(fd), "r");
 		if (in == NULL)
 			ctl_die(1, "fdopen: %s", strerror(errno));
-		send_json(fd, json_pack("{s:s}", "op", "stats"));
-		reply = read_json(in);
+		ctl_send_json(fd, json_pack("{s:s}", "op", "stats"));
+		reply = ctl_read_json(in);
 		json_object_set_new(reply, "source", json_string("cmdrelayd"));
 		fclose(in);
 		close(fd);
@@ -288,6 +189,17 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 	print_reply(reply, json ? JSON_COMPACT : JSON_INDENT(2));
 	json_decref(reply);
 	return 0;
+}
+
+void
+ctl_die_refused(json_t *reply)
+{
+	char why[512];
+
+	snprintf(why, sizeof(why), "%s: %s", json_string_value(json_object_get(reply, "code")),
+	    json_string_value(json_object_get(reply, "message")));
+	json_decref(reply);
+	ctl_die(1, "cmdrelayd refused it: %s", why);
 }
 
 int
@@ -300,8 +212,7 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	};
 	json_t *msg, *reply, *topic, *payload;
 	const char *type, *encoding;
-	char why[512];
-	bool retain = false;
+	bool retain = false, inject = strcmp(argv[0], "inject") == 0;	/* inject: the same, inward */
 	int qos = 1;
 	FILE *in;
 	int ch, fd;
@@ -326,24 +237,22 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	if ((topic = json_string(argv[optind])) == NULL)
 		ctl_die(EX_USAGE_STATUS, "TOPIC must be UTF-8");
 	json_decref(topic);
-	in = open_daemon(ctl, &fd);
+	in = ctl_open_daemon(ctl, &fd);
 	/* A payload that is not UTF-8 travels as base64. */
 	payload = wire_payload(argv[optind + 1], strlen(argv[optind + 1]), &encoding);
-	msg = json_pack("{s:s, s:s, s:o, s:s, s:i, s:b}", "op", "publish", "topic", argv[optind],
+	msg = json_pack("{s:s, s:s, s:o, s:s, s:i, s:b}", "op", inject ? "inject" : "publish",
+	    "topic", argv[optind],
 	    "payload", payload, "encoding", encoding, "qos", qos, "retain", retain);
-	send_json(fd, msg);
-	reply = read_json(in);
+	ctl_send_json(fd, msg);
+	reply = ctl_read_json(in);
 	type = json_string_value(json_object_get(reply, "type"));
-	if (type && strcmp(type, "queued") == 0) {
-		printf("queued as outbox #%" JSON_INTEGER_FORMAT "\n",
+	if (type && strcmp(type, inject ? "injected" : "queued") == 0) {
+		printf(inject ? "injected as #%" JSON_INTEGER_FORMAT "\n" : "queued as outbox #%" JSON_INTEGER_FORMAT "\n",
 		    json_integer_value(json_object_get(reply, "id")));
 		json_decref(reply);
 		return 0;
 	}
-	snprintf(why, sizeof(why), "%s: %s", json_string_value(json_object_get(reply, "code")),
-	    json_string_value(json_object_get(reply, "message")));
-	json_decref(reply);
-	ctl_die(1, "cmdrelayd refused it: %s", why);
+	ctl_die_refused(reply);
 }
 
 static json_int_t
@@ -421,9 +330,9 @@ cmd_status(struct ctl *ctl, int argc, char *argv[])
 
 	if (argc != 1 && !json)
 		ctl_usage(EX_USAGE_STATUS);
-	in = open_daemon(ctl, &fd);
-	send_json(fd, json_pack("{s:s}", "op", "stats"));
-	reply = read_json(in);
+	in = ctl_open_daemon(ctl, &fd);
+	ctl_send_json(fd, json_pack("{s:s}", "op", "stats"));
+	reply = ctl_read_json(in);
 	fclose(in);
 	close(fd);
 	if (json)

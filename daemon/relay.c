@@ -439,6 +439,29 @@ relay_record_oversized(struct relay *r, const struct delivery *d, const struct d
 	return 0;
 }
 
+int
+relay_inject(struct relay *r, const struct delivery *d, int64_t *row)
+{
+	const struct dedup_verdict fresh = { .reason = DEDUP_NEW };
+	struct topic_fields fields = { 0 };
+	int rc;
+
+	/* A broker batch is open: its commit and PUBACKs come first. */
+	if (r->in_txn)
+		return -2;
+	if (topic_fields_extract(r->pattern, d->topic, &fields) == -1)
+		return -1;
+	if ((rc = store_begin(r->store)) == 0 && (rc = store_insert(r->store, d, &fresh, &fields, row)) == 0 &&
+	    (rc = store_mark_injected(r->store, *row)) == 0)
+		rc = store_commit(r->store);
+	if (rc == -1)
+		store_rollback(r->store);
+	topic_fields_clear(&fields);
+	if (rc == 0 && r->commit_fn)
+		r->commit_fn(r->commit_arg);
+	return rc;
+}
+
 static int
 on_message(void *arg, const struct delivery *d)
 {

@@ -110,6 +110,40 @@ parse_ack(json_t *msg, struct request *req, struct request_error *err)
 	return 0;
 }
 
+/* {"op":"consumer","consumer":NAME,"action":"delete"} or "reset" with "to": an id, "live", "oldest". */
+static int
+parse_cursor(json_t *msg, struct request *req, struct request_error *err)
+{
+	static const char *const keys[] = { "op", "consumer", "action", "to", NULL };
+	json_t *jname = json_object_get(msg, "consumer"), *jto = json_object_get(msg, "to");
+	const char *action = json_string_value(json_object_get(msg, "action")), *to, *bad;
+
+	if ((bad = unknown_key(msg, keys)) != NULL)
+		return fail(err, "bad_request", false, "consumer: unknown field \"%.64s\"", bad);
+	if (!json_is_string(jname) || !valid_name(json_string_value(jname)))
+		return fail(err, "bad_request", false,
+		    "consumer: consumer must be 1 to %d of A-Z a-z 0-9 . _ -", REQUEST_NAME_MAX);
+	req->named = true;
+	snprintf(req->name, sizeof(req->name), "%s", json_string_value(jname));
+	if (action && strcmp(action, "delete") == 0 && jto == NULL) {
+		req->cursor_delete = true;
+		return 0;
+	}
+	if (action == NULL || strcmp(action, "reset") != 0)
+		return fail(err, "bad_request", false,
+		    "consumer: action must be \"delete\" or \"reset\" (with \"to\")");
+	to = json_string_value(jto);
+	if (to && strcmp(to, "live") == 0)
+		req->start = (struct store_start){ .from = STORE_FROM_LIVE };
+	else if (to && strcmp(to, "oldest") == 0)
+		req->start = (struct store_start){ STORE_FROM_ID, 0 };
+	else if (json_is_integer(jto) && json_integer_value(jto) >= 0)
+		req->start = (struct store_start){ STORE_FROM_ID, json_integer_value(jto) };
+	else
+		return fail(err, "bad_request", false, "consumer: to must be a history id, \"live\" or \"oldest\"");
+	return 0;
+}
+
 /* Strict base64 into out; -1 when text is not base64 or does not fit. */
 static int
 decode_base64(const char *text, size_t len, unsigned char *out, size_t outmax, size_t *outlen)
@@ -139,7 +173,7 @@ decode_base64(const char *text, size_t len, unsigned char *out, size_t outmax, s
 }
 
 static int
-parse_publish(json_t *msg, struct request *req, struct request_error *err)
+parse_publish(const char *op, json_t *msg, struct request *req, struct request_error *err)
 {
 	static const char *const keys[] = { "op", "topic", "payload", "encoding", "qos", "retain", NULL };
 	json_t *jtopic = json_object_get(msg, "topic"), *jpayload = json_object_get(msg, "payload");
@@ -149,36 +183,36 @@ parse_publish(json_t *msg, struct request *req, struct request_error *err)
 	const char *bad;
 
 	if ((bad = unknown_key(msg, keys)) != NULL)
-		return fail(err, "bad_request", false, "publish: unknown field \"%.64s\"", bad);
+		return fail(err, "bad_request", false, "%s: unknown field \"%.64s\"", op, bad);
 	if (topic == NULL || strlen(topic) == 0 || strlen(topic) > REQUEST_TOPIC_MAX ||
 	    json_string_length(jtopic) != strlen(topic) ||
 	    mosquitto_validate_utf8(topic, (int)strlen(topic)) != MOSQ_ERR_SUCCESS ||
 	    mosquitto_pub_topic_check(topic) != MOSQ_ERR_SUCCESS)
 		return fail(err, "bad_request", false,
-		    "publish: topic must be an MQTT topic without wildcards or control characters, "
-		    "at most %d bytes", REQUEST_TOPIC_MAX);
+		    "%s: topic must be an MQTT topic without wildcards or control characters, "
+		    "at most %d bytes", op, REQUEST_TOPIC_MAX);
 	snprintf(req->publish.topic, sizeof(req->publish.topic), "%s", topic);
 	if (!json_is_string(jpayload))
-		return fail(err, "bad_request", false, "publish: payload must be a string");
+		return fail(err, "bad_request", false, "%s: payload must be a string", op);
 	if (enc && strcmp(enc, "utf8") == 0) {
 		if (json_string_length(jpayload) > REQUEST_PAYLOAD_MAX)
-			return fail(err, "bad_request", false, "publish: payload too long");
+			return fail(err, "bad_request", false, "%s: payload too long", op);
 		memcpy(req->publish.payload, json_string_value(jpayload), json_string_length(jpayload));
 		req->publish.payloadlen = json_string_length(jpayload);
 	} else if (enc && strcmp(enc, "base64") == 0) {
 		if (decode_base64(json_string_value(jpayload), json_string_length(jpayload),
 		    req->publish.payload, sizeof(req->publish.payload), &req->publish.payloadlen) == -1)
-			return fail(err, "bad_request", false, "publish: payload is not base64");
+			return fail(err, "bad_request", false, "%s: payload is not base64", op);
 	} else {
-		return fail(err, "bad_request", false, "publish: encoding must be \"utf8\" or \"base64\"");
+		return fail(err, "bad_request", false, "%s: encoding must be \"utf8\" or \"base64\"", op);
 	}
 	req->publish.qos = 1;
 	if (jqos && (!json_is_integer(jqos) || json_integer_value(jqos) < 0 || json_integer_value(jqos) > 1))
-		return fail(err, "bad_request", false, "publish: qos must be 0 or 1");
+		return fail(err, "bad_request", false, "%s: qos must be 0 or 1", op);
 	if (jqos)
 		req->publish.qos = (int)json_integer_value(jqos);
 	if (jretain && !json_is_boolean(jretain))
-		return fail(err, "bad_request", false, "publish: retain must be true or false");
+		return fail(err, "bad_request", false, "%s: retain must be true or false", op);
 	req->publish.retain = jretain && json_is_true(jretain);
 	return 0;
 }
@@ -197,6 +231,7 @@ request_parse(const char *line, size_t len, struct request *req, struct request_
 	snprintf(req->filter, sizeof(req->filter), "#");
 	req->start = (struct store_start){ .from = STORE_FROM_LIVE };
 	req->ack_id = 0;
+	req->cursor_delete = false;
 	req->publish.topic[0] = '\0';
 	req->publish.payloadlen = 0;
 	/* Jansson rejects invalid UTF-8 and, with this flag, duplicate keys. */
@@ -213,9 +248,13 @@ request_parse(const char *line, size_t len, struct request *req, struct request_
 	else if (strcmp(op, "stats") == 0)
 		rc = (req->op = REQUEST_STATS, 0);
 	else if (strcmp(op, "publish") == 0)
-		rc = (req->op = REQUEST_PUBLISH, parse_publish(msg, req, err));
+		rc = (req->op = REQUEST_PUBLISH, parse_publish(op, msg, req, err));
+	else if (strcmp(op, "inject") == 0)
+		rc = (req->op = REQUEST_INJECT, parse_publish(op, msg, req, err));
+	else if (strcmp(op, "consumer") == 0)
+		rc = (req->op = REQUEST_CURSOR, parse_cursor(msg, req, err));
 	else
-		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats, publish)", op);
+		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats, publish, consumer, inject)", op);
 	json_decref(msg);
 	return rc;
 }

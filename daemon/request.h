@@ -21,6 +21,8 @@ enum request_op {
 	REQUEST_ACK,
 	REQUEST_STATS,
 	REQUEST_PUBLISH,
+	REQUEST_CURSOR,		/* delete or reset a named cursor */
+	REQUEST_INJECT,		/* record a command as if the broker sent it */
 };
 
 struct request {
@@ -30,7 +32,8 @@ struct request {
 	char filter[REQUEST_FILTER_MAX + 1];	/* "#" unless given */
 	struct store_start start;		/* stored for named, live for tails, unless given */
 	int64_t ack_id;
-	struct {			/* REQUEST_PUBLISH */
+	bool cursor_delete;		/* REQUEST_CURSOR: delete, else move to start */
+	struct {			/* REQUEST_PUBLISH, REQUEST_INJECT */
 		char topic[REQUEST_TOPIC_MAX + 1];
 		unsigned char payload[REQUEST_PAYLOAD_MAX];
 		size_t payloadlen;

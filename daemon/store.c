@@ -39,6 +39,9 @@ enum stmt_id {
 	STMT_CONSUMER_PUT,
 	STMT_CONSUMER_ACK,
 	STMT_OVERSIZE,
+	STMT_CONSUMER_MOVE,
+	STMT_CONSUMER_DELETE,
+	STMT_MARK_INJECTED,
 	STMT_FETCH_FILTERED,
 	STMT_FETCH_ALL,
 	STMT_MAX_ID,
@@ -88,7 +91,11 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    " ON CONFLICT (name) DO UPDATE SET filter = excluded.filter,"
 	    " acked_id = excluded.acked_id, updated_at = excluded.updated_at",
 	[STMT_CONSUMER_ACK] =
-	    "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1 AND acked_id < ?2",
+	    "UPDATE consumers SET acked_id = ?2, updated_at = ?3, acked_at = ?3"
+	    " WHERE name = ?1 AND acked_id < ?2",
+	[STMT_CONSUMER_MOVE] = "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1",
+	[STMT_CONSUMER_DELETE] = "DELETE FROM consumers WHERE name = ?1",
+	[STMT_MARK_INJECTED] = "UPDATE messages SET injected = 1 WHERE id = ?1",
 	/*
 	 * The unary + keeps SQLite off the (topic, payload_hash) index: walking
 	 * the rowids after ?1 stops at LIMIT, while the index would read and
@@ -681,6 +688,29 @@ store_consumers_expire(struct store *st, int64_t before_ms, store_consumer_fn *f
 }
 
 int
+store_consumer_set(struct store *st, const char *name, const struct store_start *start,
+    int64_t *acked_id)
+{
+	enum stmt_id id = start ? STMT_CONSUMER_MOVE : STMT_CONSUMER_DELETE;
+	sqlite3_stmt *s = st->stmt[id];
+	int64_t newest;
+
+	if (step_int(st, STMT_MAX_ID, &newest) == -1)
+		return -1;
+	*acked_id = start && start->from == STORE_FROM_ID ? start->id : newest;
+	if (*acked_id > newest)
+		return -3;
+	sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
+	if (start) {
+		sqlite3_bind_int64(s, 2, *acked_id);
+		sqlite3_bind_int64(s, 3, (int64_t)event_wall_ms());
+	}
+	if (step_int(st, id, NULL) == -1)
+		return -1;
+	return sqlite3_changes(st->db) == 0 ? -2 : 0;
+}
+
+int
 store_consumers(struct store *st, store_consumer_fn *fn, void *arg)
 {
 	sqlite3_stmt *s;
@@ -820,6 +850,13 @@ store_mark_oversize(struct store *st, int64_t id, size_t payloadlen)
 	sqlite3_bind_int64(st->stmt[STMT_OVERSIZE], 1, id);
 	sqlite3_bind_int64(st->stmt[STMT_OVERSIZE], 2, (int64_t)payloadlen);
 	return step_int(st, STMT_OVERSIZE, NULL);
+}
+
+int
+store_mark_injected(struct store *st, int64_t row)
+{
+	sqlite3_bind_int64(st->stmt[STMT_MARK_INJECTED], 1, row);
+	return step_int(st, STMT_MARK_INJECTED, NULL);
 }
 
 int

@@ -81,6 +81,8 @@ typedef int store_command_fn(const struct stored_command *c, void *arg);
 
 int store_insert(struct store *st, const struct delivery *d,
     const struct dedup_verdict *v, const struct topic_fields *fields, int64_t *id);
+/* The row came from the inject op, not from a broker. */
+int store_mark_injected(struct store *st, int64_t row);
 
 /* Notes that row id's payload of payloadlen bytes was too large to keep. */
 int store_mark_oversize(struct store *st, int64_t id, size_t payloadlen);
@@ -102,6 +104,13 @@ int store_age_clock_save(struct store *st);
 int store_consumer_open(struct store *st, const char *name, const char *filter,
     const struct store_start *start, int64_t max_cursors, int64_t *resume_after);
 int store_consumer_ack(struct store *st, const char *name, int64_t id);
+/*
+ * Moves a cursor to after an id or the newest row (start NULL: deletes it);
+ * *acked_id is where it is now. -2: no such consumer, -3: the id is beyond
+ * the newest row, -1: storage.
+ */
+int store_consumer_set(struct store *st, const char *name, const struct store_start *start,
+    int64_t *acked_id);
 
 struct store_consumer {
 	const char *name;

@@ -20,7 +20,7 @@ PACKAGES=(
     build-essential pkg-config xxd
     libmosquitto-dev libsqlite3-dev libyaml-dev libsystemd-dev libjansson-dev libcmocka-dev
     # run and test
-    sqlite3 openssl procps iproute2 util-linux socat systemd
+    sqlite3 openssl procps iproute2 util-linux socat jq nodejs systemd
     mosquitto mosquitto-clients rabbitmq-server
     python3 python3-pytest python3-paho-mqtt python3-yaml python3-prometheus-client
     # make fuzz (clang 14's libFuzzer and sanitizer runtimes are in libclang-rt-14-dev,

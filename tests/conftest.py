@@ -7,6 +7,8 @@ Fixtures
     rabbitmq     the one RabbitMQ node of the session (started on first use)
     broker       parametrized: the per-test Mosquitto, then the shared RabbitMQ
                  (ids "mosquitto" and "rabbitmq")
+    sockdir      a fresh directory everyone may traverse, for a socket that
+                 other users must reach
 
 A broker that cannot start makes the test ERROR with the broker's log: the
 brokers are never skipped. Run with /usr/bin/python3 (Debian's pytest and paho).
@@ -14,6 +16,9 @@ brokers are never skipped. Run with /usr/bin/python3 (Debian's pytest and paho).
 
 import os
 import secrets
+import shutil
+import tempfile
+from pathlib import Path
 import signal
 import sys
 
@@ -108,3 +113,14 @@ def cleanup():
             fn()
         except Exception:
             pass
+
+
+@pytest.fixture
+def sockdir():
+    """A directory everyone may traverse, for the socket."""
+    d = Path(tempfile.mkdtemp(prefix="cmdrelay-sock-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

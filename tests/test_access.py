@@ -23,11 +23,9 @@ import json
 import os
 import pwd
 import secrets
-import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -136,17 +134,6 @@ def accounts():
         yield a
     finally:
         a.remove()
-
-
-@pytest.fixture
-def sockdir():
-    """A directory everyone may traverse, for the socket."""
-    d = Path(tempfile.mkdtemp(prefix="cmdrelay-access-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def run_as(path, user=None, gid=None, groups="clear", hello=None):
@@ -270,16 +257,16 @@ def test_socket_allow(tmp_path, mosquitto, uid, sockdir, accounts, cleanup):
 
 
 def test_refused_peer_sees_the_error_then_a_clean_end(tmp_path, mosquitto, uid, sockdir, cleanup):
-    """The shipped scripts/example-consumer.py, run as a user socket.allow
-    refuses: it prints the not_allowed error and ends normally (exit 0),
-    five times out of five. The daemon must neither close before the
+    """The shipped scripts/examples/consumer.py, run as a user socket.allow
+    refuses: it prints the not_allowed error and exits 1 (a real error, not
+    one to retry), five times out of five. The daemon must neither close before the
     client's hello could be written (the client dies of EPIPE at its first
     write) nor close with that hello unread (Linux then ends the client's
     stream with ECONNRESET instead of EOF, and `for line in f` dies with a
-    traceback after the error line)."""
+    traceback, or the example retries, after the error line)."""
     relay = start_relay(tmp_path, mosquitto, uid, sockdir, cleanup, mode="0666", allow=["root"])
     path = sockdir / "cmdrelay.sock"
-    script = Path(__file__).resolve().parent.parent / "scripts" / "example-consumer.py"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "examples" / "consumer.py"
     outcomes = []
     for _ in range(5):
         r = subprocess.run(["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}",
@@ -287,8 +274,8 @@ def test_refused_peer_sees_the_error_then_a_clean_end(tmp_path, mosquitto, uid, 
                            capture_output=True, text=True, timeout=30)
         last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
         outcomes.append((r.returncode, "cmdrelayd: not_allowed" in r.stderr, last))
-    assert all(rc == 0 and told for rc, told, _ in outcomes), (
-        "example-consumer.py refused by socket.allow; per run (exit status, printed the not_allowed "
+    assert all(rc == 1 and told for rc, told, _ in outcomes), (
+        "examples/consumer.py refused by socket.allow; per run (exit status, printed the not_allowed "
         f"error, last stderr line): {outcomes}")
     relay.stop()
 

@@ -419,7 +419,8 @@ def known(tmp_path_factory):
         with db:
             db.executemany("UPDATE messages SET received_at = ? WHERE id = ?",
                            [(times[n], ids[n]) for n in NAMES])
-            db.executemany("UPDATE consumers SET updated_at = ? WHERE name = ?",
+            db.executemany("UPDATE consumers SET updated_at = ?1,"
+                           " acked_at = CASE WHEN acked_at IS NULL THEN NULL ELSE ?1 END WHERE name = ?2",
                            [(ms_of(v), k) for k, v in CONSUMER_UPDATED.items()])
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
@@ -883,16 +884,18 @@ CONSUMERS = [  # name, filter, acked (SPEC name or None), lag
 
 def test_consumers_table(known):
     lines = ok(ctl("--db", known.db, "consumers")).splitlines()
-    assert lines[0] == f"{'CONSUMER':<20} {'FILTER':<36} {'ACKED':<8} {'LAG':<8} LAST ACK"
+    assert lines[0] == f"{'CONSUMER':<20} {'FILTER':<36} {'ACKED':<8} {'LAG':<8} {'LAST ACK':<24} CONNECTED"
+    # a cursor that never acknowledged has an empty LAST ACK; nobody is connected
     assert [ln.split() for ln in lines[1:]] == [
-        [name, filt, str(known.id(acked)) if acked else "0", str(lag), CONSUMER_UPDATED[name][:-1] + ".000Z"]
+        [name, filt, str(known.id(acked)) if acked else "0", str(lag)] +
+        ([CONSUMER_UPDATED[name][:-1] + ".000Z"] if acked else []) + ["-"]
         for name, filt, acked, lag in CONSUMERS]
 
 
 def test_consumers_json(known):
     assert json_lines(ctl("--db", known.db, "consumers", "--json")) == [
-        {"consumer": name, "filter": filt, "acked_id": known.id(acked) if acked else 0, "lag": lag,
-         "last_ack": CONSUMER_UPDATED[name][:-1] + ".000Z"}
+        dict({"consumer": name, "filter": filt, "acked_id": known.id(acked) if acked else 0, "lag": lag},
+             **({"last_ack": CONSUMER_UPDATED[name][:-1] + ".000Z"} if acked else {}))
         for name, filt, acked, lag in CONSUMERS]
 
 
@@ -1223,7 +1226,7 @@ def test_live_stats_and_tail(known, mosquitto, uid, tmp_path):
             [known.id(n) for n in known.by_id(NAMES)]
 
         # anonymous tail from id 0: every accepted command, in order, as JSON
-        t1 = Tail("-c", conf, "tail", "--from", "0", "--json")
+        t1 = Tail("-c", conf, "tail", "--from", "0", "--json", "--once")
         tails.append(t1)
         assert t1.welcomed() == "cmdrelayctl: following live after #0"
         got = [json.loads(x) for x in t1.out.wait(len(ACCEPTED))]
@@ -1255,7 +1258,7 @@ def test_live_stats_and_tail(known, mosquitto, uid, tmp_path):
         lamp = [c for c in json_lines(ctl("-c", conf, "consumers", "--json")) if c["consumer"] == "lamp"]
         assert (lamp[0]["acked_id"], lamp[0]["lag"]) == (known.id("b_on"), 0)
 
-        # the daemon goes away: a tail ends, non-zero, saying why
+        # the daemon goes away: a tail --once ends, non-zero, saying why (others reconnect)
         relay.stop()
         t1.proc.wait(10)
         assert t1.proc.returncode not in (0, None)

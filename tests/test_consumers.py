@@ -7,6 +7,7 @@ Broker-dependent tests run against Mosquitto 2.0 and RabbitMQ 3.10 through the
 or grows its memory), G7 (limits on what a client sends).
 """
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -735,8 +736,11 @@ def test_stats(broker, tmp_path, uid, cleanup):
     assert stats["connections"] == 2
     consumers = {c["name"]: c for c in stats["consumers"]}
     assert set(consumers) == {"alpha", "beta"}
+    since = consumers["alpha"].pop("connected_since")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", since), since
     assert consumers["alpha"] == {"name": "alpha", "filter": t, "acked_id": ids[2], "lag": 4, "lag_exact": True,
-                                  "connected": True}
+                                  "connected": True, "pid": os.getpid()}
+    assert "pid" not in consumers["beta"]
     assert consumers["beta"]["acked_id"] == relay.query("SELECT max(id) FROM messages WHERE id < ?",
                                                         (accepted_ids(relay)[5],))[0][0]
     assert (consumers["beta"]["lag"], consumers["beta"]["connected"]) == (2, False)

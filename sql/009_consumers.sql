@@ -1,4 +1,4 @@
--- Schema version 9 (009 and 010 are reserved for other branches): when each consumer last acknowledged, NULL until its
+-- Schema version 9: when each consumer last acknowledged, NULL until its
 -- first ack (updated_at also moves at every hello, so it cannot tell).
 ALTER TABLE consumers ADD COLUMN acked_at INTEGER;	-- Unix ms of the last ack, or NULL
 

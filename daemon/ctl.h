@@ -36,6 +36,8 @@ int ctl_connect_socket(const char *path);
 /* Bytes in a valid UTF-8 sequence at p (at most len), 0 when it is not one. */
 int ctl_utf8_sequence(const unsigned char *p, int len);
 
+/* Exits with EX_NOPERM and the group to join when err says the socket's mode kept us out. */
+void ctl_socket_refused(const char *path, int err);
 /* The daemon's socket, for writing (fd) and reading lines (returned); exits when it is not there. */
 FILE *ctl_open_daemon(struct ctl *ctl, int *fd);
 /* Sends msg (and drops the reference); exits when that fails. */

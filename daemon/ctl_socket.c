@@ -43,7 +43,7 @@ ctl_connect_socket(const char *path)
  * A socket the file mode keeps us out of is no "not running": say so, and
  * which group lets one in (socket.mode is 0660 root or cmdrelay's group).
  */
-static void
+void
 ctl_socket_refused(const char *path, int err)
 {
 	struct group *gr;

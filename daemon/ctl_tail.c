@@ -349,9 +349,12 @@ cmd_tail(struct ctl *ctl, int argc, char *argv[])
 	path = ctl_socket_path(ctl);
 	for (;;) {
 		if ((fd = ctl_connect_socket(path)) == -1) {
+			int err = errno;
+
+			ctl_socket_refused(path, err);
 			if (!connected || t.once)
 				ctl_die(EX_UNAVAILABLE_STATUS, "cannot connect to %s: %s (is cmdrelayd running?)",
-				    path, strerror(errno));
+				    path, strerror(err));
 		} else {
 			connected = true;
 			delay = TAIL_RETRY_MIN_MS;

@@ -427,7 +427,13 @@ age_clock_resume(struct store *st)
 		st->age_base_ms = saved_clock + (st->age_boot_ms - saved_boot_ms);
 	else
 		st->age_base_ms = saved_clock;
-	return store_age_clock_save(st);
+	/*
+	 * Not fatal: a full disk must not keep the relay from starting (G6).
+	 * Retention saves it again later; until then a reboot resumes from the
+	 * older save, which only keeps rows longer.
+	 */
+	store_age_clock_save(st);
+	return 0;
 }
 
 struct store *

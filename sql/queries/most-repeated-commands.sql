@@ -3,6 +3,8 @@
 --   relay recognised and dropped, by reason, and when the last copy came.
 --   A command repeated on every restart is usually a retained message that
 --   nobody cleared.
+--   A possible repeat (accepted, reason possible_repeat) also names the
+--   command it equals in duplicate_of, but it was delivered: not a copy.
 --
 -- Run (read-only: safe while cmdrelayd runs):
 --   sqlite3 -readonly -header -column /var/lib/cmdrelay/history.db < sql/queries/most-repeated-commands.sql
@@ -30,7 +32,7 @@ SELECT a.id,
        count(*) FILTER (WHERE m.reason = 'redelivery') AS redeliveries,
        strftime('%Y-%m-%dT%H:%M:%fZ', max(m.received_at) / 1000.0, 'unixepoch') AS last_copy
   FROM deliveries a
-  JOIN messages m ON m.duplicate_of = a.id
+  JOIN messages m ON m.duplicate_of = a.id AND m.status = 'duplicate'
  GROUP BY a.id
  ORDER BY copies DESC, a.id
  LIMIT coalesce(:top, 20);

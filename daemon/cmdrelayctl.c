@@ -257,11 +257,18 @@ ctl_utf8_sequence(const unsigned char *p, int len)
 	return n;
 }
 
-/* How one payload byte shows in the table: n bytes copied, or \xNN. */
+/*
+ * How one payload byte shows in the table: n bytes copied, or \xNN. C1
+ * controls (U+0080..U+009F, 0xc2 0x80..0x9f) are escapes for a terminal
+ * (0xc2 0x9b is CSI) as much as the C0 ones are.
+ */
 static int
 cell_char(const unsigned char *p, int len, int *width)
 {
 	int n = p[0] >= 0x20 && p[0] < 0x7f ? 1 : p[0] >= 0x80 ? ctl_utf8_sequence(p, len) : 0;
+
+	if (n == 2 && p[0] == 0xc2 && p[1] < 0xa0)
+		n = 0;
 
 	*width = n ? 1 : 4;
 	return n;

@@ -801,6 +801,15 @@ def test_history_table_output_is_utf8(db_copy, payload):
     r.stdout.decode("utf-8")          # raises on raw non-UTF-8 bytes
 
 
+def test_history_table_escapes_terminal_controls(db_copy):
+    """Broker-controlled bytes never reach the admin's terminal as controls:
+    C0 (ESC, BEL, CR), DEL and C1 (0xc2 0x9b is CSI) come out as \\xNN."""
+    _insert(db_copy, b"\x1b]0;t\x07\r\x7f\xc2\x9b31m")
+    line = ok(ctl("--db", db_copy, "history", "--device", "X")).splitlines()[1]
+    cell = line[HISTORY_HEADER.index("PAYLOAD"):]
+    assert cell == "\\x1b]0;t\\x07\\x0d\\x7f\\xc2\\x9b31m", cell
+
+
 @pytest.mark.parametrize("length", range(38, 48))
 def test_history_table_payload_cut(db_copy, length):
     """A long payload is cut with "..."; the ellipsis only ever replaces

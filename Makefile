@@ -27,7 +27,8 @@ export UBSAN_OPTIONS ?= halt_on_error=1:print_stacktrace=1
 # what ASan slows down or inflates past these tests' limits (RSS, slice time)
 export PYTEST_ADDOPTS ?= \
 	--deselect tests/test_consumers.py::test_never_reading_consumers_do_not_stall_or_grow \
-	--deselect tests/test_retention.py::test_max_rows_bounds_the_history
+	--deselect tests/test_retention.py::test_max_rows_bounds_the_history \
+	--deselect tests/test_bounded.py::test_consumers_that_never_read_hold_bounded_memory
 endif
 
 B ?= build
@@ -228,6 +229,7 @@ VALGRIND ?= valgrind -q --leak-check=full --show-leak-kinds=definite,indirect \
 VALGRIND_TESTS ?= \
 	--deselect tests/test_consumers.py::test_never_reading_consumers_do_not_stall_or_grow \
 	--deselect tests/test_retention.py::test_max_rows_bounds_the_history \
+	--deselect tests/test_bounded.py::test_consumers_that_never_read_hold_bounded_memory \
 	--deselect tests/test_faults.py::test_kill9_during_stream_with_consumers \
 	--deselect tests/test_faults.py::test_broker_restart_mid_stream \
 	--deselect tests/test_admin.py::test_history_while_a_writer_holds_a_transaction

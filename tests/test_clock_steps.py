@@ -7,6 +7,7 @@ stepped by NTP later must not lose the commands its consumers have not
 acknowledged: retention ages rows on the age clock (CLOCK_BOOTTIME carried
 across restarts), never on the wall clock.
 """
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ def test_clock_steps_age_nothing(mosquitto, tmp_path, uid, shim, monkeypatch):
     shift.write_text(f"{to_1970}\n")
     monkeypatch.setenv("LD_PRELOAD", str(shim))
     monkeypatch.setenv("CLOCKSHIFT_FILE", str(shift))
+    if "ASAN_OPTIONS" in os.environ:        # make check-sanitize: the shim comes first
+        monkeypatch.setenv("ASAN_OPTIONS", os.environ["ASAN_OPTIONS"] + ":verify_asan_link_order=0")
     relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
                   store={"path": str(tmp_path / "relay" / "history.db"),
                          "retention": {"max_age": "1h", "max_rows": 10000}})

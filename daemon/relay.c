@@ -107,8 +107,15 @@ relay_stats(const struct relay *r, json_t *obj)
 {
 	bool connected = mqtt_is_connected(r->mqtt);
 	char started[40], since[40];
-	json_t *dups = json_object();
+	const struct config_endpoint *e = mqtt_endpoint(r->mqtt);
+	json_t *dups = json_object(), *hosts = json_array();
 	uint64_t accepted = 0;
+	char hp[300];
+
+	for (size_t i = 0; i < r->cfg->broker.nhosts; i++) {
+		snprintf(hp, sizeof(hp), "%s:%d", r->cfg->broker.hosts[i].host, (int)r->cfg->broker.hosts[i].port);
+		json_array_append_new(hosts, json_string(hp));
+	}
 
 	wire_time((int64_t)r->started_wall_ms, started, sizeof(started));
 	wire_time((int64_t)r->connected_wall_ms, since, sizeof(since));
@@ -116,12 +123,13 @@ relay_stats(const struct relay *r, json_t *obj)
 	json_object_set_new(obj, "started_at", json_string(started));
 	json_object_set_new(obj, "uptime_seconds",
 	    json_integer((json_int_t)((event_now_ms() - r->started_mono_ms) / 1000)));
-	json_object_set_new(obj, "broker", json_pack("{s:s, s:i, s:s, s:s, s:b, s:s?, s:o?, s:s}",
-	    "host", r->cfg->broker.host, "port", (int)r->cfg->broker.port,
+	json_object_set_new(obj, "broker", json_pack("{s:s, s:i, s:s, s:s, s:b, s:s?, s:o?, s:s, s:o, s:s?}",
+	    "host", e->host, "port", (int)e->port,
 	    "protocol", r->cfg->broker.protocol, "client_id", r->cfg->broker.client_id,
 	    "connected", connected, "connected_since", connected ? since : NULL,
 	    "session_present", connected ? json_boolean(r->session_present) : NULL,
-	    "last_error", mqtt_last_error(r->mqtt)));
+	    "last_error", mqtt_last_error(r->mqtt), "hosts", hosts,
+	    "left", *mqtt_left(r->mqtt) ? mqtt_left(r->mqtt) : NULL));
 	for (int i = 0; i < DEDUP_NREASONS; i++) {
 		if (dedup_reasons[i].accepted)
 			accepted += r->total.by_reason[i];
@@ -146,16 +154,20 @@ relay_stats(const struct relay *r, json_t *obj)
 void
 relay_status(const struct relay *r, char *buf, size_t len)
 {
+	const struct config_endpoint *e = mqtt_endpoint(r->mqtt);
 	const char *err = mqtt_last_error(r->mqtt);
 	int n;
 
 	if (mqtt_is_connected(r->mqtt))
-		n = snprintf(buf, len, "connected to %s:%d", r->cfg->broker.host, (int)r->cfg->broker.port);
+		n = snprintf(buf, len, "connected to %s:%d", e->host, (int)e->port);
 	else
-		n = snprintf(buf, len, "disconnected from %s:%d%s%s", r->cfg->broker.host,
-		    (int)r->cfg->broker.port, *err ? " (" : "", *err ? err : "");
+		n = snprintf(buf, len, "disconnected%s %s:%d%s%s",
+		    r->cfg->broker.nhosts > 1 ? ", trying" : " from", e->host,
+		    (int)e->port, *err ? " (" : "", *err ? err : "");
 	if (n > 0 && (size_t)n < len && !mqtt_is_connected(r->mqtt) && *err)
 		n += snprintf(buf + n, len - (size_t)n, ")");
+	if (n > 0 && (size_t)n < len && *mqtt_left(r->mqtt))
+		n += snprintf(buf + n, len - (size_t)n, "; left %s", mqtt_left(r->mqtt));
 	if (n > 0 && (size_t)n < len && r->session_lost_now)
 		n += snprintf(buf + n, len - (size_t)n,
 		    "; SESSION LOST: commands queued while away may be lost");
@@ -352,7 +364,7 @@ relay_check_session(struct relay *r, bool session_present)
 	r->session_lost_now = true;
 	log_warnx("broker %s:%d has no session for %s although it held one with %zu subscriptions: "
 	    "commands queued for us while we were away may be lost; subscribing again",
-	    r->cfg->broker.host, (int)r->cfg->broker.port, r->cfg->broker.client_id, nknown);
+	    mqtt_endpoint(r->mqtt)->host, (int)mqtt_endpoint(r->mqtt)->port, r->cfg->broker.client_id, nknown);
 }
 
 static void

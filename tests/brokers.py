@@ -357,10 +357,19 @@ class Mosquitto:
             "allow_anonymous true",
             # stay root when started as root: the private dir is root's
             "user root" if os.geteuid() == 0 else "# not root: no privilege drop",
-            "max_queued_messages 0",        # 0 = unlimited (default 1000)
+            # README "Broker requirements": the default 1,000 drops commands
+            # beyond it for an offline client ("Outgoing messages are being
+            # dropped"); tests queue 20,000, so no limit here (production: a
+            # bound above the longest outage times the command rate)
+            "max_queued_messages 0",
             "max_queued_bytes 0",
+            # the default; the relay commits each read batch before its
+            # PUBACKs, so a wider window only batches more per commit
             "max_inflight_messages 20",
             "max_keepalive 65535",
+            # sessions of an offline relay expire after this (the default is
+            # never); longer than any test's outage, short enough that
+            # crashed tests leave nothing behind
             "persistent_client_expiration 1d",
             f"log_dest file {self.log_path}",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
@@ -370,6 +379,10 @@ class Mosquitto:
         if self.verbose:
             types.append("debug")
         lines += [f"log_type {t}" for t in types]
+        # Production needs persistence true (without it a restart loses every
+        # session and its queue); here it is the test's choice, because tests
+        # restart the broker both ways (tests/test_session_loss.py needs the
+        # loss), and a fresh per-test broker has nothing to keep.
         if self.persistence:
             self.persistence_dir.mkdir(exist_ok=True)
             lines += [
@@ -600,6 +613,15 @@ class RabbitMQ:
             "mqtt.default_pass = guest",
             "mqtt.vhost = /",
             "mqtt.exchange = amq.topic",
+            # README "Broker requirements", the defaults written out: a
+            # session (durable queue) lives 24 h after its client left, then
+            # its queued commands are gone (3.13: max_session_expiry_interval_seconds)
+            "mqtt.subscription_ttl = 86400000",
+            # at most 10 deliveries unacknowledged: the relay's batch per commit
+            "mqtt.prefetch = 10",
+            # one node: a classic queue is as safe as a quorum one; a cluster
+            # needs quorum, or the session dies with the node it lives on
+            "mqtt.durable_queue_type = classic",
             "default_user = guest",
             "default_pass = guest",
             "loopback_users = none",

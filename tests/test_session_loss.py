@@ -99,3 +99,12 @@ def test_rabbitmq_deleted_session_queue_is_an_alarm(rabbitmq, tmp_path, uid):
                        "the new command, and not the lost one")
     finally:
         relay.stop()
+
+
+def test_rabbitmq_harness_runs_the_documented_session_settings(rabbitmq):
+    """The README's RabbitMQ table, as the harness's node really runs it."""
+    want = {"subscription_ttl": "86400000", "prefetch": "10", "durable_queue_type": "classic"}
+    for key, value in want.items():
+        r = rabbitmq.rabbitmqctl("eval", f"application:get_env(rabbitmq_mqtt, {key}).")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"{{ok,{value}}}", (key, r.stdout)

@@ -530,7 +530,10 @@ class RabbitMQ:
 
     name = "rabbitmq"
 
-    def __init__(self, workdir: Union[str, Path], rundir_base: Optional[str] = None):
+    def __init__(self, workdir: Union[str, Path], rundir_base: Optional[str] = None,
+                 cluster_with: Optional["RabbitMQ"] = None, durable_queue_type: str = "classic"):
+        """cluster_with: an earlier node whose epmd and Erlang cookie this one
+        shares, so that join_cluster() can make them one cluster."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         base = rundir_base or tempfile.gettempdir()
@@ -543,6 +546,10 @@ class RabbitMQ:
             pass
         self.host = LOOPBACK
         self.port, self.amqp_port, self.dist_port, self.epmd_port = free_ports(4)
+        self.durable_queue_type = durable_queue_type
+        self.cluster_with = cluster_with
+        if cluster_with is not None:
+            self.epmd_port = cluster_with.epmd_port     # nodes find each other through one epmd
         self.nodename = f"cmdrelay-test-{secrets.token_hex(3)}@localhost"
         self.home = self.dir / "home"
         self.mnesia_base = self.dir / "mnesia"
@@ -605,6 +612,10 @@ class RabbitMQ:
         for d in (self.home, self.mnesia_base, self.log_base, self.dir / "conf.d"):
             d.mkdir(parents=True, exist_ok=True)
         (self.dir / "rabbitmq-env.conf").write_text("# private, intentionally empty\n")
+        if self.cluster_with is not None:
+            cookie = self.home / ".erlang.cookie"   # cluster members must share it
+            shutil.copy2(self.cluster_with.home / ".erlang.cookie", cookie)
+            os.chmod(cookie, 0o400)
         self.conf_path.write_text("\n".join([
             f"listeners.tcp.1 = {self.host}:{self.amqp_port}",
             f"mqtt.listeners.tcp.1 = {self.host}:{self.port}",
@@ -621,7 +632,7 @@ class RabbitMQ:
             "mqtt.prefetch = 10",
             # one node: a classic queue is as safe as a quorum one; a cluster
             # needs quorum, or the session dies with the node it lives on
-            "mqtt.durable_queue_type = classic",
+            f"mqtt.durable_queue_type = {self.durable_queue_type}",
             "default_user = guest",
             "default_pass = guest",
             "loopback_users = none",
@@ -654,7 +665,7 @@ class RabbitMQ:
         self._prepare()
         t0 = time.monotonic()
         _LIVE.add(self)
-        if self.epmd is None or self.epmd.poll() is not None:
+        if self.cluster_with is None and (self.epmd is None or self.epmd.poll() is not None):
             with open(self.epmd_log_path, "ab") as out:
                 self.epmd = subprocess.Popen(
                     self._as_rabbitmq() + [_binary("epmd", "/usr/bin/epmd"), "-port", str(self.epmd_port),
@@ -671,7 +682,7 @@ class RabbitMQ:
                                          env=self.env, cwd=self.dir, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         stop_watchdog(self.watchdog)
-        self.watchdog = start_watchdog([self.proc.pid, self.epmd.pid])
+        self.watchdog = start_watchdog([self.proc.pid] + ([self.epmd.pid] if self.epmd else []))
         deadline = t0 + timeout
         last = None
         while time.monotonic() < deadline:
@@ -768,6 +779,18 @@ class RabbitMQ:
         self.start(timeout=timeout)
         self.restart_seconds = time.monotonic() - t0
         return self
+
+    def join_cluster(self, first: "RabbitMQ") -> None:
+        """Makes this running node a member of first's cluster."""
+        for args in (("stop_app",), ("join_cluster", first.nodename), ("start_app",)):
+            r = self.rabbitmqctl(*args, timeout=120)
+            if r.returncode != 0:
+                raise BrokerStartError(f"rabbitmqctl {' '.join(args)} on {self.nodename}: {r.stdout}{r.stderr}")
+        deadline = time.monotonic() + 60
+        while mqtt_connack(self.host, self.port, timeout=5) != 0:
+            if time.monotonic() > deadline:
+                raise BrokerStartError(f"{self.nodename} takes no MQTT CONNECT after join_cluster")
+            time.sleep(0.2)
 
     def rabbitmqctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(self._as_rabbitmq() + [f"{RABBITMQ_BIN}/rabbitmqctl", "-n", self.nodename, *args],

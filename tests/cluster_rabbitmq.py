@@ -11,12 +11,12 @@ check-cluster` runs this file on its own (the name keeps it out of
 import time
 
 import pytest
-import yaml
 
 import threading
 
 from brokers import RabbitMQ, publish_many
 from relay import Relay
+from test_failover import with_hosts
 
 COMMANDS = 600      # 20 chunks of 30, 0.2 s apart: the stream spans the node stop
 
@@ -66,10 +66,7 @@ def test_failover_inside_a_quorum_cluster_loses_and_repeats_nothing(cluster, tmp
     n1, n2, n3 = cluster
     topic = f"/cf/v1/AAA/012C/{uid}/set"
     relay = Relay(tmp_path / "relay", n1, f"gateway-{uid}", [topic])
-    cfg = yaml.safe_load(relay.conf_path.read_text())
-    del cfg["broker"]["host"], cfg["broker"]["port"]
-    cfg["broker"]["hosts"] = [f"{n.host}:{n.port}" for n in cluster]
-    relay.conf_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with_hosts(relay, [f"{n.host}:{n.port}" for n in cluster])
     relay.start()
     try:
         q = n1.rabbitmqctl("list_queues", "name", "type")

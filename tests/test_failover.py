@@ -9,16 +9,8 @@ import time
 import yaml
 
 from brokers import Mosquitto, free_port, publish
-from consumer_client import ConsumerClient
 from relay import CMDRELAYD, Relay
-
-
-def stats(relay):
-    c = ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock"))
-    try:
-        return c.stats()
-    finally:
-        c.close()
+from test_session_loss import stats
 
 
 def with_hosts(relay, hosts):

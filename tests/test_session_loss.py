@@ -3,10 +3,6 @@ session-present = 0 although the history shows it held our session, the
 relay warns that queued commands may be lost, counts it (stats, metrics) and
 says so in STATUS until the next clean reconnect. The first connect is no
 alarm."""
-import time
-
-import pytest
-
 from brokers import publish
 from consumer_client import ConsumerClient
 from relay import Relay

@@ -37,7 +37,7 @@ COMMON_OBJS := $(COMMON:%=$(B)/%.o) $(B)/migrations.o
 MIGRATIONS := $(sort $(wildcard sql/[0-9][0-9][0-9]_*.sql))
 
 .PHONY: all check unit integration deps demo run clean install uninstall deb \
-	check-sanitize fuzz fuzz-build fuzz-merge valgrind soak bench
+	check-sanitize fuzz fuzz-build fuzz-merge valgrind soak bench check-cluster
 all: $(B)/cmdrelayd $(B)/cmdrelayctl $(B)/example-consumer
 
 $(B):
@@ -81,6 +81,10 @@ check: deps
 	$(MAKE) all $(UNIT_TESTS:%=$(B)/%)
 	$(MAKE) unit
 	$(MAKE) integration
+
+# Three RabbitMQ nodes: too heavy for check on two cores; .ci/run runs it.
+check-cluster: all
+	$(PYTHON) -m pytest -v -s -p no:cacheprovider tests/cluster_rabbitmq.py
 
 demo: deps all
 	scripts/demo.sh

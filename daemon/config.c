@@ -30,6 +30,7 @@ enum key_type {
 	KEY_SUBSCRIPTIONS,
 	KEY_PEERS,
 	KEY_PATTERNS,
+	KEY_HOSTS,
 };
 
 struct config_key {
@@ -49,6 +50,7 @@ static const struct config_key config_keys[] = {
 	{ "broker", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "broker.host", KEY_STRING, 1, 253, "127.0.0.1", CFG(broker.host), false },
 	{ "broker.port", KEY_INT, 1, 65535, "1883", CFG(broker.port), false },
+	{ "broker.hosts", KEY_HOSTS, 1, CONFIG_MAX_HOSTS, NULL, 0, false },
 	{ "broker.client_id", KEY_STRING, 1, 256, NULL, CFG(broker.client_id), false },
 	{ "broker.keepalive", KEY_INT, 5, 65535, "60", CFG(broker.keepalive), false },
 	{ "broker.protocol", KEY_STRING, 1, 16, "mqttv311", CFG(broker.protocol), false },
@@ -196,6 +198,7 @@ type_name(enum key_type type)
 	case KEY_SUBSCRIPTIONS:
 	case KEY_PEERS:
 	case KEY_PATTERNS:
+	case KEY_HOSTS:
 		return "a list";
 	default:
 		return "a single value";
@@ -505,6 +508,41 @@ walk_patterns(struct parser *p, const struct config_key *key, yaml_node_t *seq)
 	return 0;
 }
 
+/* broker.hosts: "host:port" each, the port always given (brokers differ). */
+static int
+walk_hosts(struct parser *p, const struct config_key *key, yaml_node_t *seq)
+{
+	struct config *cfg = p->cfg;
+	size_t n;
+
+	if (sequence_length(p, key, seq, &n) == -1)
+		return -1;
+	if ((cfg->broker.hosts = calloc(n, sizeof(*cfg->broker.hosts))) == NULL)
+		return fail_at(p, seq, "out of memory");
+	for (size_t i = 0; i < n; i++) {
+		yaml_node_t *item = yaml_document_get_node(&p->doc, seq->data.sequence.items.start[i]);
+		struct config_endpoint *e = &cfg->broker.hosts[i];
+		const char *text, *colon;
+		char *end;
+		long port;
+
+		if (item->type != YAML_SCALAR_NODE || item->data.scalar.length > 253 + 6)
+			return fail_at(p, item, "%s: each entry is host:port", key->path);
+		text = (const char *)item->data.scalar.value;
+		colon = strrchr(text, ':');
+		errno = 0;
+		port = colon ? strtol(colon + 1, &end, 10) : 0;
+		if (colon == NULL || colon == text || colon[1] == '\0' || *end != '\0' || errno ||
+		    port < 1 || port > 65535 || memchr(text, ':', (size_t)(colon - text)))
+			return fail_at(p, item, "%s: '%s' is not host:port (port 1..65535)", key->path, text);
+		if ((e->host = strndup(text, (size_t)(colon - text))) == NULL)
+			return fail_at(p, item, "out of memory");
+		e->port = port;
+		cfg->broker.nhosts = i + 1;
+	}
+	return 0;
+}
+
 /*
  * YAML's null (empty, ~, null): YAML means "no value" by it, so taking
  * the text "~" as a topic or a path would configure something else.
@@ -556,10 +594,12 @@ walk_mapping(struct parser *p, yaml_node_t *map, const char *prefix, void *base)
 		case KEY_SUBSCRIPTIONS:
 		case KEY_PEERS:
 		case KEY_PATTERNS:
+		case KEY_HOSTS:
 			if (v->type != YAML_SEQUENCE_NODE)
 				return fail_at(p, v, "%s: expected a list, got %s", path, node_kind(v));
 			if ((key->type == KEY_SUBSCRIPTIONS ? walk_subscriptions(p, key, v) :
-			    key->type == KEY_PEERS ? walk_peers(p, key, v) : walk_patterns(p, key, v)) == -1)
+			    key->type == KEY_PEERS ? walk_peers(p, key, v) :
+			    key->type == KEY_HOSTS ? walk_hosts(p, key, v) : walk_patterns(p, key, v)) == -1)
 				return -1;
 			break;
 		default:
@@ -657,6 +697,33 @@ key_node(struct parser *p, yaml_node_t *root, const char *path)
 	return n ? n : root;
 }
 
+/*
+ * broker.host and broker.port are the one-endpoint form of broker.hosts;
+ * afterwards host and port name the first endpoint, which names the session.
+ */
+static int
+validate_hosts(struct parser *p, yaml_node_t *root)
+{
+	struct config *cfg = p->cfg;
+
+	if (cfg->broker.nhosts == 0) {
+		if ((cfg->broker.hosts = calloc(1, sizeof(*cfg->broker.hosts))) == NULL ||
+		    (cfg->broker.hosts[0].host = strdup(cfg->broker.host)) == NULL)
+			return fail_at(p, root, "out of memory");
+		cfg->broker.hosts[0].port = cfg->broker.port;
+		cfg->broker.nhosts = 1;
+		return 0;
+	}
+	if (node_at(p, root, "broker.host") || node_at(p, root, "broker.port"))
+		return fail_at(p, key_node(p, root, "broker.hosts"),
+		    "broker.hosts replaces broker.host and broker.port; give one or the other");
+	free(cfg->broker.host);
+	if ((cfg->broker.host = strdup(cfg->broker.hosts[0].host)) == NULL)
+		return fail_at(p, root, "out of memory");
+	cfg->broker.port = cfg->broker.hosts[0].port;
+	return 0;
+}
+
 static int
 validate(struct parser *p, yaml_node_t *root)
 {
@@ -668,6 +735,8 @@ validate(struct parser *p, yaml_node_t *root)
 		return fail_at(p, root, "missing required key 'broker.client_id'");
 	if (cfg->subs == NULL)
 		return fail_at(p, root, "missing required key 'subscriptions'");
+	if (validate_hosts(p, root) == -1)
+		return -1;
 	if (strcmp(cfg->broker.protocol, "mqttv311") != 0 && strcmp(cfg->broker.protocol, "mqttv5") != 0)
 		return fail_at(p, key_node(p, root, "broker.protocol"),
 		    "broker.protocol: '%s' is not mqttv311 or mqttv5", cfg->broker.protocol);
@@ -897,6 +966,9 @@ config_free(struct config *cfg)
 	for (size_t i = 0; i < cfg->nsubs; i++)
 		free(cfg->subs[i].topic);
 	free(cfg->subs);
+	for (size_t i = 0; i < cfg->broker.nhosts; i++)
+		free(cfg->broker.hosts[i].host);
+	free(cfg->broker.hosts);
 	free(cfg->socket.allow);
 	for (size_t i = 0; i < cfg->uplink.nallow; i++)
 		free(cfg->uplink.allow[i]);

@@ -15,10 +15,18 @@
 #define CONFIG_MAX_PASSWORD 1024
 #define CONFIG_MAX_PEERS 64
 #define CONFIG_MAX_UPLINK_PATTERNS 64
+/* A cluster has a handful of nodes; each dead one costs a backoff step. */
+#define CONFIG_MAX_HOSTS 16
 /* A config is a page or two; anything near this is not one (and a reload parses on the loop). */
 #define CONFIG_MAX_BYTES (1024 * 1024)
 /* The deepest key is three levels down (broker.tls.ca_file); libyaml slows down quadratically with depth. */
 #define CONFIG_MAX_DEPTH 16
+
+/* One broker endpoint of broker.hosts (or broker.host and broker.port). */
+struct config_endpoint {
+	char *host;
+	int64_t port;
+};
 
 struct config_subscription {
 	char *topic;
@@ -34,8 +42,10 @@ struct config_peer {
 struct config {
 	char *file;
 	struct {
-		char *host;
+		char *host;			/* hosts[0] */
 		int64_t port;
+		struct config_endpoint *hosts;	/* tried in turn; at least one */
+		size_t nhosts;
 		char *client_id;
 		int64_t keepalive;
 		char *protocol;			/* "mqttv311" or "mqttv5" */

@@ -32,6 +32,8 @@ static const struct metric metrics_table[] = {
 	{ "cmdrelay_accepted_total", "counter", "Deliveries accepted as new commands.", "accepted", NULL },
 	{ "cmdrelay_possible_repeats_total", "counter", "Accepted deliveries flagged possible_repeat.",
 	  "possible_repeats", NULL },
+	{ "cmdrelay_session_lost_total", "counter", "Connects on which the broker had dropped the session.",
+	    "session_lost", NULL },
 	{ "cmdrelay_commit_failures_total", "counter", "History commits that failed.", "commit_failures", NULL },
 	{ "cmdrelay_broker_connected", "gauge", "1 while the broker connection is up.", "broker", "connected" },
 	{ "cmdrelay_database_bytes", "gauge", "Size of the history and its WAL.", "database_bytes", NULL },

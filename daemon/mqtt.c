@@ -63,6 +63,9 @@ struct mqtt {
 	const char *abort_reason;	/* drop the connection when the read pass ends */
 	char last_error[256];
 	char lib_error[256];	/* libmosquitto's last error or warning message */
+	size_t endpoint;	/* broker.hosts[]: the one in use or tried next */
+	size_t connect_endpoint;	/* the one libmosquitto was last given */
+	char left[512];		/* "host:port: why" of the endpoint last failed over from */
 };
 
 int
@@ -108,6 +111,42 @@ mqtt_is_connected(const struct mqtt *m)
 	return m->state == MQTT_CONNECTED;
 }
 
+static const struct config_endpoint *
+ep(const struct mqtt *m)
+{
+	return &m->cfg->broker.hosts[m->endpoint];
+}
+
+const struct config_endpoint *
+mqtt_endpoint(const struct mqtt *m)
+{
+	return ep(m);
+}
+
+const char *
+mqtt_left(const struct mqtt *m)
+{
+	return m->left;
+}
+
+/*
+ * With several endpoints a lost or failed connection moves on to the next
+ * (the same client id, so a clustered broker resumes the session); the
+ * backoff runs across them, so a dead cluster is not hammered.
+ */
+static void
+fail_over(struct mqtt *m)
+{
+	const struct config_endpoint *from = ep(m);
+
+	if (m->cfg->broker.nhosts < 2)
+		return;
+	snprintf(m->left, sizeof(m->left), "%s:%d: %s", from->host, (int)from->port, m->last_error);
+	m->endpoint = (m->endpoint + 1) % m->cfg->broker.nhosts;
+	log_warnx("failing over from %s:%d to %s:%d: %s", from->host, (int)from->port, ep(m)->host,
+	    (int)ep(m)->port, m->last_error);
+}
+
 /* Exponential backoff with jitter: a random delay in [d/2, d]. */
 static uint64_t
 backoff_ms(struct mqtt *m)
@@ -138,10 +177,11 @@ schedule_reconnect(struct mqtt *m)
 		m->attempt = 0;
 	m->connected_at_ms = 0;
 	delay = backoff_ms(m);
+	fail_over(m);
 
 	m->state = MQTT_IDLE;
-	log_info("reconnecting to %s:%d in %llu ms", m->cfg->broker.host,
-	    (int)m->cfg->broker.port, (unsigned long long)delay);
+	log_info("reconnecting to %s:%d in %llu ms", ep(m)->host,
+	    (int)ep(m)->port, (unsigned long long)delay);
 	event_timer_arm(m->loop, &m->reconnect_timer, delay);
 }
 
@@ -162,8 +202,8 @@ on_connect(struct mosquitto *mosq, void *arg, int rc, int flags)
 	m->barrier_mid = 0;
 	m->barrier_subscribed = false;
 	m->last_error[0] = '\0';
-	log_info("connected to %s:%d as %s (session present: %s)", m->cfg->broker.host,
-	    (int)m->cfg->broker.port, m->cfg->broker.client_id, (flags & 1) ? "yes" : "no");
+	log_info("connected to %s:%d as %s (session present: %s)", ep(m)->host,
+	    (int)ep(m)->port, m->cfg->broker.client_id, (flags & 1) ? "yes" : "no");
 	m->h.connected(m->h.arg, flags & 1);
 }
 
@@ -175,7 +215,7 @@ log_reason(struct mqtt *m, const char *what, int rc, const mosquitto_property *p
 
 	mosquitto_property_read_string(props, MQTT_PROP_REASON_STRING, &reason, false);
 	if (rc != 0 || reason)
-		log_warnx("%s:%d: %s: reason code %d (%s)%s%s", m->cfg->broker.host, (int)m->cfg->broker.port,
+		log_warnx("%s:%d: %s: reason code %d (%s)%s%s", ep(m)->host, (int)ep(m)->port,
 		    what, rc, mosquitto_reason_string(rc), reason ? ": " : "", reason ? reason : "");
 	free(reason);
 }
@@ -220,7 +260,7 @@ on_disconnect(struct mosquitto *mosq, void *arg, int rc)
 	 */
 	if (!m->dropping && !m->refused)
 		set_error(m, "connection lost: %s", why);
-	log_warnx("%s:%d: %s", m->cfg->broker.host, (int)m->cfg->broker.port, m->last_error);
+	log_warnx("%s:%d: %s", ep(m)->host, (int)ep(m)->port, m->last_error);
 	schedule_reconnect(m);
 	m->h.disconnected(m->h.arg, m->last_error);
 }
@@ -379,7 +419,7 @@ check_connect_failed(struct mqtt *m, int rc)
 		set_error(m, "cannot connect: %s", m->lib_error);
 	else
 		set_error(m, "cannot connect: %s", mosquitto_strerror(rc));
-	log_warnx("%s:%d: %s", m->cfg->broker.host, (int)m->cfg->broker.port, m->last_error);
+	log_warnx("%s:%d: %s", ep(m)->host, (int)ep(m)->port, m->last_error);
 	schedule_reconnect(m);
 	m->h.disconnected(m->h.arg, m->last_error);
 }
@@ -454,18 +494,19 @@ on_reconnect_timer(void *arg)
 	m->state = MQTT_CONNECTING;
 	m->lib_error[0] = '\0';
 	m->refused = false;
-	if (m->started)
+	if (m->started && m->connect_endpoint == m->endpoint)
 		rc = mosquitto_reconnect_async(m->mosq);
 	else
-		rc = mosquitto_connect_async(m->mosq, m->cfg->broker.host, (int)m->cfg->broker.port,
+		rc = mosquitto_connect_async(m->mosq, ep(m)->host, (int)ep(m)->port,
 		    (int)m->cfg->broker.keepalive);
 	if (rc == MOSQ_ERR_SUCCESS) {
 		m->started = true;
+		m->connect_endpoint = m->endpoint;
 		return;
 	}
 	set_error(m, "cannot connect: %s", rc == MOSQ_ERR_ERRNO ? strerror(errno) :
 	    mosquitto_strerror(rc));
-	log_warnx("%s:%d: %s", m->cfg->broker.host, (int)m->cfg->broker.port, m->last_error);
+	log_warnx("%s:%d: %s", ep(m)->host, (int)ep(m)->port, m->last_error);
 	schedule_reconnect(m);
 	m->h.disconnected(m->h.arg, m->last_error);
 }
@@ -589,6 +630,12 @@ mqtt_same_broker(const struct config *a, const struct config *b)
 
 	for (size_t i = 0; i < sizeof(sa) / sizeof(sa[0]); i++)
 		if ((sa[i] == NULL) != (sb[i] == NULL) || (sa[i] && strcmp(sa[i], sb[i]) != 0))
+			return false;
+	if (a->broker.nhosts != b->broker.nhosts)
+		return false;
+	for (size_t i = 0; i < a->broker.nhosts; i++)
+		if (strcmp(a->broker.hosts[i].host, b->broker.hosts[i].host) != 0 ||
+		    a->broker.hosts[i].port != b->broker.hosts[i].port)
 			return false;
 	return a->broker.port == b->broker.port && a->broker.keepalive == b->broker.keepalive &&
 	    strcmp(a->broker.protocol, b->broker.protocol) == 0 &&

@@ -55,6 +55,8 @@ struct relay {
 	/* for stats and status: since when, and how the broker took us */
 	uint64_t started_mono_ms, started_wall_ms, connected_wall_ms;
 	bool session_present;
+	uint64_t session_lost;	/* connects on which the broker had dropped our session */
+	bool session_lost_now;	/* the last connect was one of them: shown until a clean one */
 };
 
 static void
@@ -105,8 +107,15 @@ relay_stats(const struct relay *r, json_t *obj)
 {
 	bool connected = mqtt_is_connected(r->mqtt);
 	char started[40], since[40];
-	json_t *dups = json_object();
+	const struct config_endpoint *e = mqtt_endpoint(r->mqtt);
+	json_t *dups = json_object(), *hosts = json_array();
 	uint64_t accepted = 0;
+	char hp[300];
+
+	for (size_t i = 0; i < r->cfg->broker.nhosts; i++) {
+		snprintf(hp, sizeof(hp), "%s:%d", r->cfg->broker.hosts[i].host, (int)r->cfg->broker.hosts[i].port);
+		json_array_append_new(hosts, json_string(hp));
+	}
 
 	wire_time((int64_t)r->started_wall_ms, started, sizeof(started));
 	wire_time((int64_t)r->connected_wall_ms, since, sizeof(since));
@@ -114,12 +123,13 @@ relay_stats(const struct relay *r, json_t *obj)
 	json_object_set_new(obj, "started_at", json_string(started));
 	json_object_set_new(obj, "uptime_seconds",
 	    json_integer((json_int_t)((event_now_ms() - r->started_mono_ms) / 1000)));
-	json_object_set_new(obj, "broker", json_pack("{s:s, s:i, s:s, s:s, s:b, s:s?, s:o?, s:s}",
-	    "host", r->cfg->broker.host, "port", (int)r->cfg->broker.port,
+	json_object_set_new(obj, "broker", json_pack("{s:s, s:i, s:s, s:s, s:b, s:s?, s:o?, s:s, s:o, s:s?}",
+	    "host", e->host, "port", (int)e->port,
 	    "protocol", r->cfg->broker.protocol, "client_id", r->cfg->broker.client_id,
 	    "connected", connected, "connected_since", connected ? since : NULL,
 	    "session_present", connected ? json_boolean(r->session_present) : NULL,
-	    "last_error", mqtt_last_error(r->mqtt)));
+	    "last_error", mqtt_last_error(r->mqtt), "hosts", hosts,
+	    "left", *mqtt_left(r->mqtt) ? mqtt_left(r->mqtt) : NULL));
 	for (int i = 0; i < DEDUP_NREASONS; i++) {
 		if (dedup_reasons[i].accepted)
 			accepted += r->total.by_reason[i];
@@ -133,6 +143,7 @@ relay_stats(const struct relay *r, json_t *obj)
 	    json_integer((json_int_t)r->total.by_reason[DEDUP_POSSIBLE_REPEAT]));
 	json_object_set_new(obj, "duplicates", dups);
 	json_object_set_new(obj, "oversized", json_integer((json_int_t)r->total.oversized));
+	json_object_set_new(obj, "session_lost", json_integer((json_int_t)r->session_lost));
 	json_object_set_new(obj, "commit_failures", json_integer((json_int_t)r->total.commit_failures));
 	json_object_set_new(obj, "last_commit_seconds", json_real((double)r->last_commit_us / 1e6));
 	json_object_set_new(obj, "database_bytes", json_integer((json_int_t)file_bytes(r->cfg->store.path)));
@@ -143,16 +154,23 @@ relay_stats(const struct relay *r, json_t *obj)
 void
 relay_status(const struct relay *r, char *buf, size_t len)
 {
+	const struct config_endpoint *e = mqtt_endpoint(r->mqtt);
 	const char *err = mqtt_last_error(r->mqtt);
 	int n;
 
 	if (mqtt_is_connected(r->mqtt))
-		n = snprintf(buf, len, "connected to %s:%d", r->cfg->broker.host, (int)r->cfg->broker.port);
+		n = snprintf(buf, len, "connected to %s:%d", e->host, (int)e->port);
 	else
-		n = snprintf(buf, len, "disconnected from %s:%d%s%s", r->cfg->broker.host,
-		    (int)r->cfg->broker.port, *err ? " (" : "", *err ? err : "");
+		n = snprintf(buf, len, "disconnected%s %s:%d%s%s",
+		    r->cfg->broker.nhosts > 1 ? ", trying" : " from", e->host,
+		    (int)e->port, *err ? " (" : "", *err ? err : "");
 	if (n > 0 && (size_t)n < len && !mqtt_is_connected(r->mqtt) && *err)
 		n += snprintf(buf + n, len - (size_t)n, ")");
+	if (n > 0 && (size_t)n < len && *mqtt_left(r->mqtt))
+		n += snprintf(buf + n, len - (size_t)n, "; left %s", mqtt_left(r->mqtt));
+	if (n > 0 && (size_t)n < len && r->session_lost_now)
+		n += snprintf(buf + n, len - (size_t)n,
+		    "; SESSION LOST: commands queued while away may be lost");
 	if (n > 0 && (size_t)n < len)
 		snprintf(buf + n, len - (size_t)n,
 		    "; %" PRIu64 " received, %" PRIu64 " accepted, %" PRIu64 " retained replays, %"
@@ -320,6 +338,35 @@ relay_load_candidates(struct relay *r)
 	return 0;
 }
 
+/*
+ * Subscriptions the broker confirmed under this session key prove that it
+ * had a session for us; session-present = 0 then means the broker threw it
+ * away (restart without persistence, expiry, a lost node), and with it what
+ * it had queued. Nothing else would tell the operator.
+ */
+static void
+relay_check_session(struct relay *r, bool session_present)
+{
+	struct store_subscription *known = NULL;
+	size_t nknown = 0;
+
+	r->session_lost_now = false;
+	if (session_present)
+		return;
+	if (store_subscriptions_load(r->store, r->session_key, &known, &nknown) == -1) {
+		log_warnx("%s", store_errmsg(r->store));
+		return;
+	}
+	store_subscriptions_free(known, nknown);
+	if (nknown == 0)
+		return;
+	r->session_lost++;
+	r->session_lost_now = true;
+	log_warnx("broker %s:%d has no session for %s although it held one with %zu subscriptions: "
+	    "commands queued for us while we were away may be lost; subscribing again",
+	    mqtt_endpoint(r->mqtt)->host, (int)mqtt_endpoint(r->mqtt)->port, r->cfg->broker.client_id, nknown);
+}
+
 static void
 on_connected(void *arg, bool session_present)
 {
@@ -336,6 +383,7 @@ on_connected(void *arg, bool session_present)
 	}
 	r->connected_wall_ms = event_wall_ms();
 	r->session_present = session_present;
+	relay_check_session(r, session_present);
 	sync_subscriptions(r, session_present);
 	uplink_connected(r->uplink);
 	status_changed(r);

@@ -357,10 +357,19 @@ class Mosquitto:
             "allow_anonymous true",
             # stay root when started as root: the private dir is root's
             "user root" if os.geteuid() == 0 else "# not root: no privilege drop",
-            "max_queued_messages 0",        # 0 = unlimited (default 1000)
+            # README "Broker requirements": the default 1,000 drops commands
+            # beyond it for an offline client ("Outgoing messages are being
+            # dropped"); tests queue 20,000, so no limit here (production: a
+            # bound above the longest outage times the command rate)
+            "max_queued_messages 0",
             "max_queued_bytes 0",
+            # the default; the relay commits each read batch before its
+            # PUBACKs, so a wider window only batches more per commit
             "max_inflight_messages 20",
             "max_keepalive 65535",
+            # sessions of an offline relay expire after this (the default is
+            # never); longer than any test's outage, short enough that
+            # crashed tests leave nothing behind
             "persistent_client_expiration 1d",
             f"log_dest file {self.log_path}",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
@@ -370,6 +379,10 @@ class Mosquitto:
         if self.verbose:
             types.append("debug")
         lines += [f"log_type {t}" for t in types]
+        # Production needs persistence true (without it a restart loses every
+        # session and its queue); here it is the test's choice, because tests
+        # restart the broker both ways (tests/test_session_loss.py needs the
+        # loss), and a fresh per-test broker has nothing to keep.
         if self.persistence:
             self.persistence_dir.mkdir(exist_ok=True)
             lines += [
@@ -517,7 +530,10 @@ class RabbitMQ:
 
     name = "rabbitmq"
 
-    def __init__(self, workdir: Union[str, Path], rundir_base: Optional[str] = None):
+    def __init__(self, workdir: Union[str, Path], rundir_base: Optional[str] = None,
+                 cluster_with: Optional["RabbitMQ"] = None, durable_queue_type: str = "classic"):
+        """cluster_with: an earlier node whose epmd and Erlang cookie this one
+        shares, so that join_cluster() can make them one cluster."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         base = rundir_base or tempfile.gettempdir()
@@ -530,6 +546,10 @@ class RabbitMQ:
             pass
         self.host = LOOPBACK
         self.port, self.amqp_port, self.dist_port, self.epmd_port = free_ports(4)
+        self.durable_queue_type = durable_queue_type
+        self.cluster_with = cluster_with
+        if cluster_with is not None:
+            self.epmd_port = cluster_with.epmd_port     # nodes find each other through one epmd
         self.nodename = f"cmdrelay-test-{secrets.token_hex(3)}@localhost"
         self.home = self.dir / "home"
         self.mnesia_base = self.dir / "mnesia"
@@ -592,6 +612,10 @@ class RabbitMQ:
         for d in (self.home, self.mnesia_base, self.log_base, self.dir / "conf.d"):
             d.mkdir(parents=True, exist_ok=True)
         (self.dir / "rabbitmq-env.conf").write_text("# private, intentionally empty\n")
+        if self.cluster_with is not None:
+            cookie = self.home / ".erlang.cookie"   # cluster members must share it
+            shutil.copy2(self.cluster_with.home / ".erlang.cookie", cookie)
+            os.chmod(cookie, 0o400)
         self.conf_path.write_text("\n".join([
             f"listeners.tcp.1 = {self.host}:{self.amqp_port}",
             f"mqtt.listeners.tcp.1 = {self.host}:{self.port}",
@@ -600,6 +624,15 @@ class RabbitMQ:
             "mqtt.default_pass = guest",
             "mqtt.vhost = /",
             "mqtt.exchange = amq.topic",
+            # README "Broker requirements", the defaults written out: a
+            # session (durable queue) lives 24 h after its client left, then
+            # its queued commands are gone (3.13: max_session_expiry_interval_seconds)
+            "mqtt.subscription_ttl = 86400000",
+            # at most 10 deliveries unacknowledged: the relay's batch per commit
+            "mqtt.prefetch = 10",
+            # one node: a classic queue is as safe as a quorum one; a cluster
+            # needs quorum, or the session dies with the node it lives on
+            f"mqtt.durable_queue_type = {self.durable_queue_type}",
             "default_user = guest",
             "default_pass = guest",
             "loopback_users = none",
@@ -632,7 +665,7 @@ class RabbitMQ:
         self._prepare()
         t0 = time.monotonic()
         _LIVE.add(self)
-        if self.epmd is None or self.epmd.poll() is not None:
+        if self.cluster_with is None and (self.epmd is None or self.epmd.poll() is not None):
             with open(self.epmd_log_path, "ab") as out:
                 self.epmd = subprocess.Popen(
                     self._as_rabbitmq() + [_binary("epmd", "/usr/bin/epmd"), "-port", str(self.epmd_port),
@@ -649,7 +682,7 @@ class RabbitMQ:
                                          env=self.env, cwd=self.dir, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         stop_watchdog(self.watchdog)
-        self.watchdog = start_watchdog([self.proc.pid, self.epmd.pid])
+        self.watchdog = start_watchdog([self.proc.pid] + ([self.epmd.pid] if self.epmd else []))
         deadline = t0 + timeout
         last = None
         while time.monotonic() < deadline:
@@ -746,6 +779,18 @@ class RabbitMQ:
         self.start(timeout=timeout)
         self.restart_seconds = time.monotonic() - t0
         return self
+
+    def join_cluster(self, first: "RabbitMQ") -> None:
+        """Makes this running node a member of first's cluster."""
+        for args in (("stop_app",), ("join_cluster", first.nodename), ("start_app",)):
+            r = self.rabbitmqctl(*args, timeout=120)
+            if r.returncode != 0:
+                raise BrokerStartError(f"rabbitmqctl {' '.join(args)} on {self.nodename}: {r.stdout}{r.stderr}")
+        deadline = time.monotonic() + 60
+        while mqtt_connack(self.host, self.port, timeout=5) != 0:
+            if time.monotonic() > deadline:
+                raise BrokerStartError(f"{self.nodename} takes no MQTT CONNECT after join_cluster")
+            time.sleep(0.2)
 
     def rabbitmqctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(self._as_rabbitmq() + [f"{RABBITMQ_BIN}/rabbitmqctl", "-n", self.nodename, *args],

@@ -81,3 +81,26 @@ def test_example_config_carries_every_key():
             f"conf/cmdrelay.yaml lacks {path}"
         if parent and not parent.endswith("[]"):
             assert re.search(rf"^[ #]*{re.escape(parent.rsplit('.', 1)[-1])}:", conf, re.M), path
+
+
+BROKER_SETTINGS = {
+    "Mosquitto": ["persistence", "max_queued_messages", "persistent_client_expiration", "max_inflight_messages"],
+    "RabbitMQ": ["mqtt.durable_queue_type", "mqtt.subscription_ttl", "mqtt.max_session_expiry_interval_seconds",
+                 "mqtt.prefetch", "wildcard"],
+}
+
+
+def test_readme_states_each_broker_setting_that_decides_loses_none():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Broker requirements"):]
+    section = section[:section.index("\n## ", 3)]
+    for broker, settings in BROKER_SETTINGS.items():
+        part = section[section.index(f"### {broker}"):]
+        for name in settings:
+            assert name in part, f"README's Broker requirements, {broker}: {name} missing"
+    harness = (ROOT / "tests" / "brokers.py").read_text()
+    for name in ["max_queued_messages", "persistent_client_expiration", "max_inflight_messages",
+                 "mqtt.durable_queue_type", "mqtt.subscription_ttl", "mqtt.prefetch"]:
+        i = harness.index(f'"{name} ')
+        assert "#" in harness[harness.rindex("\n", 0, harness.rindex("\n", 0, i)):i], \
+            f"tests/brokers.py sets {name} without saying why"

@@ -318,15 +318,19 @@ sync_subscriptions(struct relay *r, bool session_present)
  * candidates for this connection's redeliveries (dedup.h).
  * dedup.redelivery_window bounds how old one may be, on the age clock
  * (store.c), which wall-clock steps do not move; the rule needs no window.
+ * A broker without our session (session-present = 0: a fresh one, one that
+ * lost it, another endpoint sharing nothing) can resend none of them: they
+ * are retired, and nothing is a redelivery on this connection.
  */
 static int
-relay_load_candidates(struct relay *r)
+relay_load_candidates(struct relay *r, bool session_present)
 {
-	struct dedup_candidate *cand;
-	size_t n;
+	struct dedup_candidate *cand = NULL;
+	size_t n = 0;
 	bool ids_kept = strcmp(r->cfg->broker.packet_ids, "kept") == 0 && mqtt_dup_readable(r->mqtt);
 
-	if (store_unacked_load(r->store, r->cfg->redelivery_window_ms, &cand, &n) == -1)
+	if (!session_present ? store_unacked_retire(r->store) == -1 :
+	    store_unacked_load(r->store, r->cfg->redelivery_window_ms, &cand, &n) == -1)
 		return -1;
 	if (dedup_connection_start(&r->dedup, ids_kept, cand, n) == -1) {
 		log_errx("out of memory");
@@ -376,7 +380,7 @@ on_connected(void *arg, bool session_present)
 	dedup_state_clear(&r->dedup);
 	/* Without its own number, redeliveries on it could not be matched. */
 	if ((r->connection = store_connection_start(r->store)) == -1 ||
-	    relay_load_candidates(r) == -1) {
+	    relay_load_candidates(r, session_present) == -1) {
 		log_errx("history: %s", store_errmsg(r->store));
 		mqtt_abort(r->mqtt, "could not read the history's unacknowledged messages; dropped it");
 		return;

@@ -338,8 +338,10 @@ class FakeBroker:
         self.thread = threading.Thread(target=self._accept, daemon=True, name="fake-broker")
         self.thread.start()
 
+    lost_sessions = ()       # connection indexes whose CONNACK says the session is gone
+
     def session_present_for(self, index):
-        return index > 0
+        return index > 0 and index not in self.lost_sessions
 
     def relay_log(self):
         return self.relay.log()[-4000:] if self.relay is not None else ""
@@ -622,3 +624,27 @@ def test_redelivery_after_lost_puback(setup):
         [(p, "accepted", None, None, 0) for _, p in new]
     # The first ten stay as they were: accepted, DUP=0.
     assert [(bytes(r["payload"]), r["status"]) for r in rows[:10]] == [(p, "accepted") for _, p in first]
+
+
+def test_no_redelivery_from_a_broker_without_our_session(setup):
+    """A broker that answers session present = 0 (it lost the session, or it
+    is another endpoint sharing nothing) holds none of our messages: a DUP=1
+    delivery with the packet id and content of a row whose PUBACK it never
+    got is a new command there, not a repeat to drop."""
+    broker, relay, conn = setup
+    broker.lost_sessions = (1,)
+    first = [(mid, p) for mid, p in zip(range(1, 4), payloads("ls", 3))]
+    conn.answer_barriers = False            # the three stay unconfirmed
+    conn.send_burst(first)
+    conn.wait_pubacks(3)
+    conn.abort()
+
+    conn2 = broker.wait_connection(1, timeout=10)
+    assert not conn2.session_present
+    conn2.wait(lambda c: len(c.subscribes) >= 1, 10, "SUBSCRIBE")   # it subscribes again
+    again = first[-1:]
+    conn2.send_burst(again, dup=True)
+    conn2.wait_pubacks(1)
+    rows = relay.rows()
+    assert [(bytes(r["payload"]), r["status"], r["reason"]) for r in rows] == \
+        [(p, "accepted", None) for _, p in first] + [(again[0][1], "accepted", "possible_repeat")]

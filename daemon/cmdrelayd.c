@@ -297,6 +297,9 @@ main(int argc, char *argv[])
 	if (store_created(relay_store(d.relay)))
 		log_warnx("%s did not exist: began a new, empty history; consumer positions and the "
 		    "session's subscriptions start afresh", d.cfg->store.path);
+	if (store_corruptions(relay_store(d.relay)) > 0)
+		log_errx("%s: %s (cmdrelayctl store ack-corruption clears this alarm)", d.cfg->store.path,
+		    store_corruption(relay_store(d.relay)));
 	log_info("started %s, history %s", CMDRELAY_VERSION, d.cfg->store.path);
 	sd_notify(0, "READY=1");
 	notify_status(&d);

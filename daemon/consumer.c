@@ -73,6 +73,8 @@ send_error(struct client *cl, const char *code, const char *fmt, ...)
 	va_end(ap);
 	if (strcmp(code, "storage") == 0 && store_busy(cl->cs->store))
 		code = "storage_busy";	/* another program holds a lock: try again soon */
+	else if (strcmp(code, "storage") == 0 && store_corrupt(cl->cs->store))
+		code = "history_corrupt";	/* reconnect: the relay recovers and resumes the cursor */
 	reply = json_pack("{s:s, s:s, s:s}", "type", "error", "code", code, "message", message);
 	if (reply && (line = wire_line(reply, &len)) != NULL) {
 		conn_send(cl->conn, line, len);
@@ -181,6 +183,11 @@ fill(struct client *cl)
 		return;
 fail:
 	log_warnx("consumer %s: %s", named ? cl->name : "tail", store_errmsg(st));
+	if (!store_corrupt(st))
+		return;
+	send_error(cl, "storage", "the history is damaged (%s); reconnect: the relay recovers it and"
+	    " resumes after your last ack", store_errmsg(st));
+	conn_close(cl->conn);
 }
 
 static void

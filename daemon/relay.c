@@ -148,6 +148,9 @@ relay_stats(const struct relay *r, json_t *obj)
 	json_object_set_new(obj, "last_commit_seconds", json_real((double)r->last_commit_us / 1e6));
 	json_object_set_new(obj, "database_bytes", json_integer((json_int_t)file_bytes(r->cfg->store.path)));
 	json_object_set_new(obj, "wal_bytes", json_integer((json_int_t)store_wal_bytes(r->cfg->store.path)));
+	json_object_set_new(obj, "store_corrupt", json_boolean(store_corrupt(r->store)));
+	json_object_set_new(obj, "store_corruptions", json_integer((json_int_t)store_corruptions(r->store)));
+	json_object_set_new(obj, "store_corruption", json_string(store_corruption(r->store)));
 	uplink_stats(r->uplink, obj);
 }
 
@@ -158,6 +161,14 @@ relay_status(const struct relay *r, char *buf, size_t len)
 	const char *err = mqtt_last_error(r->mqtt);
 	int n;
 
+	if (store_corrupt(r->store) || store_corruptions(r->store) > 0) {
+		n = snprintf(buf, len, "%s; ", store_corrupt(r->store) ? "HISTORY CORRUPT, nothing is acknowledged" :
+		    "history recovered from corruption (cmdrelayctl store ack-corruption)");
+		if (n < 0 || (size_t)n >= len)
+			return;
+		buf += n;
+		len -= (size_t)n;
+	}
 	if (mqtt_is_connected(r->mqtt))
 		n = snprintf(buf, len, "connected to %s:%d", e->host, (int)e->port);
 	else

@@ -146,15 +146,21 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	[STMT_OUTBOX_FAILED] = "UPDATE outbox SET status = 'failed' WHERE id = ?1",
 };
 
+static int store_corruption_load(struct store *st);
+
 struct store {
 	sqlite3 *db;
 	sqlite3_stmt *stmt[STMT_COUNT];
 	int64_t connection;
 	bool created;		/* the file did not exist: a new, empty history */
+	bool check_complete;	/* the start-up integrity check ran to its end */
 	int64_t age_base_ms;	/* the age clock at age_boot_ms */
 	int64_t age_boot_ms;	/* CLOCK_BOOTTIME when this process took the clock over */
 	char boot_id[40];	/* /proc/sys/kernel/random/boot_id of this boot */
 	struct store_dedup *dedup;	/* store_dedup.c */
+	bool corrupt;		/* SQLite said SQLITE_CORRUPT or SQLITE_NOTADB: nothing commits */
+	int64_t corruptions;	/* recoveries an admin has not acknowledged (meta) */
+	char corruption[STORE_ERR_MAX * 2 + PATH_MAX + 64];	/* what the last recovery did */
 	char err[STORE_ERR_MAX];
 };
 
@@ -187,7 +193,46 @@ store_fail(struct store *st, const char *fmt, ...)
 	va_end(ap);
 	snprintf(st->err, sizeof(st->err), "%s: %s", what,
 	    st->db ? sqlite3_errmsg(st->db) : "out of memory");
+	if (st->db && store_is_corrupt_rc(sqlite3_errcode(st->db)))
+		st->corrupt = true;
 	return -1;
+}
+
+int
+store_set_corrupt(struct store *st, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(st->err, sizeof(st->err), fmt, ap);
+	va_end(ap);
+	st->corrupt = true;
+	return -1;
+}
+
+void
+store_one_line(struct store *st)
+{
+	for (char *p = st->err; (p = strchr(p, '\n')) != NULL; )
+		*p = ' ';
+}
+
+bool
+store_corrupt(const struct store *st)
+{
+	return st->corrupt;
+}
+
+int64_t
+store_corruptions(const struct store *st)
+{
+	return st->corruptions;
+}
+
+const char *
+store_corruption(const struct store *st)
+{
+	return st->corruption;
 }
 
 const char *
@@ -436,8 +481,8 @@ age_clock_resume(struct store *st)
 	return 0;
 }
 
-struct store *
-store_new(const char *path, char *err, size_t errlen)
+static int
+store_open(struct store *st, const char *path)
 {
 	static const char setup[] =
 	    "PRAGMA journal_mode = WAL;"
@@ -452,42 +497,150 @@ store_new(const char *path, char *err, size_t errlen)
 	    /* A checkpointed WAL is cut back, so retention bounds the files. */
 	    "PRAGMA journal_size_limit = 8388608;"
 	    "PRAGMA wal_autocheckpoint = 256;";
+	st->created = access(path, F_OK) == -1;
+	if (st->created && store_create_file(st, path) == -1)
+		return -1;
+	if (sqlite3_open_v2(path, &st->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+	    SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_URI, NULL) != SQLITE_OK) {
+		store_fail(st, "cannot open");
+		return -1;
+	}
+	sqlite3_extended_result_codes(st->db, 1);
+	if (sqlite3_create_function(st->db, "age_clock", 0, SQLITE_UTF8, st, age_clock_sql,
+	    NULL, NULL) != SQLITE_OK) {
+		store_fail(st, "cannot set up");
+		return -1;
+	}
+	if (check_ours(st) == -1 || store_check(st, &st->check_complete) == -1)
+		return -1;
+	if (sqlite3_exec(st->db, setup, NULL, NULL, NULL) != SQLITE_OK) {
+		store_fail(st, "cannot set up");
+		return -1;
+	}
+	if (migrate(st) == -1 || age_clock_resume(st) == -1)
+		return -1;
+	for (int i = 0; i < STMT_COUNT; i++) {
+		if (sqlite3_prepare_v3(st->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
+		    &st->stmt[i], NULL) != SQLITE_OK) {
+			store_fail(st, "cannot prepare %s", stmt_sql[i]);
+			return -1;
+		}
+	}
+	if ((st->dedup = store_dedup_new(st)) == NULL)
+		return -1;
+	return store_corruption_load(st);
+}
+
+static void
+store_close(struct store *st)
+{
+	for (int i = 0; i < STMT_COUNT; i++) {
+		sqlite3_finalize(st->stmt[i]);
+		st->stmt[i] = NULL;
+	}
+	store_dedup_free(st->dedup);
+	st->dedup = NULL;
+	sqlite3_close(st->db);
+	st->db = NULL;
+}
+
+/* Only a file that says it is an SQLite database is taken for a damaged history. */
+static bool
+store_looks_sqlite(const char *path)
+{
+	char head[16] = "";
+	FILE *fp;
+	bool yes;
+
+	if ((fp = fopen(path, "rbe")) == NULL)
+		return false;
+	yes = fread(head, 1, sizeof(head), fp) == sizeof(head) &&
+	    memcmp(head, "SQLite format 3", 16) == 0;
+	fclose(fp);
+	return yes;
+}
+
+/*
+ * The damaged file goes aside, kept with its WAL; a fresh history at path
+ * takes what could be read (store_salvage.c).
+ */
+static int
+store_recover(struct store *st, const char *path)
+{
+	char aside[PATH_MAX], report[STORE_ERR_MAX], why[STORE_ERR_MAX];
+	sqlite3_stmt *s = NULL;
+	char count[24];
+
+	snprintf(why, sizeof(why), "%s", st->err);
+	store_close(st);
+	if (store_move_aside(path, aside, sizeof(aside), st->err, sizeof(st->err)) == -1)
+		return -1;
+	st->corrupt = false;
+	if (store_open(st, path) == -1 || store_salvage(st, aside, report, sizeof(report)) == -1)
+		return -1;
+	st->created = false;
+	st->corruptions++;
+	snprintf(st->corruption, sizeof(st->corruption), "history was corrupt (%s); moved aside to %s;"
+	    " %s", why, aside, report);
+	snprintf(count, sizeof(count), "%" PRId64, st->corruptions);
+	if (sqlite3_prepare_v2(st->db, "INSERT OR REPLACE INTO meta (key, value) VALUES"
+	    " ('corruption', ?1), ('corruptions', ?2)", -1, &s, NULL) != SQLITE_OK)
+		return store_fail(st, "recording the recovery");
+	sqlite3_bind_text(s, 1, st->corruption, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 2, count, -1, SQLITE_STATIC);
+	if (sqlite3_step(s) != SQLITE_DONE) {
+		sqlite3_finalize(s);
+		return store_fail(st, "recording the recovery");
+	}
+	sqlite3_finalize(s);
+	return 0;
+}
+
+/* A recovery stays shown, across restarts, until an admin acknowledges it. */
+static int
+store_corruption_load(struct store *st)
+{
+	sqlite3_stmt *s = NULL;
+	int rc;
+
+	if (sqlite3_prepare_v2(st->db, "SELECT key, value FROM meta WHERE key IN"
+	    " ('corruption', 'corruptions')", -1, &s, NULL) != SQLITE_OK)
+		return store_fail(st, "reading meta");
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		const char *k = (const char *)sqlite3_column_text(s, 0);
+		const char *v = (const char *)sqlite3_column_text(s, 1);
+
+		if (strcmp(k, "corruptions") == 0)
+			st->corruptions = strtoll(v, NULL, 10);
+		else
+			snprintf(st->corruption, sizeof(st->corruption), "%s", v);
+	}
+	sqlite3_finalize(s);
+	return rc == SQLITE_DONE ? 0 : store_fail(st, "reading meta");
+}
+
+int
+store_corruption_ack(struct store *st)
+{
+	if (sqlite3_exec(st->db, "DELETE FROM meta WHERE key IN ('corruption', 'corruptions')",
+	    NULL, NULL, NULL) != SQLITE_OK)
+		return store_fail(st, "acknowledging the corruption");
+	st->corruptions = 0;
+	st->corruption[0] = '\0';
+	return 0;
+}
+
+struct store *
+store_new(const char *path, char *err, size_t errlen)
+{
 	struct store *st;
 
 	if ((st = calloc(1, sizeof(*st))) == NULL) {
 		snprintf(err, errlen, "%s: out of memory", path);
 		return NULL;
 	}
-	st->created = access(path, F_OK) == -1;
-	if (st->created && store_create_file(st, path) == -1)
-		goto fail;
-	if (sqlite3_open_v2(path, &st->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
-	    SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
-		store_fail(st, "cannot open");
-		goto fail;
-	}
-	sqlite3_extended_result_codes(st->db, 1);
-	if (sqlite3_create_function(st->db, "age_clock", 0, SQLITE_UTF8, st, age_clock_sql,
-	    NULL, NULL) != SQLITE_OK) {
-		store_fail(st, "cannot set up");
-		goto fail;
-	}
-	if (check_ours(st) == -1)
-		goto fail;
-	if (sqlite3_exec(st->db, setup, NULL, NULL, NULL) != SQLITE_OK) {
-		store_fail(st, "cannot set up");
-		goto fail;
-	}
-	if (migrate(st) == -1 || age_clock_resume(st) == -1)
-		goto fail;
-	for (int i = 0; i < STMT_COUNT; i++) {
-		if (sqlite3_prepare_v3(st->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
-		    &st->stmt[i], NULL) != SQLITE_OK) {
-			store_fail(st, "cannot prepare %s", stmt_sql[i]);
-			goto fail;
-		}
-	}
-	if ((st->dedup = store_dedup_new(st)) == NULL)
+	if (store_open(st, path) == -1 && (!st->corrupt || !store_looks_sqlite(path) ||
+	    store_recover(st, path) == -1))
 		goto fail;
 	return st;
 fail:
@@ -508,16 +661,24 @@ store_free(struct store *st)
 	free(st);
 }
 
+/* Nothing is acknowledged into a history that may not give it back (G6). */
+static int
+store_refuse_corrupt(struct store *st)
+{
+	return store_set_corrupt(st, "the history is corrupt; nothing is committed until it is recovered"
+	    " (restart cmdrelayd)");
+}
+
 int
 store_begin(struct store *st)
 {
-	return step_int(st, STMT_BEGIN, NULL);
+	return st->corrupt ? store_refuse_corrupt(st) : step_int(st, STMT_BEGIN, NULL);
 }
 
 int
 store_commit(struct store *st)
 {
-	return step_int(st, STMT_COMMIT, NULL);
+	return st->corrupt ? store_refuse_corrupt(st) : step_int(st, STMT_COMMIT, NULL);
 }
 
 void

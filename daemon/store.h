@@ -33,6 +33,13 @@ int64_t store_wal_bytes(const char *db_path);
 /* The last failure was another connection's lock (an admin's write, a long reader). */
 bool store_busy(const struct store *st);
 
+/* The history reported damage: commits fail until a restart recovers it. */
+bool store_corrupt(const struct store *st);
+/* Recoveries from a damaged history not yet acknowledged, and what the last one did. */
+int64_t store_corruptions(const struct store *st);
+const char *store_corruption(const struct store *st);
+int store_corruption_ack(struct store *st);
+
 int store_begin(struct store *st);
 int store_commit(struct store *st);
 void store_rollback(struct store *st);

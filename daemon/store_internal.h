@@ -5,6 +5,8 @@
 #ifndef CMDRELAY_STORE_INTERNAL_H
 #define CMDRELAY_STORE_INTERNAL_H
 
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include <sqlite3.h>
@@ -21,6 +23,17 @@ struct store_dedup *store_dedup_of(struct store *st);
 
 /* Sets the error that store_errmsg() returns, with SQLite's message; returns -1. */
 int store_fail(struct store *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Like store_fail, for damage SQLite reported in a result rather than a code. */
+int store_set_corrupt(struct store *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+bool store_is_corrupt_rc(int rc);
+/* quick_check answers in lines; the log wants one. */
+void store_one_line(struct store *st);
+/* PRAGMA quick_check within a time budget; *complete false when cut short (store_salvage.c). */
+int store_check(struct store *st, bool *complete);
+/* Renames path and its -wal, -shm to path.corrupt-<UTC time>, named in aside. */
+int store_move_aside(const char *path, char *aside, size_t len, char *err, size_t errlen);
+/* Copies what can be read of the history at aside into st; report says what. */
+int store_salvage(struct store *st, const char *aside, char *report, size_t len);
 /* Runs a statement that returns nothing or one integer; resets it. */
 int store_step(struct store *st, sqlite3_stmt *s, int64_t *out);
 /* libmosquitto hands an empty payload as NULL; SQL must see an empty BLOB. */

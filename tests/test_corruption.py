@@ -1,0 +1,131 @@
+"""A history damaged on a worn SD card (issue 19): found at start, moved
+aside, salvaged into a fresh history, and shown until an admin clears it.
+Each test damages a stopped relay's history.db, starts it, publishes and
+checks that nothing new was acknowledged into the damaged file, that the
+fresh history holds every new command, that a named consumer resumes from
+its carried-over cursor with every salvaged and new command in order, and
+that log, STATUS, stats and metrics say so."""
+import hashlib
+import json
+import os
+import random
+import re
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from brokers import publish_many
+from consumer_client import ConsumerClient
+from relay import CMDRELAYCTL, Relay
+from test_metrics import read_metrics
+
+OLD = 600          # commands in the history before the damage
+ACKED = 100        # the consumer acknowledged these
+NEW = 20           # published after the damage
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _damage_pages(db):
+    """1,000 random bytes into each of three pages in the middle, as on the SD card."""
+    data = bytearray(db.read_bytes())
+    page = int.from_bytes(data[16:18], "big") or 65536
+    pages = len(data) // page
+    rnd = random.Random(19)
+    for p in (pages // 2 - 1, pages // 2, pages // 2 + 1):
+        off = p * page + 100
+        data[off:off + 1000] = rnd.randbytes(1000)
+    db.write_bytes(bytes(data))
+
+
+def _truncate(db):
+    """The file cut at two thirds, on a page boundary (a write that never reached the card)."""
+    data = db.read_bytes()
+    page = int.from_bytes(data[16:18], "big") or 65536
+    db.write_bytes(data[:(len(data) * 2 // 3) // page * page])
+
+
+DAMAGE = {"pages": _damage_pages, "truncated": _truncate}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damaged_history_is_recovered(mosquitto, tmp_path, uid, kind):
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    prom = tmp_path / "cmdrelay.prom"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
+                  metrics={"textfile": str(prom), "interval": "1s"})
+    relay.start()
+    publish_many(mosquitto, topic, [b"old-%04d-" % i + b"x" * 190 for i in range(OLD)])
+    relay.wait_count(OLD)
+    with ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock")) as lamp:
+        lamp.hello(consumer="lamp", filter="#")
+        got = lamp.collect(count=ACKED, timeout=20)
+        lamp.ack(got[-1]["id"])
+        lamp.stats()
+    before = {r["id"]: r["payload"] for r in relay.accepted()}
+    acked = got[-1]["id"]
+    relay.stop()
+    assert not (relay.db_path.parent / "history.db-wal").exists() or \
+        (relay.db_path.parent / "history.db-wal").stat().st_size == 0
+
+    DAMAGE[kind](relay.db_path)
+    damaged = _sha(relay.db_path)
+
+    relay.start()
+    publish_many(mosquitto, topic, [b"new-%02d" % i for i in range(NEW)])
+    relay.wait_for(lambda: relay.count("CAST(payload AS TEXT) LIKE 'new-%'") >= NEW, 30, "the new commands")
+    log = relay.log(since_start=True)
+
+    # The damaged file is kept aside unchanged: nothing acknowledged into it.
+    aside = [p for p in relay.db_path.parent.iterdir() if re.fullmatch(r"history\.db\.corrupt-\d{8}T\d{6}Z", p.name)]
+    assert len(aside) == 1, f"no history.db.corrupt-<time> beside {relay.db_path}; log:\n{log}"
+    assert _sha(aside[0]) == damaged, "the damaged file was written to after the start"
+
+    # The fresh history holds every new command, numbered after every old id.
+    fresh = relay.accepted()
+    new = [r for r in fresh if r["payload"].startswith(b"new-")]
+    assert [r["payload"] for r in new] == [b"new-%02d" % i for i in range(NEW)]
+    assert min(r["id"] for r in new) > max(before)
+
+    # The alarm (log_errx) in the log, with the lost ranges.
+    alarm = [ln for ln in log.splitlines() if "history was corrupt" in ln]
+    assert alarm, f"no alarm in the log:\n{log}"
+    m = re.search(r"salvaged (\d+) consumer cursors, (\d+) session subscriptions, (\d+) accepted"
+                  r" commands of ids (\d+)-(\d+); lost ids: ([^;]*);", alarm[0])
+    assert m, alarm[0]
+    assert int(m.group(1)) == 1 and int(m.group(2)) == 1, alarm[0]
+    assert int(m.group(4)) == acked + 1 and int(m.group(5)) == max(before), alarm[0]
+    lost = set()
+    for part in m.group(6).split(","):
+        if part != "none":
+            a, _, b = part.partition("-")
+            lost.update(range(int(a), int(b or a) + 1))
+    salvaged = {r["id"]: r["payload"] for r in fresh if not r["payload"].startswith(b"new-")}
+    assert len(salvaged) == int(m.group(3))
+    # Every unacknowledged old command is either carried over intact or named as lost.
+    for i in (i for i in before if i > acked):
+        assert (i in salvaged and salvaged[i] == before[i]) or i in lost, f"id {i} neither salvaged nor reported lost"
+    assert not any(i <= acked for i in salvaged), "acknowledged commands were carried over"
+    print(f"\n{kind}: {alarm[0]}")
+
+    relay.wait_for(lambda: any("recovered from corruption" in s for s in relay.notify.seen("STATUS=")),
+                   10, "STATUS naming the recovery")
+    relay.wait_for(lambda: prom.exists() and
+                   read_metrics(prom).get(("cmdrelay_store_corruptions_total", ())) == 1, 10,
+                   "cmdrelay_store_corruptions_total 1")
+
+    # The consumer resumes from its carried-over cursor: salvaged then new, in order.
+    with ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock")) as lamp:
+        welcome = lamp.hello(consumer="lamp", filter="#")
+        assert welcome["resume_after"] == acked
+        got = lamp.collect(count=len(salvaged) + NEW, timeout=20, ack_every=50)
+        ids = [g["id"] for g in got]
+        assert ids == sorted(salvaged) + [r["id"] for r in new]
+        stats = lamp.stats()
+    assert stats["store_corruptions"] == 1 and "moved aside to" in stats["store_corruption"]
+    assert stats["store_corrupt"] is False
+    relay.stop()

@@ -501,7 +501,7 @@ store_open(struct store *st, const char *path)
 	if (st->created && store_create_file(st, path) == -1)
 		return -1;
 	if (sqlite3_open_v2(path, &st->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
-	    SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_URI, NULL) != SQLITE_OK) {
+	    SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
 		store_fail(st, "cannot open");
 		return -1;
 	}

@@ -111,39 +111,100 @@ store_move_aside(const char *path, char *aside, size_t len, char *err, size_t er
 	return 0;
 }
 
-/* The columns table has in both histories, quoted, comma-separated. */
-static char *
-salvage_columns(sqlite3 *db, const char *table)
-{
-	sqlite3_stmt *s = NULL;
-	char *cols = NULL;
+/*
+ * Reading the damaged file on its own connection: a multi-database
+ * transaction that touched a corrupt page cannot commit at all.
+ */
+struct salvage_copy {
+	sqlite3_stmt *sel;	/* on the damaged file */
+	sqlite3_stmt *ins;	/* into the fresh history */
+};
 
-	if (sqlite3_prepare_v2(db, "SELECT group_concat('\"' || m.name || '\"', ',')"
-	    " FROM pragma_table_info(?1, 'main') m JOIN pragma_table_info(?1, 'old') o USING (name)",
-	    -1, &s, NULL) != SQLITE_OK)
-		return NULL;
-	sqlite3_bind_text(s, 1, table, -1, SQLITE_STATIC);
-	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_text(s, 0))
-		cols = sqlite3_mprintf("%s", sqlite3_column_text(s, 0));
-	sqlite3_finalize(s);
-	return cols;
+static void
+salvage_copy_free(struct salvage_copy *c)
+{
+	sqlite3_finalize(c->sel);
+	sqlite3_finalize(c->ins);
+	c->sel = c->ins = NULL;
 }
 
-/* Copies table whole (small tables); returns rows copied or -1. */
+/* The columns of table in both histories (an older schema may lack some). */
 static int
-salvage_table(sqlite3 *db, const char *table, const char *where)
+salvage_copy_prepare(struct salvage_copy *c, sqlite3 *old, sqlite3 *db, const char *table,
+    const char *where)
 {
-	char *cols = salvage_columns(db, table), *sql;
+	sqlite3_str *cols = sqlite3_str_new(db), *marks = sqlite3_str_new(db);
+	sqlite3_stmt *s = NULL, *probe;
+	char *sql;
+	int n = 0, rc = -1;
+
+	c->sel = c->ins = NULL;
+	if (sqlite3_prepare_v2(db, "SELECT m.name FROM pragma_table_info(?1) m", -1, &s, NULL) != SQLITE_OK)
+		goto out;
+	sqlite3_bind_text(s, 1, table, -1, SQLITE_STATIC);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		sql = sqlite3_mprintf("SELECT \"%w\" FROM \"%w\" LIMIT 0", sqlite3_column_text(s, 0), table);
+		probe = NULL;
+		if (sql && sqlite3_prepare_v2(old, sql, -1, &probe, NULL) == SQLITE_OK) {
+			sqlite3_str_appendf(cols, "%s\"%w\"", n ? "," : "", sqlite3_column_text(s, 0));
+			sqlite3_str_appendf(marks, "%s?", n++ ? "," : "");
+		}
+		sqlite3_finalize(probe);
+		sqlite3_free(sql);
+	}
+	if (n == 0)
+		goto out;
+	sql = sqlite3_mprintf("SELECT %s FROM \"%w\" %s", sqlite3_str_value(cols), table, where);
+	rc = sql && sqlite3_prepare_v2(old, sql, -1, &c->sel, NULL) == SQLITE_OK ? 0 : -1;
+	sqlite3_free(sql);
+	sql = sqlite3_mprintf("INSERT OR REPLACE INTO \"%w\" (%s) VALUES (%s)", table,
+	    sqlite3_str_value(cols), sqlite3_str_value(marks));
+	if (rc == 0 && (sql == NULL || sqlite3_prepare_v2(db, sql, -1, &c->ins, NULL) != SQLITE_OK))
+		rc = -1;
+	sqlite3_free(sql);
+out:
+	sqlite3_finalize(s);
+	sqlite3_free(sqlite3_str_finish(cols));
+	sqlite3_free(sqlite3_str_finish(marks));
+	if (rc == -1)
+		salvage_copy_free(c);
+	return rc;
+}
+
+/* Copies what sel reads (bound to arg if it takes one); rows copied, -1 when it could not read them. */
+static int64_t
+salvage_copy_run(struct salvage_copy *c, int64_t arg)
+{
+	int64_t copied = 0;
 	int rc;
 
-	if (cols == NULL)
+	if (sqlite3_bind_parameter_count(c->sel) > 0)
+		sqlite3_bind_int64(c->sel, 1, arg);
+	while ((rc = sqlite3_step(c->sel)) == SQLITE_ROW) {
+		for (int i = 0; i < sqlite3_column_count(c->sel); i++)
+			sqlite3_bind_value(c->ins, i + 1, sqlite3_column_value(c->sel, i));
+		rc = sqlite3_step(c->ins);
+		sqlite3_reset(c->ins);
+		if (rc != SQLITE_DONE)
+			break;
+		copied++;
+	}
+	sqlite3_reset(c->sel);
+	return rc == SQLITE_DONE ? copied : -1;
+}
+
+/* A small table whole; rows copied, -1 if unreadable. */
+static int64_t
+salvage_table(sqlite3 *old, sqlite3 *db, const char *table, const char *where)
+{
+	struct salvage_copy c;
+	int64_t n;
+
+	if (salvage_copy_prepare(&c, old, db, table, where) == -1)
 		return -1;
-	sql = sqlite3_mprintf("INSERT OR REPLACE INTO main.\"%w\" (%s) SELECT %s FROM old.\"%w\" %s",
-	    table, cols, cols, table, where);
-	rc = sql ? sqlite3_exec(db, sql, NULL, NULL, NULL) : SQLITE_NOMEM;
-	sqlite3_free(sql);
-	sqlite3_free(cols);
-	return rc == SQLITE_OK ? sqlite3_changes(db) : -1;
+	n = salvage_copy_run(&c, 0);
+	salvage_copy_free(&c);
+	return n;
 }
 
 static int64_t
@@ -181,116 +242,89 @@ salvage_note_lost(char *lost, size_t len, int64_t from, int64_t to)
  * damaged page loses the rows on it, not the scan. Returns rows copied.
  */
 static int64_t
-salvage_messages(sqlite3 *db, int64_t lo, int64_t hi, char *lost, size_t lostlen)
+salvage_messages(sqlite3 *old, sqlite3 *db, int64_t lo, int64_t hi, char *lost, size_t lostlen)
 {
-	char *cols = salvage_columns(db, "messages"), *sql;
-	sqlite3_stmt *s = NULL, *dup = NULL;
-	int64_t copied = 0, lost_from = 0;
-	int step, changed;
+	struct salvage_copy c;
+	sqlite3_stmt *dup = NULL;
+	int64_t copied = 0, lost_from = 0, n;
 	bool ok;
 
-	if (cols == NULL)
+	if (salvage_copy_prepare(&c, old, db, "messages", "WHERE id = ?1 AND status = 'accepted'") == -1)
 		return -1;
-	sql = sqlite3_mprintf("INSERT INTO main.messages (%s) SELECT %s FROM old.messages"
-	    " WHERE id = ?1 AND status = 'accepted'", cols, cols);
-	sqlite3_free(cols);
-	if (sql == NULL || sqlite3_prepare_v2(db, sql, -1, &s, NULL) != SQLITE_OK) {
-		sqlite3_free(sql);
-		return -1;
-	}
-	sqlite3_free(sql);
 	/* A row neither copied nor a readable duplicate was on a damaged page. */
-	if (sqlite3_prepare_v2(db, "SELECT 1 FROM old.messages WHERE id = ?1 AND status = 'duplicate'",
+	if (sqlite3_prepare_v2(old, "SELECT 1 FROM messages WHERE id = ?1 AND status = 'duplicate'",
 	    -1, &dup, NULL) != SQLITE_OK) {
-		sqlite3_finalize(s);
+		salvage_copy_free(&c);
 		return -1;
 	}
 	for (int64_t id = lo + 1; id <= hi; id++) {
-		sqlite3_bind_int64(s, 1, id);
+		n = salvage_copy_run(&c, id);
 		sqlite3_bind_int64(dup, 1, id);
-		step = sqlite3_step(s);
-		changed = step == SQLITE_DONE ? sqlite3_changes(db) : 0;
-		ok = changed == 1 || (step == SQLITE_DONE && sqlite3_step(dup) == SQLITE_ROW);
-		copied += changed;
+		ok = n == 1 || (n == 0 && sqlite3_step(dup) == SQLITE_ROW);
 		sqlite3_reset(dup);
-		if (ok) {
-			if (lost_from)
-				salvage_note_lost(lost, lostlen, lost_from, id - 1);
+		if (n == 1)
+			copied++;
+		if (ok && lost_from)
+			salvage_note_lost(lost, lostlen, lost_from, id - 1);
+		if (ok)
 			lost_from = 0;
-		} else if (lost_from == 0) {
+		else if (lost_from == 0)
 			lost_from = id;
-		}
-		sqlite3_reset(s);
 	}
 	if (lost_from)
 		salvage_note_lost(lost, lostlen, lost_from, hi);
-	sqlite3_finalize(s);
+	salvage_copy_free(&c);
 	sqlite3_finalize(dup);
 	return copied;
-}
-
-/* URI of a file name for a read-only ATTACH: %, ? and # escaped. */
-static char *
-salvage_uri(const char *path)
-{
-	char buf[PATH_MAX * 3 + 32], *p = buf;
-
-	p += snprintf(buf, sizeof(buf), "file:");
-	for (; *path && p < buf + sizeof(buf) - 16; path++) {
-		if (*path == '%' || *path == '?' || *path == '#')
-			p += sprintf(p, "%%%02X", (unsigned char)*path);
-		else
-			*p++ = *path;
-	}
-	snprintf(p, (size_t)(buf + sizeof(buf) - p), "?mode=ro");
-	return sqlite3_mprintf("%s", buf);
 }
 
 int
 store_salvage(struct store *st, const char *aside, char *report, size_t len)
 {
-	sqlite3 *db = store_db(st);
+	sqlite3 *db = store_db(st), *old = NULL;
 	sqlite3_stmt *s = NULL;
-	char *uri = salvage_uri(aside), lost[256] = "";
-	int consumers, subs;
-	int64_t lo, hi, seq, maxid, copied = 0;
+	char lost[256] = "";
+	int64_t consumers, subs, lo, hi, seq, maxid, copied = 0;
 
-	if (uri == NULL || sqlite3_prepare_v2(db, "ATTACH ?1 AS old", -1, &s, NULL) != SQLITE_OK) {
-		sqlite3_free(uri);
+	if (sqlite3_open_v2(aside, &old, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK ||
+	    /* Else a file shorter than its header says (truncated) is refused whole. */
+	    sqlite3_exec(old, "PRAGMA writable_schema = ON", NULL, NULL, NULL) != SQLITE_OK ||
+	    sqlite3_exec(old, "SELECT count(*) FROM sqlite_schema", NULL, NULL, NULL) != SQLITE_OK) {
+		/* Not even the schema reads: the fresh history starts empty. */
+		snprintf(report, len, "salvaged nothing, the schema is unreadable (%s)",
+		    old ? sqlite3_errmsg(old) : "out of memory");
+		sqlite3_close(old);
+		return 0;
+	}
+	if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+		sqlite3_close(old);
 		return store_fail(st, "salvage");
 	}
-	sqlite3_bind_text(s, 1, uri, -1, SQLITE_TRANSIENT);
-	sqlite3_free(uri);
-	if (sqlite3_step(s) != SQLITE_DONE) {
-		sqlite3_finalize(s);
-		return store_fail(st, "salvage: attaching %s", aside);
-	}
-	sqlite3_finalize(s);
-	sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
-	consumers = salvage_table(db, "consumers", "");
-	subs = salvage_table(db, "session_subscriptions", "");
-	salvage_table(db, "meta", "WHERE key IN ('session', 'age_clock')");
+	consumers = salvage_table(old, db, "consumers", "");
+	subs = salvage_table(old, db, "session_subscriptions", "");
+	salvage_table(old, db, "meta", "WHERE key IN ('session', 'age_clock')");
 	/* Where new ids start: past every id a consumer or the file knew. */
-	seq = salvage_int(db, "SELECT seq FROM old.sqlite_sequence WHERE name = 'messages'");
-	maxid = salvage_int(db, "SELECT max(id) FROM old.messages");
-	hi = salvage_int(db, "SELECT max(acked_id) FROM main.consumers");
+	seq = salvage_int(old, "SELECT seq FROM sqlite_sequence WHERE name = 'messages'");
+	maxid = salvage_int(old, "SELECT max(id) FROM messages");
+	hi = salvage_int(db, "SELECT max(acked_id) FROM consumers");
 	hi = seq > hi ? seq : hi;
 	hi = maxid > hi ? maxid : hi;
-	lo = consumers > 0 ? salvage_int(db, "SELECT min(acked_id) FROM main.consumers") : 0;
+	lo = consumers > 0 ? salvage_int(db, "SELECT min(acked_id) FROM consumers") : 0;
 	if (lo < 0)
 		lo = 0;
 	if (hi - lo > SALVAGE_MAX_ROWS) {
 		salvage_note_lost(lost, sizeof(lost), lo + 1, hi - SALVAGE_MAX_ROWS);
 		lo = hi - SALVAGE_MAX_ROWS;
 	}
-	if (hi > lo && (copied = salvage_messages(db, lo, hi, lost, sizeof(lost))) < 0)
+	if (hi > lo && (copied = salvage_messages(old, db, lo, hi, lost, sizeof(lost))) < 0)
 		copied = 0;
-	sqlite3_exec(db, "INSERT OR IGNORE INTO main.topics SELECT DISTINCT topic FROM main.messages",
+	sqlite3_close(old);
+	sqlite3_exec(db, "INSERT OR IGNORE INTO topics SELECT DISTINCT topic FROM messages",
 	    NULL, NULL, NULL);
 	/* sqlite_sequence has no key: the salvaged rows may have made the row already. */
-	sqlite3_exec(db, "DELETE FROM main.sqlite_sequence WHERE name = 'messages'", NULL, NULL, NULL);
-	if (hi > 0 && (sqlite3_prepare_v2(db, "INSERT INTO main.sqlite_sequence (name, seq)"
-	    " VALUES ('messages', ?1)", -1, &s, NULL) == SQLITE_OK)) {
+	sqlite3_exec(db, "DELETE FROM sqlite_sequence WHERE name = 'messages'", NULL, NULL, NULL);
+	if (hi > 0 && sqlite3_prepare_v2(db, "INSERT INTO sqlite_sequence (name, seq)"
+	    " VALUES ('messages', ?1)", -1, &s, NULL) == SQLITE_OK) {
 		sqlite3_bind_int64(s, 1, hi);
 		sqlite3_step(s);
 		sqlite3_finalize(s);
@@ -298,12 +332,10 @@ store_salvage(struct store *st, const char *aside, char *report, size_t len)
 	if (sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
 		store_fail(st, "salvage: commit");
 		sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
-		sqlite3_exec(db, "DETACH old", NULL, NULL, NULL);
 		return -1;
 	}
-	sqlite3_exec(db, "DETACH old", NULL, NULL, NULL);
-	snprintf(report, len, "salvaged %d consumer cursors, %d session subscriptions, %" PRId64
-	    " accepted commands of ids %" PRId64 "-%" PRId64 "; lost ids: %s; new ids start after %"
+	snprintf(report, len, "salvaged %" PRId64 " consumer cursors, %" PRId64 " session subscriptions, %"
+	    PRId64 " accepted commands of ids %" PRId64 "-%" PRId64 "; lost ids: %s; new ids start after %"
 	    PRId64, consumers < 0 ? 0 : consumers, subs < 0 ? 0 : subs, copied, lo + 1, hi,
 	    *lost ? lost : "none", hi);
 	return 0;

@@ -1118,7 +1118,6 @@ def _sqlite_foreign_db(path):
 GARBAGE = {
     "random-bytes": lambda p, size: p.write_bytes(random.Random(1).randbytes(size)),
     "text": lambda p, size: p.write_text("broker:\n  host: 127.0.0.1\n" * 100),
-    "corrupt-pages": None,          # the real file with everything after page 1 scrambled
     "another-sqlite-database": lambda p, size: (p.unlink(), _sqlite_foreign_db(str(p))),
 }
 
@@ -1126,29 +1125,41 @@ GARBAGE = {
 @pytest.mark.parametrize("kind", list(GARBAGE))
 def test_database_replaced_by_garbage_while_stopped(mosquitto, tmp_path, uid, kind):
     """While the relay is stopped its history.db is replaced by something
-    that is not its history: random bytes, a text file, the history with
-    its pages after the first scrambled, or another program's SQLite
-    database. Starting must fail with a clear message naming the file and
+    that is not its history: random bytes, a text file, or another
+    program's SQLite database. Starting must fail with a clear message naming the file and
     exit status 1, and leave the file exactly as it was (no migration
     applied to a foreign database, nothing overwritten). The broker plays
     no part here, so Mosquitto only."""
     relay = _history_with_data(tmp_path, mosquitto, uid)
     db = relay.db_path
     size = db.stat().st_size
-    if kind == "corrupt-pages":
-        data = bytearray(db.read_bytes())
-        page = int.from_bytes(data[16:18], "big") or 65536
-        rnd = random.Random(2)
-        data[page:] = rnd.randbytes(len(data) - page)
-        db.write_bytes(bytes(data))
-    else:
-        GARBAGE[kind](db, size)
+    GARBAGE[kind](db, size)
     before = _sha(db)
     status, out = _start_expecting_exit(relay)
     assert _sha(db) == before, f"cmdrelayd changed {db}; output:\n{out}"
     assert status == 1, f"exit status {status}, want 1; output:\n{out}"
     assert str(db) in out, f"the message does not name {db}:\n{out}"
     print(f"\n{kind}: exit {status}: {out.strip().splitlines()[-1]}")
+
+
+def test_history_scrambled_after_page_1_is_moved_aside(mosquitto, tmp_path, uid):
+    """The history with every page after the first scrambled is still an
+    SQLite file of ours by its header, but nothing in it reads, not even
+    the schema. The relay keeps it byte for byte as history.db.corrupt-<time>
+    and starts a fresh history, saying that nothing could be salvaged
+    (test_corruption.py covers what a partly readable file gives back)."""
+    relay = _history_with_data(tmp_path, mosquitto, uid)
+    db = relay.db_path
+    data = bytearray(db.read_bytes())
+    page = int.from_bytes(data[16:18], "big") or 65536
+    data[page:] = random.Random(2).randbytes(len(data) - page)
+    db.write_bytes(bytes(data))
+    before = _sha(db)
+    status, out = _start_expecting_exit(relay, timeout=4)
+    aside = sorted(db.parent.glob("history.db.corrupt-*[0-9]Z"))
+    assert status is None, f"exit status {status}, want a running relay; output:\n{out}"
+    assert len(aside) == 1 and _sha(aside[0]) == before, f"the damaged file is not kept; output:\n{out}"
+    assert "history was corrupt" in out and "salvaged nothing" in out, out
 
 
 def test_database_deleted_while_stopped(mosquitto, tmp_path, uid):

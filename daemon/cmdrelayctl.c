@@ -48,6 +48,7 @@ static const struct ctl_command {
 	{ "status", cmd_status, "[--json]" },
 	{ "stats", cmd_stats, "[--json]" },
 	{ "check-config", cmd_check_config, "" },
+	{ "store", cmd_store, "ack-corruption" },
 };
 #define NCOMMANDS (sizeof(ctl_commands) / sizeof(ctl_commands[0]))
 

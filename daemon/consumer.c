@@ -472,6 +472,27 @@ op_inject(struct client *cl, const struct request *req)
 	send_json(cl, json_pack("{s:s, s:I}", "type", "injected", "id", (json_int_t)row));
 }
 
+/* The alarm is for the admins: root and the daemon's own user clear it. */
+static void
+op_store_ack(struct client *cl, const struct request *req)
+{
+	uid_t uid = conn_uid(cl->conn);
+	int64_t n = store_corruptions(cl->cs->store);
+
+	(void)req;
+	if (uid != 0 && uid != geteuid())
+		return send_error(cl, "not_allowed", "store: only root or uid %d may acknowledge",
+		    (int)geteuid());
+	if (store_corruption_ack(cl->cs->store) == -1) {
+		log_warnx("store: %s", store_errmsg(cl->cs->store));
+		return send_error(cl, "storage", "store: the history cannot be written now; try again");
+	}
+	if (n > 0)
+		log_info("history corruption alarm acknowledged by uid %d pid %d", (int)uid,
+		    (int)conn_pid(cl->conn));
+	send_json(cl, json_pack("{s:s, s:I}", "type", "store", "acknowledged", (json_int_t)n));
+}
+
 static void
 on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 {
@@ -482,6 +503,7 @@ on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 		[REQUEST_PUBLISH] = op_publish,
 		[REQUEST_CURSOR] = op_cursor,
 		[REQUEST_INJECT] = op_inject,
+		[REQUEST_STORE_ACK] = op_store_ack,
 	};
 	struct client *cl = state;
 	struct request_error err;

@@ -52,5 +52,6 @@ int cmd_tail(struct ctl *ctl, int argc, char *argv[]);
 int cmd_stats(struct ctl *ctl, int argc, char *argv[]);
 int cmd_status(struct ctl *ctl, int argc, char *argv[]);
 int cmd_publish(struct ctl *ctl, int argc, char *argv[]);
+int cmd_store(struct ctl *ctl, int argc, char *argv[]);
 
 #endif

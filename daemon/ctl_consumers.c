@@ -1,7 +1,8 @@
 /*
  * cmdrelayctl consumers: the named cursors from the history, and their
  * lifecycle (delete, reset) through the running daemon, which refuses it
- * while the consumer is connected and checks socket.allow like any client.
+ * while the consumer is connected and checks socket.allow like any client;
+ * and store ack-corruption, which clears a recovered history's alarm.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -73,6 +74,32 @@ consumers_change(struct ctl *ctl, int argc, char *argv[])
 			    json_integer_value(json_object_get(reply, "acked_id")));
 		else
 			printf("consumer %s deleted\n", argv[optind]);
+		json_decref(reply);
+		return 0;
+	}
+	ctl_die_refused(reply);
+}
+
+/* Clears the alarm of a recovered history (the daemon keeps it in meta until then). */
+int
+cmd_store(struct ctl *ctl, int argc, char *argv[])
+{
+	json_t *reply;
+	const char *type;
+	FILE *in;
+	int fd;
+
+	if (argc != 2 || strcmp(argv[1], "ack-corruption") != 0)
+		ctl_usage(EX_USAGE_STATUS);
+	in = ctl_open_daemon(ctl, &fd);
+	ctl_send_json(fd, json_pack("{s:s, s:s}", "op", "store", "action", "ack-corruption"));
+	reply = ctl_read_json(in);
+	fclose(in);
+	close(fd);
+	type = json_string_value(json_object_get(reply, "type"));
+	if (type && strcmp(type, "store") == 0) {
+		printf("history corruption alarm acknowledged (%" JSON_INTEGER_FORMAT " recoveries)\n",
+		    json_integer_value(json_object_get(reply, "acknowledged")));
 		json_decref(reply);
 		return 0;
 	}

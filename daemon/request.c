@@ -110,6 +110,21 @@ parse_ack(json_t *msg, struct request *req, struct request_error *err)
 	return 0;
 }
 
+/* {"op":"store","action":"ack-corruption"}: the only store action. */
+static int
+parse_store(json_t *msg, struct request_error *err)
+{
+	static const char *const keys[] = { "op", "action", NULL };
+	const char *action = json_string_value(json_object_get(msg, "action"));
+	const char *bad = unknown_key(msg, keys);
+
+	if (bad)
+		return fail(err, "bad_request", false, "store: unknown field \"%.64s\"", bad);
+	if (action == NULL || strcmp(action, "ack-corruption") != 0)
+		return fail(err, "bad_request", false, "store: action must be \"ack-corruption\"");
+	return 0;
+}
+
 /* {"op":"consumer","consumer":NAME,"action":"delete"} or "reset" with "to": an id, "live", "oldest". */
 static int
 parse_cursor(json_t *msg, struct request *req, struct request_error *err)
@@ -253,8 +268,11 @@ request_parse(const char *line, size_t len, struct request *req, struct request_
 		rc = (req->op = REQUEST_INJECT, parse_publish(op, msg, req, err));
 	else if (strcmp(op, "consumer") == 0)
 		rc = (req->op = REQUEST_CURSOR, parse_cursor(msg, req, err));
+	else if (strcmp(op, "store") == 0)
+		rc = (req->op = REQUEST_STORE_ACK, parse_store(msg, err));
 	else
-		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats, publish, consumer, inject)", op);
+		rc = fail(err, "unknown_op", false, "unknown op \"%.64s\" (hello, ack, stats, publish, consumer, inject,"
+		    " store)", op);
 	json_decref(msg);
 	return rc;
 }

@@ -23,6 +23,7 @@ enum request_op {
 	REQUEST_PUBLISH,
 	REQUEST_CURSOR,		/* delete or reset a named cursor */
 	REQUEST_INJECT,		/* record a command as if the broker sent it */
+	REQUEST_STORE_ACK,	/* an admin has seen the history's corruption alarm */
 };
 
 struct request {

@@ -128,4 +128,16 @@ def test_damaged_history_is_recovered(mosquitto, tmp_path, uid, kind):
         stats = lamp.stats()
     assert stats["store_corruptions"] == 1 and "moved aside to" in stats["store_corruption"]
     assert stats["store_corrupt"] is False
+
+    # The admin has seen it: the alarm goes, and stays gone after a restart.
+    ack = subprocess.run([str(CMDRELAYCTL), "-c", str(relay.conf_path), "store", "ack-corruption"],
+                         capture_output=True, text=True, timeout=10)
+    assert ack.returncode == 0 and "acknowledged (1 recoveries)" in ack.stdout, ack
+    relay.restart()
+    with ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock")) as c:
+        stats = c.stats()
+    assert stats["store_corruptions"] == 0 and stats["store_corruption"] == ""
+    relay.wait_for(lambda: read_metrics(prom).get(("cmdrelay_store_corruptions_total", ())) == 0, 10,
+                   "cmdrelay_store_corruptions_total 0")
+    assert "history was corrupt" not in relay.log(since_start=True)
     relay.stop()

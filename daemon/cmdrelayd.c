@@ -297,6 +297,9 @@ main(int argc, char *argv[])
 	if (store_created(relay_store(d.relay)))
 		log_warnx("%s did not exist: began a new, empty history; consumer positions and the "
 		    "session's subscriptions start afresh", d.cfg->store.path);
+	if (!store_check_complete(relay_store(d.relay)))
+		log_warnx("%s: the integrity check was cut short by its time budget; damage in the rest"
+		    " is found when it is read", d.cfg->store.path);
 	if (store_corruptions(relay_store(d.relay)) > 0)
 		log_errx("%s: %s (cmdrelayctl store ack-corruption clears this alarm)", d.cfg->store.path,
 		    store_corruption(relay_store(d.relay)));

@@ -317,6 +317,11 @@ status_print(json_t *st)
 	    "%lld socket connections\n", (long long)json_array_size(consumers), (long long)connected,
 	    (long long)behind, (long long)lag, (long long)status_int(st, "connections"));
 	printf("history:   %lld bytes\n", (long long)status_int(st, "database_bytes"));
+	if (json_is_true(json_object_get(st, "store_corrupt")))
+		printf("HISTORY CORRUPT: nothing is acknowledged; restart cmdrelayd to recover it\n");
+	if (status_int(st, "store_corruptions") > 0)
+		printf("CORRUPTION RECOVERED (cmdrelayctl store ack-corruption when seen): %s\n",
+		    json_string_value(json_object_get(st, "store_corruption")));
 	printf("last error: %s\n", err && *err ? err : "none");
 }
 

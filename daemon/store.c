@@ -223,6 +223,12 @@ store_corrupt(const struct store *st)
 	return st->corrupt;
 }
 
+bool
+store_check_complete(const struct store *st)
+{
+	return st->check_complete;
+}
+
 int64_t
 store_corruptions(const struct store *st)
 {

@@ -39,6 +39,8 @@ bool store_corrupt(const struct store *st);
 int64_t store_corruptions(const struct store *st);
 const char *store_corruption(const struct store *st);
 int store_corruption_ack(struct store *st);
+/* False when the start-up integrity check ran out of its time budget (a huge history). */
+bool store_check_complete(const struct store *st);
 
 int store_begin(struct store *st);
 int store_commit(struct store *st);

@@ -219,7 +219,7 @@ main(int argc, char *argv[])
 	const struct consumers_hooks hooks = {
 		.stats = add_relay_stats, .queued = on_queued, .inject = on_inject, .arg = &d,
 	};
-	bool check_only = false, verbose = false;
+	bool check_only = false, verbose = false, corrupt;
 	sigset_t sleep_mask;
 	uint64_t usec;
 	int ch;
@@ -307,7 +307,11 @@ main(int argc, char *argv[])
 	sd_notify(0, "READY=1");
 	notify_status(&d);
 
-	while (!quit_signal) {
+	/*
+	 * Damage found while running: nothing more is committed (G6), and the
+	 * restart (Restart=on-failure) recovers it before the broker connection.
+	 */
+	while (!quit_signal && !store_corrupt(relay_store(d.relay))) {
 		if (event_loop_once(d.loop, &sleep_mask) == -1)
 			fatalx("poll: %s", strerror(errno));
 		if (reload_signal) {
@@ -316,7 +320,14 @@ main(int argc, char *argv[])
 		}
 	}
 
-	log_info("received %s, shutting down", strsignal(quit_signal));
+	corrupt = store_corrupt(relay_store(d.relay));
+	if (corrupt) {
+		log_errx("%s is corrupt (%s); nothing more is acknowledged; exiting so that the restart"
+		    " moves it aside and recovers it", d.cfg->store.path, store_errmsg(relay_store(d.relay)));
+		sd_notify(0, "STATUS=HISTORY CORRUPT: exiting so that the restart recovers it");
+	} else {
+		log_info("received %s, shutting down", strsignal(quit_signal));
+	}
 	sd_notify(0, "STOPPING=1");
 	relay_stop(d.relay);
 	metrics_free(d.metrics);
@@ -326,5 +337,5 @@ main(int argc, char *argv[])
 	event_loop_free(d.loop);
 	config_free(d.cfg);
 	mosquitto_lib_cleanup();
-	return 0;
+	return corrupt ? 1 : 0;
 }

@@ -141,3 +141,64 @@ def test_damaged_history_is_recovered(mosquitto, tmp_path, uid, kind):
                    "cmdrelay_store_corruptions_total 0")
     assert "history was corrupt" not in relay.log(since_start=True)
     relay.stop()
+
+
+def test_damage_while_running_is_told_and_recovered(mosquitto, tmp_path, uid):
+    """Pages overwritten under a running relay. SQLite notices only when it
+    reads a damaged page from the file: pages in its cache (or newer copies
+    in the WAL) hide the damage until another connection's write makes it
+    drop the cache. Here the test checkpoints, damages, writes one meta row,
+    and a consumer reads from the start: it gets history_corrupt, the relay
+    commits nothing more and exits 1; the restart recovers the history and
+    the consumer resumes from its cursor with every new command."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
+    relay.start()
+    publish_many(mosquitto, topic, [b"old-%04d-" % i + b"x" * 190 for i in range(OLD)])
+    relay.wait_count(OLD)
+    with ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock")) as lamp:
+        lamp.hello(consumer="lamp", filter="#")
+        lamp.ack(lamp.collect(count=1, timeout=10)[-1]["id"])
+        lamp.stats()
+    db = sqlite3.connect(str(relay.db_path), timeout=10)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    _damage_pages(relay.db_path)
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('test', 'drop the cache')")
+    db.commit()
+    db.close()
+    damaged = _sha(relay.db_path)
+
+    with ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock")) as lamp:
+        lamp.hello(consumer="lamp", filter="#")
+        lines = []
+        while True:
+            msg = lamp.recv_json(10)
+            assert msg is not None, f"no error line; got {len(lines)} commands"
+            if msg.get("type") == "error":
+                break
+            lines.append(msg)
+    assert msg["code"] == "history_corrupt", msg
+    assert relay.proc.wait(15) == 1
+    relay.proc = None
+    relay.notify.close()
+    assert "is corrupt" in relay.log() and "exiting so that the restart" in relay.log()
+
+    publish_many(mosquitto, topic, [b"new-%02d" % i for i in range(NEW)])
+    relay.start()
+    relay.wait_for(lambda: relay.count("CAST(payload AS TEXT) LIKE 'new-%'") >= NEW, 30, "the new commands")
+    aside = sorted(relay.db_path.parent.glob("history.db.corrupt-*[0-9]Z"))
+    assert len(aside) == 1
+    # The damaged file took no new command (only SQLite's own WAL checkpoint may touch it).
+    old = sqlite3.connect(f"file:{aside[0]}?mode=ro", uri=True)
+    assert old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()[0] == OLD
+    old.close()
+    with ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock")) as lamp:
+        assert lamp.hello(consumer="lamp", filter="#")["resume_after"] == 1
+        got = lamp.collect(quiet=1.0, timeout=20, ack_every=50)
+    payloads = [g["payload"] for g in got]
+    assert payloads[-NEW:] == ["new-%02d" % i for i in range(NEW)]
+    ids = [g["id"] for g in got]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    print(f"\nwhile running: {len(lines)} commands before the error, {len(got) - NEW} salvaged after; "
+          f"{[ln for ln in relay.log(since_start=True).splitlines() if 'history was corrupt' in ln][0][-200:]}")
+    relay.stop()

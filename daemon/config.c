@@ -75,6 +75,7 @@ static const struct config_key config_keys[] = {
 	{ "store", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "store.path", KEY_STRING, 1, PATH_MAX, "/var/lib/cmdrelay/history.db", CFG(store.path), true },
 	/* 4 MiB: a command line (escaped or base64) stays within the socket's output bound. */
+	{ "store.on_corruption", KEY_STRING, 1, 16, "recover", CFG(store.on_corruption), true },
 	{ "store.max_payload", KEY_INT, 1, 4 * 1024 * 1024, "262144", CFG(store.max_payload), false },
 	{ "store.retention", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "store.retention.max_age", KEY_DURATION, 3600 * 1000, 3650 * DAY_MS, "90d", CFG(store.max_age_ms), false },
@@ -737,6 +738,9 @@ validate(struct parser *p, yaml_node_t *root)
 		return fail_at(p, root, "missing required key 'subscriptions'");
 	if (validate_hosts(p, root) == -1)
 		return -1;
+	if (strcmp(cfg->store.on_corruption, "recover") != 0 && strcmp(cfg->store.on_corruption, "stop") != 0)
+		return fail_at(p, key_node(p, root, "store.on_corruption"),
+		    "store.on_corruption: '%s' is not recover or stop", cfg->store.on_corruption);
 	if (strcmp(cfg->broker.protocol, "mqttv311") != 0 && strcmp(cfg->broker.protocol, "mqttv5") != 0)
 		return fail_at(p, key_node(p, root, "broker.protocol"),
 		    "broker.protocol: '%s' is not mqttv311 or mqttv5", cfg->broker.protocol);

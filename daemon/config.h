@@ -70,6 +70,7 @@ struct config {
 		int64_t max_age_ms;
 		int64_t max_rows;
 		int64_t max_payload;
+		char *on_corruption;	/* "recover" (move aside, salvage) or "stop" */
 	} store;
 	struct {
 		char *path;

@@ -726,7 +726,8 @@ relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t e
 	r->started_wall_ms = event_wall_ms();
 	set_config(r, cfg);
 	if ((r->pattern = topic_pattern_new(cfg->topic_fields, err, errlen)) == NULL ||
-	    (r->store = store_new(cfg->store.path, err, errlen)) == NULL ||
+	    (r->store = store_new(cfg->store.path,
+	    strcmp(cfg->store.on_corruption, "recover") == 0, err, errlen)) == NULL ||
 	    (r->mqtt = mqtt_new(loop, cfg, handler(r), err, errlen)) == NULL ||
 	    (r->uplink = uplink_new(r->store)) == NULL) {
 		if (r->store && r->mqtt && !r->uplink)

@@ -637,7 +637,7 @@ store_corruption_ack(struct store *st)
 }
 
 struct store *
-store_new(const char *path, char *err, size_t errlen)
+store_new(const char *path, bool recover, char *err, size_t errlen)
 {
 	struct store *st;
 
@@ -646,8 +646,13 @@ store_new(const char *path, char *err, size_t errlen)
 		return NULL;
 	}
 	if (store_open(st, path) == -1 && (!st->corrupt || !store_looks_sqlite(path) ||
-	    store_recover(st, path) == -1))
+	    !recover || store_recover(st, path) == -1)) {
+		if (st->corrupt && !recover)
+			snprintf(st->err + strlen(st->err), sizeof(st->err) - strlen(st->err),
+			    "; the history is damaged and store.on_corruption is stop: move it aside"
+			    " (its -wal too) or restore a copy, then start");
 		goto fail;
+	}
 	return st;
 fail:
 	snprintf(err, errlen, "%s: %s", path, st->err);

@@ -18,8 +18,11 @@ struct store_subscription {
 	int qos;
 };
 
-/* Opens (creating if needed) and migrates the history at path. */
-struct store *store_new(const char *path, char *err, size_t errlen);
+/*
+ * Opens (creating if needed) and migrates the history at path; a damaged
+ * one is moved aside and salvaged into a fresh history when recover is set.
+ */
+struct store *store_new(const char *path, bool recover, char *err, size_t errlen);
 void store_free(struct store *st);
 /* True when store_new() found no file and began a new history. */
 bool store_created(const struct store *st);

@@ -18,7 +18,7 @@ import pytest
 
 from brokers import publish_many
 from consumer_client import ConsumerClient
-from relay import CMDRELAYCTL, Relay
+from relay import CMDRELAYCTL, CMDRELAYD, Relay
 from test_metrics import read_metrics
 
 OLD = 600          # commands in the history before the damage
@@ -202,3 +202,22 @@ def test_damage_while_running_is_told_and_recovered(mosquitto, tmp_path, uid):
     print(f"\nwhile running: {len(lines)} commands before the error, {len(got) - NEW} salvaged after; "
           f"{[ln for ln in relay.log(since_start=True).splitlines() if 'history was corrupt' in ln][0][-200:]}")
     relay.stop()
+
+
+def test_stop_mode_leaves_the_damaged_file_for_an_admin(mosquitto, tmp_path, uid):
+    """store.on_corruption: stop: the relay refuses to start (exit 1) with
+    a message saying what to do, and leaves the file exactly as it was."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic], store__on_corruption="stop")
+    relay.start()
+    publish_many(mosquitto, topic, [b"old-%04d-" % i + b"x" * 190 for i in range(OLD)])
+    relay.wait_count(OLD)
+    relay.stop()
+    _damage_pages(relay.db_path)
+    damaged = _sha(relay.db_path)
+    p = subprocess.run([str(CMDRELAYD), "-c", str(relay.conf_path)], capture_output=True, text=True,
+                       timeout=20)
+    assert p.returncode == 1, p
+    assert "store.on_corruption is stop" in p.stderr and str(relay.db_path) in p.stderr, p.stderr
+    assert _sha(relay.db_path) == damaged
+    assert not list(relay.db_path.parent.glob("history.db.corrupt-*"))

@@ -350,7 +350,7 @@ TEST(test_store_unacked_lifecycle)
 
 	assert_non_null(mkdtemp(dir));
 	snprintf(path, sizeof(path), "%s/history.db", dir);
-	if ((st = store_new(path, err, sizeof(err))) == NULL)
+	if ((st = store_new(path, false, err, sizeof(err))) == NULL)
 		fail_msg("store_new: %s", err);
 
 	/* connection 1: a, b, c recorded; PUBACKs of a and b may leave; a confirmed */

@@ -309,6 +309,26 @@ salvage_messages(sqlite3 *old, sqlite3 *db, int64_t lo, int64_t hi, char *lost, 
 	return copied;
 }
 
+/*
+ * The newest row whose PUBACK could have left, from the -puback mark kept
+ * aside (store_dedup.c): past a torn WAL, the one record of ids handed out.
+ */
+static int64_t
+salvage_mark_row(const char *aside)
+{
+	char path[PATH_MAX + 16], boot[40];
+	long long connection, row;
+	FILE *fp;
+	int n;
+
+	snprintf(path, sizeof(path), "%s-puback", aside);
+	if ((fp = fopen(path, "re")) == NULL)
+		return -1;
+	n = fscanf(fp, "%39s %lld %lld", boot, &connection, &row);
+	fclose(fp);
+	return n == 3 ? row : -1;
+}
+
 int
 store_salvage(struct store *st, const char *aside, char *report, size_t len)
 {
@@ -340,6 +360,8 @@ store_salvage(struct store *st, const char *aside, char *report, size_t len)
 	hi = salvage_int(db, "SELECT max(acked_id) FROM consumers");
 	hi = seq > hi ? seq : hi;
 	hi = maxid > hi ? maxid : hi;
+	seq = salvage_mark_row(aside);
+	hi = seq > hi ? seq : hi;
 	lo = consumers > 0 ? salvage_int(db, "SELECT min(acked_id) FROM consumers") : 0;
 	if (lo < 0)
 		lo = 0;

@@ -251,6 +251,10 @@ def test_torn_wal_is_reported_and_recovered(mosquitto, tmp_path, uid):
     assert _sha(aside[0].parent / (aside[0].name + "-wal")) == torn, "the torn WAL was not kept as it was"
     alarm = [ln for ln in log.splitlines() if "history was corrupt" in ln]
     assert alarm and "partial frame" in alarm[0], log
+    # The PUBACK mark kept aside says how far ids went: the lost ones are named, none is reused.
+    m = re.search(r"accepted commands of ids 1-(\d+); lost ids: (\d+)-(\d+);", alarm[0])
+    assert m and int(m.group(1)) == OLD and int(m.group(3)) == OLD, alarm[0]
+    assert min(r["id"] for r in relay.accepted() if r["payload"].startswith(b"new-")) > OLD
     with ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock")) as lamp:
         got = lamp.hello(consumer="lamp", filter="#") and lamp.collect(quiet=1.0, timeout=20, ack_every=50)
     payloads = [g["payload"] for g in got]

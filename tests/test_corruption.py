@@ -6,13 +6,11 @@ fresh history holds every new command, that a named consumer resumes from
 its carried-over cursor with every salvaged and new command in order, and
 that log, STATUS, stats and metrics say so."""
 import hashlib
-import json
-import os
+import pwd
 import random
 import re
 import sqlite3
 import subprocess
-import time
 
 import pytest
 
@@ -166,7 +164,6 @@ def test_damage_while_running_is_told_and_recovered(mosquitto, tmp_path, uid):
     db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('test', 'drop the cache')")
     db.commit()
     db.close()
-    damaged = _sha(relay.db_path)
 
     with ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock")) as lamp:
         lamp.hello(consumer="lamp", filter="#")
@@ -262,4 +259,25 @@ def test_torn_wal_is_reported_and_recovered(mosquitto, tmp_path, uid):
     old = payloads[:-NEW]
     assert old == ["old-%04d" % i for i in range(len(old))], "the salvaged prefix has gaps or is out of order"
     print(f"\ntorn WAL: {len(old)} of {OLD} old commands readable; {alarm[0][-160:]}")
+    relay.stop()
+
+
+def test_store_op_is_for_admins_and_checks_its_action(mosquitto, tmp_path, uid, sockdir):
+    """Only root and the daemon's user clear the alarm; a wrong action is a
+    bad_request naming the one there is; with no alarm it acknowledges 0."""
+    sock = str(sockdir / "cmdrelay.sock")
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [f"/cf/v1/AAA/012C/{uid}/set"],
+                  socket__mode="0666", socket__path=sock)
+    relay.start()
+    nobody = pwd.getpwnam("nobody")
+    r = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+                        str(CMDRELAYCTL), "--socket", sock, "store", "ack-corruption"],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1 and "not_allowed: store: only root or uid 0 may acknowledge" in r.stderr, r.stderr
+    with ConsumerClient.connect(sock) as c:
+        c.send_json({"op": "store", "action": "repair"})
+        err = c.expect("error")
+        assert err["code"] == "bad_request" and "ack-corruption" in err["message"], err
+        c.send_json({"op": "store", "action": "ack-corruption"})
+        assert c.expect("store") == {"type": "store", "acknowledged": 0}
     relay.stop()

@@ -47,6 +47,8 @@ usage(int status)
 
 /* STATUS= at most this often: counts change with every commit. */
 #define STATUS_INTERVAL_MS 1000
+/* After damage is found: time for consumers to read the history_corrupt line before the exit. */
+#define CORRUPT_EXIT_MS 1000
 
 struct daemon_state {
 	struct config *cfg;
@@ -58,9 +60,19 @@ struct daemon_state {
 	struct event_timer watchdog;
 	uint64_t watchdog_ms;
 	struct event_timer status_timer;
+	struct event_timer corrupt_timer;
+	bool corrupt_exit;	/* the grace after finding damage is over */
 	uint64_t status_sent_ms;
 	char status_sent[512];
 };
+
+static void
+on_corrupt_timer(void *arg)
+{
+	struct daemon_state *d = arg;
+
+	d->corrupt_exit = true;
+}
 
 static void
 send_status(void *arg)
@@ -311,7 +323,10 @@ main(int argc, char *argv[])
 	 * Damage found while running: nothing more is committed (G6), and the
 	 * restart (Restart=on-failure) recovers it before the broker connection.
 	 */
-	while (!quit_signal && !store_corrupt(relay_store(d.relay))) {
+	event_timer_init(&d.corrupt_timer, on_corrupt_timer, &d);
+	while (!quit_signal && !d.corrupt_exit) {
+		if (store_corrupt(relay_store(d.relay)) && d.corrupt_timer.due_ms == 0)
+			event_timer_arm(d.loop, &d.corrupt_timer, CORRUPT_EXIT_MS);
 		if (event_loop_once(d.loop, &sleep_mask) == -1)
 			fatalx("poll: %s", strerror(errno));
 		if (reload_signal) {
@@ -320,6 +335,7 @@ main(int argc, char *argv[])
 		}
 	}
 
+	event_timer_disarm(d.loop, &d.corrupt_timer);
 	corrupt = store_corrupt(relay_store(d.relay));
 	if (corrupt) {
 		log_errx("%s is corrupt (%s); nothing more is acknowledged; exiting so that the restart"

@@ -582,7 +582,9 @@ store_recover(struct store *st, const char *path)
 	if (store_move_aside(path, aside, sizeof(aside), st->err, sizeof(st->err)) == -1)
 		return -1;
 	st->corrupt = false;
-	if (store_open(st, path) == -1 || store_salvage(st, aside, report, sizeof(report)) == -1)
+	/* The age clock again: the salvaged rows' ages were measured on the old one. */
+	if (store_open(st, path) == -1 || store_salvage(st, aside, report, sizeof(report)) == -1 ||
+	    age_clock_resume(st) == -1)
 		return -1;
 	st->created = false;
 	st->corruptions++;

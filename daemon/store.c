@@ -647,9 +647,7 @@ store_new(const char *path, bool recover, char *err, size_t errlen)
 		snprintf(err, errlen, "%s: out of memory", path);
 		return NULL;
 	}
-	/* A torn WAL reads as healthy (SQLite stops before the tear): not opened, recovered. */
-	st->corrupt = store_wal_torn(path, st->err, sizeof(st->err));
-	if ((st->corrupt || store_open(st, path) == -1) && (!st->corrupt || !store_looks_sqlite(path) ||
+	if (store_open(st, path) == -1 && (!st->corrupt || !store_looks_sqlite(path) ||
 	    !recover || store_recover(st, path) == -1)) {
 		if (st->corrupt && !recover)
 			snprintf(st->err + strlen(st->err), sizeof(st->err) - strlen(st->err),

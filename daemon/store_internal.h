@@ -30,8 +30,6 @@ bool store_is_corrupt_rc(int rc);
 void store_one_line(struct store *st);
 /* PRAGMA quick_check within a time budget; *complete false when cut short (store_salvage.c). */
 int store_check(struct store *st, bool *complete);
-/* A WAL cut inside a frame: the card lost acknowledged commits (SQLite stops silently before it). */
-bool store_wal_torn(const char *path, char *why, size_t len);
 /* Renames path and its -wal, -shm to path.corrupt-<UTC time>, named in aside. */
 int store_move_aside(const char *path, char *aside, size_t len, char *err, size_t errlen);
 /* Copies what can be read of the history at aside into st; report says what. */

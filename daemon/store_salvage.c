@@ -9,7 +9,6 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 
 #include <sqlite3.h>
@@ -84,36 +83,6 @@ store_check(struct store *st, bool *complete)
 		store_fail(st, "integrity check");
 	sqlite3_finalize(s);
 	return -1;
-}
-
-/* WAL header, and the header before each frame's page (sqlite.org/fileformat.html, 4.1). */
-#define SALVAGE_WAL_HEADER 32
-#define SALVAGE_FRAME_HEADER 24
-
-bool
-store_wal_torn(const char *path, char *why, size_t len)
-{
-	char wal[PATH_MAX + 8];
-	unsigned char head[SALVAGE_WAL_HEADER];
-	struct stat sb;
-	int64_t frame, whole;
-	FILE *fp;
-
-	snprintf(wal, sizeof(wal), "%s-wal", path);
-	if (stat(wal, &sb) == -1 || sb.st_size < SALVAGE_WAL_HEADER || (fp = fopen(wal, "rbe")) == NULL)
-		return false;
-	if (fread(head, 1, sizeof(head), fp) != sizeof(head)) {
-		fclose(fp);
-		return false;
-	}
-	fclose(fp);
-	frame = SALVAGE_FRAME_HEADER + ((int64_t)head[8] << 24 | head[9] << 16 | head[10] << 8 | head[11]);
-	whole = (sb.st_size - SALVAGE_WAL_HEADER) % frame;
-	if (whole == 0)
-		return false;
-	snprintf(why, len, "%s ends in a partial frame (%lld bytes, frames of %lld): what was written after"
-	    " its last whole commit is lost", wal, (long long)sb.st_size, (long long)frame);
-	return true;
 }
 
 int

@@ -220,48 +220,6 @@ def test_stop_mode_leaves_the_damaged_file_for_an_admin(mosquitto, tmp_path, uid
     assert not list(relay.db_path.parent.glob("history.db.corrupt-*"))
 
 
-def test_torn_wal_is_reported_and_recovered(mosquitto, tmp_path, uid):
-    """The relay dies (kill -9) with commits in the WAL, and the card keeps
-    the WAL only up to the middle of a frame. SQLite alone would read the
-    history up to the tear and say nothing; the relay names the torn WAL,
-    keeps it aside with the file, and carries over what reads."""
-    topic = f"/cf/v1/AAA/012C/{uid}/set"
-    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
-    relay.start()
-    publish_many(mosquitto, topic, [b"old-%04d" % i for i in range(OLD)])
-    relay.wait_count(OLD)
-    relay.kill()
-    wal = relay.workdir / "history.db-wal"
-    data = wal.read_bytes()
-    frame = 24 + int.from_bytes(data[8:12], "big")
-    assert len(data) > 32 + 4 * frame, "nothing in the WAL to tear"
-    cut = 32 + ((len(data) - 32) // frame // 2) * frame + frame // 2
-    wal.write_bytes(data[:cut])
-    torn = _sha(wal)
-
-    relay.start()
-    publish_many(mosquitto, topic, [b"new-%02d" % i for i in range(NEW)])
-    relay.wait_for(lambda: relay.count("CAST(payload AS TEXT) LIKE 'new-%'") >= NEW, 30, "the new commands")
-    log = relay.log(since_start=True)
-    aside = sorted(relay.db_path.parent.glob("history.db.corrupt-*[0-9]Z"))
-    assert len(aside) == 1, log
-    assert _sha(aside[0].parent / (aside[0].name + "-wal")) == torn, "the torn WAL was not kept as it was"
-    alarm = [ln for ln in log.splitlines() if "history was corrupt" in ln]
-    assert alarm and "partial frame" in alarm[0], log
-    # The PUBACK mark kept aside says how far ids went: the lost ones are named, none is reused.
-    m = re.search(r"accepted commands of ids 1-(\d+); lost ids: (\d+)-(\d+);", alarm[0])
-    assert m and int(m.group(1)) == OLD and int(m.group(3)) == OLD, alarm[0]
-    assert min(r["id"] for r in relay.accepted() if r["payload"].startswith(b"new-")) > OLD
-    with ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock")) as lamp:
-        got = lamp.hello(consumer="lamp", filter="#") and lamp.collect(quiet=1.0, timeout=20, ack_every=50)
-    payloads = [g["payload"] for g in got]
-    assert payloads[-NEW:] == ["new-%02d" % i for i in range(NEW)]
-    old = payloads[:-NEW]
-    assert old == ["old-%04d" % i for i in range(len(old))], "the salvaged prefix has gaps or is out of order"
-    print(f"\ntorn WAL: {len(old)} of {OLD} old commands readable; {alarm[0][-160:]}")
-    relay.stop()
-
-
 def test_store_op_is_for_admins_and_checks_its_action(mosquitto, tmp_path, uid, sockdir):
     """Only root and the daemon's user clear the alarm; a wrong action is a
     bad_request naming the one there is; with no alarm it acknowledges 0."""

@@ -163,11 +163,13 @@ tail_handle(struct tail *t, json_t *cmd)
 	int status;
 
 	if (t->exec) {
-		if ((status = tail_exec(t, cmd)) != 0)
+		if ((status = tail_exec(t, cmd)) != 0) {
+			json_decref(cmd);	/* nothing held at exit: the sanitizer run checks for leaks */
 			ctl_die(1, "--exec: '%s' %s %d on #%" JSON_INTEGER_FORMAT "; not acknowledged, "
 			    "it comes again on the next start", t->exec,
 			    WIFEXITED(status) ? "exited" : "was killed by signal",
 			    WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status), id);
+		}
 		return;
 	}
 	if (t->json) {
@@ -179,9 +181,13 @@ tail_handle(struct tail *t, json_t *cmd)
 	} else {
 		tail_print(cmd);
 	}
-	if (fflush(stdout) == EOF || ferror(stdout) || (t->name && t->ack && tail_wait_taken() == -1))
+	if (fflush(stdout) == EOF || ferror(stdout) || (t->name && t->ack && tail_wait_taken() == -1)) {
+		int err = errno;
+
+		json_decref(cmd);	/* nothing held at exit: the sanitizer run checks for leaks */
 		ctl_die(1, "writing to stdout: %s; #%" JSON_INTEGER_FORMAT " not acknowledged",
-		    strerror(errno), id);
+		    strerror(err), id);
+	}
 }
 
 static void
@@ -196,6 +202,7 @@ tail_die_on_error(json_t *msg)
 	/* The relay's message may quote a client's bytes: escaped too. */
 	tail_escaped(stderr, json_string_value(message), json_string_length(message));
 	fputc('\n', stderr);
+	json_decref(msg);
 	exit(1);
 }
 

@@ -104,7 +104,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	rc = request_parse(line, size, &req, &err);
 	if (rc == 0) {
 		check(req.op == REQUEST_HELLO || req.op == REQUEST_ACK || req.op == REQUEST_STATS ||
-		    req.op == REQUEST_PUBLISH, "bad op");
+		    req.op == REQUEST_PUBLISH || req.op == REQUEST_CURSOR || req.op == REQUEST_INJECT ||
+		    req.op == REQUEST_STORE_ACK, "bad op");
 		check(memchr(req.filter, '\0', sizeof(req.filter)) != NULL, "filter not terminated");
 		check(req.filter[0] != '\0' && mosquitto_sub_topic_check(req.filter) == MOSQ_ERR_SUCCESS,
 		    "filter is not a valid MQTT filter");
@@ -115,7 +116,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			check(req.ack_id >= 0, "negative ack id");
 		if (req.op == REQUEST_HELLO)
 			check(req.start.from != STORE_FROM_STORED || req.named, "stored start without a name");
-		if (req.op == REQUEST_PUBLISH) {
+		if (req.op == REQUEST_CURSOR)
+			check(req.named && valid_name(req.name), "cursor op without a valid consumer name");
+		/* inject carries what publish does, and is checked the same way */
+		if (req.op == REQUEST_PUBLISH || req.op == REQUEST_INJECT) {
 			check(memchr(req.publish.topic, '\0', sizeof(req.publish.topic)) != NULL,
 			    "topic not terminated");
 			check(req.publish.topic[0] != '\0' &&

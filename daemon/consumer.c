@@ -25,6 +25,8 @@
 #define FILL_SCAN_MAX 4096
 /* An anonymous tail with this much unread output is closed, not waited for. */
 #define TAIL_MAX_QUEUED (1024 * 1024)
+/* A fill the history refused (another program's lock, mostly) is tried again this soon. */
+#define FILL_RETRY_MS 100
 
 enum client_mode {
 	CLIENT_NEW,
@@ -44,6 +46,8 @@ struct client {
 	struct event_timer more;	/* armed while a catch-up continues */
 	int64_t since_ms;	/* when hello was said, for stats */
 	int64_t acked_id;
+	int64_t sent_before;	/* the highest id sent to this name before this hello */
+	int64_t sent_marked;	/* the highest id the history knows was sent */
 	int64_t *inflight;	/* ring of sent, unacknowledged ids; socket.window long */
 	uint64_t errors;	/* error lines sent on this connection */
 	size_t head, count;
@@ -118,8 +122,11 @@ send_named(const struct stored_command *c, void *arg)
 {
 	struct client *cl = arg;
 	size_t window = (size_t)cl->cs->cfg->socket.window;
+	json_t *cmd = wire_command(c);
 
-	send_json(cl, wire_command(c));
+	if (cmd && c->id <= cl->sent_before)
+		json_object_set_new(cmd, "redelivered", json_true());
+	send_json(cl, cmd);
 	cl->inflight[(cl->head + cl->count) % window] = c->id;
 	cl->count++;
 	cl->sent_id = c->id;
@@ -138,6 +145,28 @@ send_tail(const struct stored_command *c, void *arg)
 }
 
 /*
+ * What a named consumer was sent leaves only once the history says so:
+ * after any crash, a command sent again is known to be one. If that cannot
+ * be written, nothing of this fill leaves, and the client is as before.
+ */
+static int
+fill_mark_sent(struct client *cl, int64_t sent_id, int64_t scanned_id, size_t count)
+{
+	int rc = 0;
+
+	if (cl->sent_id > cl->sent_marked &&
+	    (rc = store_consumer_sent(cl->cs->store, cl->name, cl->sent_id)) == 0)
+		cl->sent_marked = cl->sent_id;
+	conn_uncork(cl->conn, rc == -1);
+	if (rc == -1) {
+		cl->sent_id = sent_id;
+		cl->scanned_id = scanned_id;
+		cl->count = count;
+	}
+	return rc;
+}
+
+/*
  * Reads from the history what the client may have now: a named consumer up
  * to its window, as long as its socket keeps up; a tail everything new.
  * Unsent commands stay in the database, not in memory (G5). One call walks
@@ -148,15 +177,17 @@ static void
 fill(struct client *cl)
 {
 	struct store *st = cl->cs->store;
-	size_t window = (size_t)cl->cs->cfg->socket.window;
+	size_t window = (size_t)cl->cs->cfg->socket.window, count = cl->count;
 	bool named = cl->mode == CLIENT_NAMED;
-	int64_t last, upto, budget = FILL_SCAN_MAX;
+	int64_t last, upto, budget = FILL_SCAN_MAX, sent_id = cl->sent_id, scanned_id = cl->scanned_id;
 	int n = 0, want;
 
 	if (cl->mode == CLIENT_NEW)
 		return;
 	if ((last = store_last_id(st)) < 0)
 		goto fail;
+	if (named)
+		conn_cork(cl->conn);
 	while (cl->scanned_id < last && budget > 0 && consumer_has_room(cl)) {
 		upto = last - cl->scanned_id > budget ? cl->scanned_id + budget : last;
 		want = named && window - cl->count < FETCH_BATCH ? (int)(window - cl->count) : FETCH_BATCH;
@@ -169,13 +200,15 @@ fill(struct client *cl)
 		budget -= upto - cl->scanned_id;
 		cl->scanned_id = upto;
 	}
+	if (named && fill_mark_sent(cl, sent_id, scanned_id, count) == -1)
+		n = -1;
 	if (cl->mode == CLIENT_TAIL && cl->live && conn_queued(cl->conn) > TAIL_MAX_QUEUED) {
 		send_error(cl, "slow_consumer", "the tail fell %d bytes behind; closing",
 		    TAIL_MAX_QUEUED);
 		conn_close(cl->conn);
 		return;
 	}
-	if (cl->scanned_id == last)
+	if (n >= 0 && cl->scanned_id == last)
 		cl->live = true;
 	else if (n >= 0 && consumer_has_room(cl))
 		event_timer_arm(cl->cs->loop, &cl->more, 0);
@@ -183,8 +216,10 @@ fill(struct client *cl)
 		return;
 fail:
 	log_warnx("consumer %s: %s", named ? cl->name : "tail", store_errmsg(st));
-	if (!store_corrupt(st))
+	if (!store_corrupt(st)) {
+		event_timer_arm(cl->cs->loop, &cl->more, FILL_RETRY_MS);
 		return;
+	}
 	send_error(cl, "storage", "the history is damaged (%s); reconnect: the relay recovers it and"
 	    " resumes after your last ack", store_errmsg(st));
 	conn_close(cl->conn);
@@ -244,7 +279,7 @@ op_hello(struct client *cl, const struct request *req)
 			return;
 		}
 		if ((rc = store_consumer_open(cl->cs->store, req->name, req->filter, &req->start,
-		    cl->cs->cfg->socket.max_cursors, &resume_after)) == -2) {
+		    cl->cs->cfg->socket.max_cursors, &resume_after, &cl->sent_before)) == -2) {
 			send_error(cl, "too_many_cursors", "%" PRId64 " consumer names are known "
 			    "(socket.max_cursors); reuse one, or have the admin remove one",
 			    cl->cs->cfg->socket.max_cursors);
@@ -265,6 +300,7 @@ op_hello(struct client *cl, const struct request *req)
 		cl->mode = CLIENT_TAIL;
 	}
 	cl->sent_id = cl->acked_id = cl->scanned_id = resume_after;
+	cl->sent_marked = cl->sent_before > resume_after ? cl->sent_before : resume_after;
 	cl->since_ms = (int64_t)event_wall_ms();
 	log_info("consumer %s (pid %d uid %d): filter %s, resuming after #%" PRId64,
 	    cl->mode == CLIENT_NAMED ? cl->name : "(tail)", (int)conn_pid(cl->conn),

@@ -30,6 +30,8 @@ struct conn {
 	bool closing;		/* nothing more is read or answered */
 	struct event_timer close_timer;
 	bool write_failed;	/* the peer is gone for output; its input still counts */
+	bool corked;		/* conn_send() queues only, until conn_uncork() */
+	size_t cork_queued;	/* what was queued when the cork began */
 	struct ucred cred;
 	struct conn *next;
 };
@@ -194,11 +196,32 @@ conn_send(struct conn *c, const char *data, size_t len)
 	}
 	memcpy(c->out + c->outlen, data, len);
 	c->outlen += len;
+	if (c->corked)
+		return;
 	/*
 	 * A failed write does not end the connection here: an ack the peer sent
 	 * before it closed may still wait to be read, and must count.
 	 */
 	conn_flush(c);
+	conn_watch(c);
+}
+
+void
+conn_cork(struct conn *c)
+{
+	c->corked = true;
+	c->cork_queued = conn_queued(c);
+}
+
+void
+conn_uncork(struct conn *c, bool discard)
+{
+	c->corked = false;
+	/* Output dropped meanwhile (a failed write, too much unread) is gone already. */
+	if (discard && conn_queued(c) >= c->cork_queued)
+		c->outlen = c->outpos + c->cork_queued;
+	if (!c->closing && !c->write_failed)
+		conn_flush(c);
 	conn_watch(c);
 }
 

@@ -47,6 +47,13 @@ void server_foreach(struct server *srv, void (*fn)(struct conn *c, void *state, 
 
 /* Queues data (a whole line) for the peer and writes what the socket takes. */
 void conn_send(struct conn *c, const char *data, size_t len);
+/*
+ * Between these, conn_send() only queues: for lines that must not leave
+ * before something else is done. With discard, what was queued meanwhile is
+ * dropped unseen.
+ */
+void conn_cork(struct conn *c);
+void conn_uncork(struct conn *c, bool discard);
 /* Stops reading; closes once everything queued is written. */
 void conn_close(struct conn *c);
 size_t conn_queued(const struct conn *c);

@@ -41,6 +41,10 @@ enum stmt_id {
 	STMT_OVERSIZE,
 	STMT_CONSUMER_MOVE,
 	STMT_CONSUMER_DELETE,
+	STMT_CONSUMER_SENT,
+	STMT_CONSUMER_SENT_GET,
+	STMT_SYNC_NORMAL,
+	STMT_SYNC_FULL,
 	STMT_MARK_INJECTED,
 	STMT_FETCH_FILTERED,
 	STMT_FETCH_ALL,
@@ -80,6 +84,7 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	[STMT_FILTER_TOPIC_ADD] = "INSERT OR IGNORE INTO filter_topics (filter, topic) VALUES (?1, ?2)",
 	[STMT_TOPICS_ALL] = "SELECT topic FROM topics",
 	[STMT_CONSUMER_GET] = "SELECT acked_id FROM consumers WHERE name = ?1",
+	[STMT_CONSUMER_SENT_GET] = "SELECT sent_id FROM consumers WHERE name = ?1",
 	[STMT_CONSUMER_TOUCH] = "UPDATE consumers SET updated_at = ?2 WHERE name = ?1",
 	[STMT_CONSUMER_EXPIRE] =
 	    "DELETE FROM consumers WHERE updated_at < ?1 RETURNING name, acked_id, updated_at",
@@ -95,6 +100,10 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    " WHERE name = ?1 AND acked_id < ?2",
 	[STMT_CONSUMER_MOVE] = "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1",
 	[STMT_CONSUMER_DELETE] = "DELETE FROM consumers WHERE name = ?1",
+	[STMT_CONSUMER_SENT] = "UPDATE consumers SET sent_id = ?2 WHERE name = ?1 AND sent_id < ?2",
+	/* Around the sent mark only: see store_consumer_sent(). */
+	[STMT_SYNC_NORMAL] = "PRAGMA synchronous = NORMAL",
+	[STMT_SYNC_FULL] = "PRAGMA synchronous = FULL",
 	[STMT_MARK_INJECTED] = "UPDATE messages SET injected = 1 WHERE id = ?1",
 	/*
 	 * The unary + keeps SQLite off the (topic, payload_hash) index: walking
@@ -769,7 +778,7 @@ register_filter(struct store *st, const char *filter)
 
 int
 store_consumer_open(struct store *st, const char *name, const char *filter,
-    const struct store_start *start, int64_t max_cursors, int64_t *resume_after)
+    const struct store_start *start, int64_t max_cursors, int64_t *resume_after, int64_t *sent_id)
 {
 	sqlite3_stmt *put = st->stmt[STMT_CONSUMER_PUT];
 	int64_t acked = 0, room;
@@ -785,7 +794,9 @@ store_consumer_open(struct store *st, const char *name, const char *filter,
 		return -2;
 	}
 	sqlite3_bind_text(st->stmt[STMT_CONSUMER_GET], 1, name, -1, SQLITE_STATIC);
-	if (step_int(st, STMT_CONSUMER_GET, &acked) == -1 || register_filter(st, filter) == -1)
+	sqlite3_bind_text(st->stmt[STMT_CONSUMER_SENT_GET], 1, name, -1, SQLITE_STATIC);
+	if (step_int(st, STMT_CONSUMER_GET, &acked) == -1 ||
+	    step_int(st, STMT_CONSUMER_SENT_GET, sent_id) == -1 || register_filter(st, filter) == -1)
 		goto fail;
 	switch (start->from) {
 	case STORE_FROM_STORED: {
@@ -829,6 +840,27 @@ store_consumer_ack(struct store *st, const char *name, int64_t id)
 	sqlite3_bind_int64(s, 2, id);
 	sqlite3_bind_int64(s, 3, (int64_t)event_wall_ms());
 	return step_int(st, STMT_CONSUMER_ACK, NULL);
+}
+
+/*
+ * Runs before the commands leave, so that after any crash of the relay a
+ * command sent again is known as such. Not synced: the WAL keeps it in order
+ * before the next synced commit, and a power cut that loses it takes the
+ * local consumer down with the relay.
+ */
+int
+store_consumer_sent(struct store *st, const char *name, int64_t id)
+{
+	int rc;
+
+	sqlite3_bind_text(st->stmt[STMT_CONSUMER_SENT], 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st->stmt[STMT_CONSUMER_SENT], 2, id);
+	if (step_int(st, STMT_SYNC_NORMAL, NULL) == -1)
+		return -1;
+	rc = step_int(st, STMT_CONSUMER_SENT, NULL);
+	if (step_int(st, STMT_SYNC_FULL, NULL) == -1)
+		return -1;
+	return rc;
 }
 
 /*

@@ -111,11 +111,14 @@ int store_age_clock_save(struct store *st);
 
 /*
  * Creates or moves a named consumer's cursor; *resume_after is where it
- * starts. -2: a new name, and max_cursors cursors exist already.
+ * starts, *sent_id the highest id ever sent to it. -2: a new name, and
+ * max_cursors cursors exist already.
  */
 int store_consumer_open(struct store *st, const char *name, const char *filter,
-    const struct store_start *start, int64_t max_cursors, int64_t *resume_after);
+    const struct store_start *start, int64_t max_cursors, int64_t *resume_after, int64_t *sent_id);
 int store_consumer_ack(struct store *st, const char *name, int64_t id);
+/* Records that commands up to id are about to be sent to the consumer. */
+int store_consumer_sent(struct store *st, const char *name, int64_t id);
 /*
  * Moves a cursor to after an id or the newest row (start NULL: deletes it);
  * *acked_id is where it is now. -2: no such consumer, -3: the id is beyond

@@ -541,7 +541,7 @@ store_open(struct store *st, const char *path)
 			return -1;
 		}
 	}
-	if ((st->dedup = store_dedup_new(st)) == NULL)
+	if ((st->dedup = store_dedup_new(st, st->created)) == NULL)
 		return -1;
 	return store_corruption_load(st);
 }

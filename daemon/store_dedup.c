@@ -82,6 +82,7 @@ struct store_dedup {
 };
 
 struct store_puback_mark {
+	bool parsed;		/* a mark was read, of any boot */
 	bool valid;		/* written in this boot */
 	int64_t connection;
 	int64_t row;
@@ -101,7 +102,7 @@ store_dedup_read_boot_id(char *out)
 }
 
 static void
-store_dedup_open_mark(struct store_dedup *sd)
+store_dedup_open_mark(struct store_dedup *sd, bool fresh)
 {
 	char path[4096];
 	const char *db = sqlite3_db_filename(store_db(sd->st), "main");
@@ -116,6 +117,11 @@ store_dedup_open_mark(struct store_dedup *sd)
 	if ((sd->mark_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0640)) >= 0 &&
 	    fstat(sd->mark_fd, &st) == 0 && st.st_size == 0)
 		fchmod(sd->mark_fd, 0640);
+	/* A mark left by a history that was removed says nothing of this one. */
+	if (sd->mark_fd >= 0 && fresh && ftruncate(sd->mark_fd, 0) == -1) {
+		close(sd->mark_fd);
+		sd->mark_fd = -1;
+	}
 }
 
 static struct store_puback_mark
@@ -128,10 +134,43 @@ store_dedup_read_mark(struct store_dedup *sd)
 	if (sd->mark_fd < 0 || (n = pread(sd->mark_fd, text, PUBACK_MARK_LEN, 0)) <= 0)
 		return mark;
 	text[n] = '\0';
-	if (sscanf(text, "%36s %" SCNd64 " %" SCNd64, boot, &mark.connection, &mark.row) == 3 &&
-	    strcmp(boot, sd->boot_id) == 0)
-		mark.valid = true;
+	if (sscanf(text, "%36s %" SCNd64 " %" SCNd64, boot, &mark.connection, &mark.row) == 3) {
+		mark.parsed = true;
+		mark.valid = strcmp(boot, sd->boot_id) == 0;
+	}
 	return mark;
+}
+
+/*
+ * A PUBACK leaves only after its row's synced commit, so a mark (of any
+ * boot: it may lag behind the history, never lead) beyond the highest id
+ * the history ever gave means committed transactions are gone: a torn or
+ * damaged WAL, whose frames SQLite drops from the first bad one on without
+ * a word, or an older copy of the file put back.
+ */
+static int
+store_dedup_check_mark(struct store_dedup *sd)
+{
+	struct store_puback_mark mark = store_dedup_read_mark(sd);
+	sqlite3_stmt *s = NULL;
+	int64_t highest = 0;
+
+	if (!mark.parsed)
+		return 0;
+	if (sqlite3_prepare_v2(store_db(sd->st), "SELECT max(coalesce((SELECT seq FROM sqlite_sequence"
+	    " WHERE name = 'messages'), 0), coalesce((SELECT max(id) FROM messages), 0))", -1, &s,
+	    NULL) != SQLITE_OK)
+		return store_fail(sd->st, "reading the highest id");
+	if (store_step(sd->st, s, &highest) == -1) {
+		sqlite3_finalize(s);
+		return -1;
+	}
+	sqlite3_finalize(s);
+	if (mark.row <= highest)
+		return 0;
+	return store_set_corrupt(sd->st, "the history ends at #%" PRId64 ", but commands up to #%" PRId64
+	    " were acknowledged to the broker: committed transactions are lost (a torn or damaged"
+	    " WAL, or an older copy of the file)", highest, mark.row);
 }
 
 int
@@ -208,7 +247,7 @@ store_dedup_latest_same(void *ctx, const struct delivery *d, int *mid)
 }
 
 struct store_dedup *
-store_dedup_new(struct store *st)
+store_dedup_new(struct store *st, bool fresh)
 {
 	struct store_dedup *sd = calloc(1, sizeof(*sd));
 
@@ -217,7 +256,11 @@ store_dedup_new(struct store *st)
 		return NULL;
 	}
 	sd->st = st;
-	store_dedup_open_mark(sd);
+	store_dedup_open_mark(sd, fresh);
+	if (store_dedup_check_mark(sd) == -1) {
+		store_dedup_free(sd);
+		return NULL;
+	}
 	for (int i = 0; i < DSTMT_COUNT; i++) {
 		if (sqlite3_prepare_v3(store_db(st), dedup_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
 		    &sd->stmt[i], NULL) != SQLITE_OK) {

@@ -39,8 +39,12 @@ int store_step(struct store *st, sqlite3_stmt *s, int64_t *out);
 /* libmosquitto hands an empty payload as NULL; SQL must see an empty BLOB. */
 void store_bind_payload(sqlite3_stmt *s, int col, const struct delivery *d);
 
-/* Prepares the dedup statements; NULL with the store's error set. */
-struct store_dedup *store_dedup_new(struct store *st);
+/*
+ * Prepares the dedup statements and checks the PUBACK mark against the
+ * history (fresh: a new file, whose mark is reset); NULL with the store's
+ * error set, and corrupt when acknowledged commits are missing.
+ */
+struct store_dedup *store_dedup_new(struct store *st, bool fresh);
 void store_dedup_free(struct store_dedup *sd);
 
 #endif

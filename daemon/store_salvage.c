@@ -304,7 +304,7 @@ store_salvage(struct store *st, const char *aside, char *report, size_t len)
 	sqlite3 *db = store_db(st), *old = NULL;
 	sqlite3_stmt *s = NULL;
 	char lost[256] = "";
-	int64_t consumers, subs, lo, hi, seq, maxid, copied = 0;
+	int64_t consumers, subs, lo, hi, seq, maxid, copied = 0, unacked = 0;
 
 	if (sqlite3_open_v2(aside, &old, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK ||
 	    /* Else a file shorter than its header says (truncated) is refused whole. */
@@ -322,7 +322,8 @@ store_salvage(struct store *st, const char *aside, char *report, size_t len)
 	}
 	consumers = salvage_table(old, db, "consumers", "");
 	subs = salvage_table(old, db, "session_subscriptions", "");
-	salvage_table(old, db, "meta", "WHERE key IN ('session', 'age_clock')");
+	/* The connection count too: the candidates below name their connection. */
+	salvage_table(old, db, "meta", "WHERE key IN ('session', 'age_clock', 'connection')");
 	/* Where new ids start: past every id a consumer or the file knew. */
 	seq = salvage_int(old, "SELECT seq FROM sqlite_sequence WHERE name = 'messages'");
 	maxid = salvage_int(old, "SELECT max(id) FROM messages");
@@ -340,6 +341,15 @@ store_salvage(struct store *st, const char *aside, char *report, size_t len)
 	}
 	if (hi > lo && (copied = salvage_messages(old, db, lo, hi, lost, sizeof(lost))) < 0)
 		copied = 0;
+	/*
+	 * What the broker may still redeliver (store_dedup.c), as far as its
+	 * rows came along: else the next connection's DUP=1 redeliveries of
+	 * the last batch would be accepted a second time.
+	 */
+	if (salvage_table(old, db, "broker_unacked", "") > 0 &&
+	    sqlite3_exec(db, "DELETE FROM broker_unacked WHERE entry NOT IN (SELECT id FROM messages)"
+	    " OR command NOT IN (SELECT id FROM messages)", NULL, NULL, NULL) == SQLITE_OK)
+		unacked = salvage_int(db, "SELECT count(*) FROM broker_unacked");
 	sqlite3_close(old);
 	sqlite3_exec(db, "INSERT OR IGNORE INTO topics SELECT DISTINCT topic FROM messages",
 	    NULL, NULL, NULL);
@@ -357,8 +367,8 @@ store_salvage(struct store *st, const char *aside, char *report, size_t len)
 		return -1;
 	}
 	snprintf(report, len, "salvaged %" PRId64 " consumer cursors, %" PRId64 " session subscriptions, %"
-	    PRId64 " accepted commands of ids %" PRId64 "-%" PRId64 "; lost ids: %s; new ids start after %"
-	    PRId64, consumers < 0 ? 0 : consumers, subs < 0 ? 0 : subs, copied, lo + 1, hi,
-	    *lost ? lost : "none", hi);
+	    PRId64 " accepted commands of ids %" PRId64 "-%" PRId64 ", %" PRId64 " the broker may"
+	    " redeliver; lost ids: %s; new ids start after %" PRId64, consumers < 0 ? 0 : consumers,
+	    subs < 0 ? 0 : subs, copied, lo + 1, hi, unacked, *lost ? lost : "none", hi);
 	return 0;
 }

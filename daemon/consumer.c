@@ -21,7 +21,7 @@
 #define ERROR_LOG_EVERY 1000
 /* How often unused cursors are looked for: socket.cursor_expiry is an hour at least. */
 #define EXPIRY_INTERVAL_MS (60 * 1000)
-/* Rows one fill() may walk: about a millisecond of SQLite, whatever matches. */
+/* Rows one consumer_fill() may walk: about a millisecond of SQLite, whatever matches. */
 #define FILL_SCAN_MAX 4096
 /* An anonymous tail with this much unread output is closed, not waited for. */
 #define TAIL_MAX_QUEUED (1024 * 1024)
@@ -64,7 +64,7 @@ struct consumers {
 };
 
 static void __attribute__((format(printf, 3, 4)))
-send_error(struct client *cl, const char *code, const char *fmt, ...)
+consumer_send_error(struct client *cl, const char *code, const char *fmt, ...)
 {
 	char message[512];
 	json_t *reply;
@@ -93,7 +93,7 @@ send_error(struct client *cl, const char *code, const char *fmt, ...)
 }
 
 static void
-send_json(struct client *cl, json_t *value)
+consumer_send_json(struct client *cl, json_t *value)
 {
 	char *line;
 	size_t len;
@@ -118,7 +118,7 @@ consumer_has_room(const struct client *cl)
 }
 
 static int
-send_named(const struct stored_command *c, void *arg)
+consumer_send_named(const struct stored_command *c, void *arg)
 {
 	struct client *cl = arg;
 	size_t window = (size_t)cl->cs->cfg->socket.window;
@@ -126,7 +126,7 @@ send_named(const struct stored_command *c, void *arg)
 
 	if (cmd && c->id <= cl->sent_before)
 		json_object_set_new(cmd, "redelivered", json_true());
-	send_json(cl, cmd);
+	consumer_send_json(cl, cmd);
 	cl->inflight[(cl->head + cl->count) % window] = c->id;
 	cl->count++;
 	cl->sent_id = c->id;
@@ -134,13 +134,13 @@ send_named(const struct stored_command *c, void *arg)
 }
 
 static int
-send_tail(const struct stored_command *c, void *arg)
+consumer_send_tail(const struct stored_command *c, void *arg)
 {
 	struct client *cl = arg;
 
 	cl->sent_id = c->id;
 	if (topic_matches(cl->filter, c->topic))
-		send_json(cl, wire_command(c));
+		consumer_send_json(cl, wire_command(c));
 	return consumer_has_room(cl) ? 0 : -1;
 }
 
@@ -150,7 +150,7 @@ send_tail(const struct stored_command *c, void *arg)
  * be written, nothing of this fill leaves, and the client is as before.
  */
 static int
-fill_mark_sent(struct client *cl, int64_t sent_id, int64_t scanned_id, size_t count)
+consumer_mark_sent(struct client *cl, int64_t sent_id, int64_t scanned_id, size_t count)
 {
 	int rc = 0;
 
@@ -174,7 +174,7 @@ fill_mark_sent(struct client *cl, int64_t sent_id, int64_t scanned_id, size_t co
  * catches up a slice per loop turn, not at every commit.
  */
 static void
-fill(struct client *cl)
+consumer_fill(struct client *cl)
 {
 	struct store *st = cl->cs->store;
 	size_t window = (size_t)cl->cs->cfg->socket.window, count = cl->count;
@@ -192,7 +192,7 @@ fill(struct client *cl)
 		upto = last - cl->scanned_id > budget ? cl->scanned_id + budget : last;
 		want = named && window - cl->count < FETCH_BATCH ? (int)(window - cl->count) : FETCH_BATCH;
 		if ((n = store_fetch(st, named ? cl->filter : NULL, cl->scanned_id, upto, want,
-		    named ? send_named : send_tail, cl)) < 0)
+		    named ? consumer_send_named : consumer_send_tail, cl)) < 0)
 			break;
 		/* Cut short by the window or the socket: walked up to the last row sent. */
 		if (n == want || !consumer_has_room(cl))
@@ -200,10 +200,10 @@ fill(struct client *cl)
 		budget -= upto - cl->scanned_id;
 		cl->scanned_id = upto;
 	}
-	if (named && fill_mark_sent(cl, sent_id, scanned_id, count) == -1)
+	if (named && consumer_mark_sent(cl, sent_id, scanned_id, count) == -1)
 		n = -1;
 	if (cl->mode == CLIENT_TAIL && cl->live && conn_queued(cl->conn) > TAIL_MAX_QUEUED) {
-		send_error(cl, "slow_consumer", "the tail fell %d bytes behind; closing",
+		consumer_send_error(cl, "slow_consumer", "the tail fell %d bytes behind; closing",
 		    TAIL_MAX_QUEUED);
 		conn_close(cl->conn);
 		return;
@@ -220,15 +220,15 @@ fail:
 		event_timer_arm(cl->cs->loop, &cl->more, FILL_RETRY_MS);
 		return;
 	}
-	send_error(cl, "storage", "the history is damaged (%s); reconnect: the relay recovers it and"
+	consumer_send_error(cl, "storage", "the history is damaged (%s); reconnect: the relay recovers it and"
 	    " resumes after your last ack", store_errmsg(st));
 	conn_close(cl->conn);
 }
 
 static void
-on_more(void *arg)
+consumer_on_more(void *arg)
 {
-	fill(arg);
+	consumer_fill(arg);
 }
 
 struct name_search {
@@ -240,7 +240,7 @@ struct name_search {
 };
 
 static void
-match_name(struct conn *c, void *state, void *arg)
+consumer_match_name(struct conn *c, void *state, void *arg)
 {
 	struct client *cl = state;
 	struct name_search *s = arg;
@@ -253,34 +253,40 @@ match_name(struct conn *c, void *state, void *arg)
 }
 
 static void
-op_hello(struct client *cl, const struct request *req)
+consumer_op_hello(struct client *cl, const struct request *req)
 {
 	int64_t resume_after;
 	int rc;
 
-	if (cl->mode != CLIENT_NEW)
-		return send_error(cl, "already_started", "hello was already said on this connection");
+	if (cl->mode != CLIENT_NEW) {
+		consumer_send_error(cl, "already_started", "hello was already said on this connection");
+		return;
+	}
 	snprintf(cl->filter, sizeof(cl->filter), "%s", req->filter);
 	/* A cursor beyond the newest id would skip every command up to it. */
 	if (req->start.from == STORE_FROM_ID) {
 		int64_t newest = store_last_id(cl->cs->store);
-		if (newest < 0)
-			return send_error(cl, "storage", "the history cannot be read now; try again");
-		if (req->start.id > newest)
-			return send_error(cl, "bad_request", "hello: from #%" PRId64 " is beyond the "
+		if (newest < 0) {
+			consumer_send_error(cl, "storage", "the history cannot be read now; try again");
+			return;
+		}
+		if (req->start.id > newest) {
+			consumer_send_error(cl, "bad_request", "hello: from #%" PRId64 " is beyond the "
 			    "newest command, #%" PRId64, req->start.id, newest);
+			return;
+		}
 	}
 	if (req->named) {
 		struct name_search search = { .name = req->name, .except = cl };
-		server_foreach(cl->cs->server, match_name, &search);
+		server_foreach(cl->cs->server, consumer_match_name, &search);
 		if (search.found) {
-			send_error(cl, "consumer_busy", "consumer %s is connected already", search.name);
+			consumer_send_error(cl, "consumer_busy", "consumer %s is connected already", search.name);
 			conn_close(cl->conn);
 			return;
 		}
 		if ((rc = store_consumer_open(cl->cs->store, req->name, req->filter, &req->start,
 		    cl->cs->cfg->socket.max_cursors, &resume_after, &cl->sent_before)) == -2) {
-			send_error(cl, "too_many_cursors", "%" PRId64 " consumer names are known "
+			consumer_send_error(cl, "too_many_cursors", "%" PRId64 " consumer names are known "
 			    "(socket.max_cursors); reuse one, or have the admin remove one",
 			    cl->cs->cfg->socket.max_cursors);
 			conn_close(cl->conn);
@@ -288,15 +294,18 @@ op_hello(struct client *cl, const struct request *req)
 		}
 		if (rc == -1) {
 			log_warnx("consumer %s: %s", search.name, store_errmsg(cl->cs->store));
-			return send_error(cl, "storage", "the history cannot be written now; try again");
+			consumer_send_error(cl, "storage", "the history cannot be written now; try again");
+			return;
 		}
 		snprintf(cl->name, sizeof(cl->name), "%s", search.name);
 		cl->mode = CLIENT_NAMED;
 	} else {
 		resume_after = req->start.from == STORE_FROM_ID ? req->start.id :
 		    store_last_id(cl->cs->store);
-		if (resume_after < 0)
-			return send_error(cl, "storage", "the history cannot be read now; try again");
+		if (resume_after < 0) {
+			consumer_send_error(cl, "storage", "the history cannot be read now; try again");
+			return;
+		}
 		cl->mode = CLIENT_TAIL;
 	}
 	cl->sent_id = cl->acked_id = cl->scanned_id = resume_after;
@@ -305,15 +314,15 @@ op_hello(struct client *cl, const struct request *req)
 	log_info("consumer %s (pid %d uid %d): filter %s, resuming after #%" PRId64,
 	    cl->mode == CLIENT_NAMED ? cl->name : "(tail)", (int)conn_pid(cl->conn),
 	    (int)conn_uid(cl->conn), cl->filter, resume_after);
-	send_json(cl, json_pack("{s:s, s:i, s:o, s:I}", "type", "welcome", "version", 1,
+	consumer_send_json(cl, json_pack("{s:s, s:i, s:o, s:I}", "type", "welcome", "version", 1,
 	    "consumer", cl->mode == CLIENT_NAMED ? json_string(cl->name) : json_null(),
 	    "resume_after", (json_int_t)resume_after));
-	fill(cl);
+	consumer_fill(cl);
 }
 
 /* Whether id is one of the commands in flight (sent, unacknowledged). */
 static bool
-client_sent(const struct client *cl, int64_t id)
+consumer_client_sent(const struct client *cl, int64_t id)
 {
 	size_t window = (size_t)cl->cs->cfg->socket.window;
 
@@ -324,31 +333,38 @@ client_sent(const struct client *cl, int64_t id)
 }
 
 static void
-op_ack(struct client *cl, const struct request *req)
+consumer_op_ack(struct client *cl, const struct request *req)
 {
 	size_t window = (size_t)cl->cs->cfg->socket.window;
 	int64_t id = req->ack_id;
 
-	if (cl->mode != CLIENT_NAMED)
-		return send_error(cl, "not_named", "ack needs a hello with a consumer name first");
-	if (id > cl->sent_id)
-		return send_error(cl, "ack_unknown", "ack of #%" PRId64 ", but the last command sent "
+	if (cl->mode != CLIENT_NAMED) {
+		consumer_send_error(cl, "not_named", "ack needs a hello with a consumer name first");
+		return;
+	}
+	if (id > cl->sent_id) {
+		consumer_send_error(cl, "ack_unknown", "ack of #%" PRId64 ", but the last command sent "
 		    "is #%" PRId64, id, cl->sent_id);
+		return;
+	}
 	if (id <= cl->acked_id)
 		return;		/* cumulative: already done */
-	if (!client_sent(cl, id))
-		return send_error(cl, "ack_unknown", "ack of #%" PRId64 ", which was not sent to "
+	if (!consumer_client_sent(cl, id)) {
+		consumer_send_error(cl, "ack_unknown", "ack of #%" PRId64 ", which was not sent to "
 		    "this consumer", id);
+		return;
+	}
 	if (store_consumer_ack(cl->cs->store, cl->name, id) == -1) {
 		log_warnx("consumer %s: %s", cl->name, store_errmsg(cl->cs->store));
-		return send_error(cl, "storage", "the ack could not be stored; send it again");
+		consumer_send_error(cl, "storage", "the ack could not be stored; send it again");
+		return;
 	}
 	cl->acked_id = id;
 	while (cl->count > 0 && cl->inflight[cl->head] <= id) {
 		cl->head = (cl->head + 1) % window;
 		cl->count--;
 	}
-	fill(cl);
+	consumer_fill(cl);
 }
 
 struct stats_ctx {
@@ -357,14 +373,14 @@ struct stats_ctx {
 };
 
 static int
-add_consumer_stats(const struct store_consumer *sc, void *arg)
+consumer_add_stats(const struct store_consumer *sc, void *arg)
 {
 	struct stats_ctx *ctx = arg;
 	struct name_search search = { .name = sc->name };
 	json_t *entry;
 	char since[40];
 
-	server_foreach(ctx->cs->server, match_name, &search);
+	server_foreach(ctx->cs->server, consumer_match_name, &search);
 	entry = json_pack("{s:s, s:s, s:I, s:I, s:b, s:b}", "name", sc->name, "filter", sc->filter,
 	    "acked_id", (json_int_t)sc->acked_id, "lag", (json_int_t)sc->lag, "lag_exact", sc->lag_exact,
 	    "connected", search.found);
@@ -391,25 +407,27 @@ consumers_stats(struct consumers *cs)
 	cs->hooks.stats(reply, cs->hooks.arg);
 	json_object_set_new(reply, "connections", json_integer((json_int_t)server_connections(cs->server)));
 	json_object_set_new(reply, "cursors_expired", json_integer((json_int_t)cs->cursors_expired));
-	if (store_consumers(cs->store, add_consumer_stats, &ctx) == -1)
+	if (store_consumers(cs->store, consumer_add_stats, &ctx) == -1)
 		log_warnx("stats: %s", store_errmsg(cs->store));
 	json_object_set_new(reply, "consumers", ctx.list);
 	return reply;
 }
 
 static void
-op_stats(struct client *cl, const struct request *req)
+consumer_op_stats(struct client *cl, const struct request *req)
 {
 	json_t *reply = consumers_stats(cl->cs);
 
 	(void)req;
-	if (reply == NULL)
-		return send_error(cl, "internal", "out of memory");
-	send_json(cl, reply);
+	if (reply == NULL) {
+		consumer_send_error(cl, "internal", "out of memory");
+		return;
+	}
+	consumer_send_json(cl, reply);
 }
 
 static bool
-uplink_allowed(const struct config *cfg, const char *topic)
+consumer_uplink_allowed(const struct config *cfg, const char *topic)
 {
 	for (size_t i = 0; i < cfg->uplink.nallow; i++)
 		if (topic_matches(cfg->uplink.allow[i], topic))
@@ -419,7 +437,7 @@ uplink_allowed(const struct config *cfg, const char *topic)
 
 /* The message is committed to the outbox before we say "queued". */
 static void
-op_publish(struct client *cl, const struct request *req)
+consumer_op_publish(struct client *cl, const struct request *req)
 {
 	const struct outbox_msg msg = {
 		.topic = req->publish.topic,
@@ -432,48 +450,60 @@ op_publish(struct client *cl, const struct request *req)
 	int64_t id;
 	int rc;
 
-	if (!uplink_allowed(cl->cs->cfg, msg.topic))
-		return send_error(cl, "not_allowed", "publish: %.256s is not in uplink.allow", msg.topic);
+	if (!consumer_uplink_allowed(cl->cs->cfg, msg.topic)) {
+		consumer_send_error(cl, "not_allowed", "publish: %.256s is not in uplink.allow", msg.topic);
+		return;
+	}
 	snprintf(origin, sizeof(origin), "%s uid %d pid %d", cl->mode == CLIENT_NAMED ? cl->name : "-",
 	    (int)conn_uid(cl->conn), (int)conn_pid(cl->conn));
 	rc = store_outbox_add(cl->cs->store, &msg, origin, cl->cs->cfg->uplink.max_queued, &id);
-	if (rc == -2)
-		return send_error(cl, "outbox_full", "publish: %" PRId64 " messages wait to be sent "
+	if (rc == -2) {
+		consumer_send_error(cl, "outbox_full", "publish: %" PRId64 " messages wait to be sent "
 		    "(uplink.max_queued); try again later", cl->cs->cfg->uplink.max_queued);
+		return;
+	}
 	if (rc == -1) {
 		log_warnx("publish: %s", store_errmsg(cl->cs->store));
-		return send_error(cl, "storage", "publish: the outbox cannot be written now; try again");
+		consumer_send_error(cl, "storage", "publish: the outbox cannot be written now; try again");
+		return;
 	}
-	send_json(cl, json_pack("{s:s, s:I}", "type", "queued", "id", (json_int_t)id));
+	consumer_send_json(cl, json_pack("{s:s, s:I}", "type", "queued", "id", (json_int_t)id));
 	cl->cs->hooks.queued(cl->cs->hooks.arg);
 }
 
 /* Deleting or moving a cursor under a connected consumer would race its acks: refused. */
 static void
-op_cursor(struct client *cl, const struct request *req)
+consumer_op_cursor(struct client *cl, const struct request *req)
 {
 	struct name_search search = { .name = req->name };
 	int64_t acked_id;
 	int rc;
 
-	server_foreach(cl->cs->server, match_name, &search);
-	if (search.found)
-		return send_error(cl, "consumer_busy", "consumer %s is connected (pid %d); stop it first",
+	server_foreach(cl->cs->server, consumer_match_name, &search);
+	if (search.found) {
+		consumer_send_error(cl, "consumer_busy", "consumer %s is connected (pid %d); stop it first",
 		    req->name, (int)search.pid);
+		return;
+	}
 	rc = store_consumer_set(cl->cs->store, req->name, req->cursor_delete ? NULL : &req->start,
 	    &acked_id);
-	if (rc == -2)
-		return send_error(cl, "no_consumer", "there is no consumer %s", req->name);
-	if (rc == -3)
-		return send_error(cl, "bad_request", "consumer: #%" PRId64 " is beyond the newest command",
+	if (rc == -2) {
+		consumer_send_error(cl, "no_consumer", "there is no consumer %s", req->name);
+		return;
+	}
+	if (rc == -3) {
+		consumer_send_error(cl, "bad_request", "consumer: #%" PRId64 " is beyond the newest command",
 		    req->start.id);
+		return;
+	}
 	if (rc == -1) {
 		log_warnx("consumer %s: %s", req->name, store_errmsg(cl->cs->store));
-		return send_error(cl, "storage", "the history cannot be written now; try again");
+		consumer_send_error(cl, "storage", "the history cannot be written now; try again");
+		return;
 	}
 	log_info("consumer %s %s by uid %d pid %d", req->name, req->cursor_delete ? "deleted" : "reset",
 	    (int)conn_uid(cl->conn), (int)conn_pid(cl->conn));
-	send_json(cl, req->cursor_delete ?
+	consumer_send_json(cl, req->cursor_delete ?
 	    json_pack("{s:s, s:s, s:b}", "type", "consumer", "consumer", req->name, "deleted", 1) :
 	    json_pack("{s:s, s:s, s:I}", "type", "consumer", "consumer", req->name,
 	    "acked_id", (json_int_t)acked_id));
@@ -481,7 +511,7 @@ op_cursor(struct client *cl, const struct request *req)
 
 /* Only root and the daemon's own user may make up commands: consumers act on them. */
 static void
-op_inject(struct client *cl, const struct request *req)
+consumer_op_inject(struct client *cl, const struct request *req)
 {
 	const struct delivery d = {
 		.topic = req->publish.topic,
@@ -495,52 +525,62 @@ op_inject(struct client *cl, const struct request *req)
 	int64_t row;
 	int rc;
 
-	if (uid != 0 && uid != geteuid())
-		return send_error(cl, "not_allowed", "inject: only root or uid %d may inject", (int)geteuid());
-	if ((rc = cl->cs->hooks.inject(&d, &row, cl->cs->hooks.arg)) == -2)
-		return send_error(cl, "busy", "inject: a broker batch is being committed; try again");
+	if (uid != 0 && uid != geteuid()) {
+		consumer_send_error(cl, "not_allowed", "inject: only root or uid %d may inject", (int)geteuid());
+		return;
+	}
+	if ((rc = cl->cs->hooks.inject(&d, &row, cl->cs->hooks.arg)) == -2) {
+		consumer_send_error(cl, "busy", "inject: a broker batch is being committed; try again");
+		return;
+	}
 	if (rc == -1) {
 		log_warnx("inject: %s", store_errmsg(cl->cs->store));
-		return send_error(cl, "storage", "inject: the history cannot be written now; try again");
+		consumer_send_error(cl, "storage", "inject: the history cannot be written now; try again");
+		return;
 	}
 	log_info("injected #%" PRId64 " on %.256s by uid %d pid %d", row, d.topic, (int)uid,
 	    (int)conn_pid(cl->conn));
-	send_json(cl, json_pack("{s:s, s:I}", "type", "injected", "id", (json_int_t)row));
+	consumer_send_json(cl, json_pack("{s:s, s:I}", "type", "injected", "id", (json_int_t)row));
 }
 
 /* The alarm is for the admins: root and the daemon's own user clear it. */
 static void
-op_store_ack(struct client *cl, const struct request *req)
+consumer_op_store_ack(struct client *cl, const struct request *req)
 {
 	uid_t uid = conn_uid(cl->conn);
 	int64_t n = store_corruptions(cl->cs->store);
 
 	(void)req;
-	if (uid != 0 && uid != geteuid())
-		return send_error(cl, "not_allowed", "store: only root or uid %d may acknowledge",
+	if (uid != 0 && uid != geteuid()) {
+		consumer_send_error(cl, "not_allowed", "store: only root or uid %d may acknowledge",
 		    (int)geteuid());
+		return;
+	}
 	if (store_corruption_ack(cl->cs->store) == -1) {
 		log_warnx("store: %s", store_errmsg(cl->cs->store));
-		return send_error(cl, "storage", "store: the history cannot be written now; try again");
+		consumer_send_error(cl, "storage", "store: the history cannot be written now; try again");
+		return;
 	}
 	if (n > 0)
 		log_info("history corruption alarm acknowledged by uid %d pid %d", (int)uid,
 		    (int)conn_pid(cl->conn));
-	send_json(cl, json_pack("{s:s, s:I}", "type", "store", "acknowledged", (json_int_t)n));
+	consumer_send_json(cl, json_pack("{s:s, s:I}", "type", "store", "acknowledged", (json_int_t)n));
 }
 
+/* The handler of each op request.c parses; consumers_new() refuses a gap. */
+static void (*const consumer_ops[REQUEST_NOPS])(struct client *, const struct request *) = {
+	[REQUEST_HELLO] = consumer_op_hello,
+	[REQUEST_ACK] = consumer_op_ack,
+	[REQUEST_STATS] = consumer_op_stats,
+	[REQUEST_PUBLISH] = consumer_op_publish,
+	[REQUEST_CURSOR] = consumer_op_cursor,
+	[REQUEST_INJECT] = consumer_op_inject,
+	[REQUEST_STORE_ACK] = consumer_op_store_ack,
+};
+
 static void
-on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
+consumer_on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 {
-	static void (*const ops[])(struct client *, const struct request *) = {
-		[REQUEST_HELLO] = op_hello,
-		[REQUEST_ACK] = op_ack,
-		[REQUEST_STATS] = op_stats,
-		[REQUEST_PUBLISH] = op_publish,
-		[REQUEST_CURSOR] = op_cursor,
-		[REQUEST_INJECT] = op_inject,
-		[REQUEST_STORE_ACK] = op_store_ack,
-	};
 	struct client *cl = state;
 	struct request_error err;
 	static struct request req;	/* 64 KiB: not on the stack */
@@ -548,16 +588,16 @@ on_line(struct conn *c, void *state, char *line, size_t len, void *arg)
 	(void)c;
 	(void)arg;
 	if (request_parse(line, len, &req, &err) == -1) {
-		send_error(cl, err.code, "%s", err.message);
+		consumer_send_error(cl, err.code, "%s", err.message);
 		if (err.fatal)
 			conn_close(cl->conn);
 		return;
 	}
-	ops[req.op](cl, &req);
+	consumer_ops[req.op](cl, &req);
 }
 
 static void *
-on_open(struct conn *c, void *arg)
+consumer_on_open(struct conn *c, void *arg)
 {
 	struct consumers *cs = arg;
 	struct client *cl = calloc(1, sizeof(*cl));
@@ -568,20 +608,20 @@ on_open(struct conn *c, void *arg)
 	}
 	cl->cs = cs;
 	cl->conn = c;
-	event_timer_init(&cl->more, on_more, cl);
+	event_timer_init(&cl->more, consumer_on_more, cl);
 	return cl;
 }
 
 static void
-on_drained(struct conn *c, void *state, void *arg)
+consumer_on_drained(struct conn *c, void *state, void *arg)
 {
 	(void)c;
 	(void)arg;
-	fill(state);
+	consumer_fill(state);
 }
 
 static void
-on_close(struct conn *c, void *state, void *arg)
+consumer_on_close(struct conn *c, void *state, void *arg)
 {
 	struct client *cl = state;
 
@@ -596,18 +636,18 @@ on_close(struct conn *c, void *state, void *arg)
 
 /* A client still catching up reaches the new rows on its own. */
 static void
-notify_one(struct conn *c, void *state, void *arg)
+consumer_notify_one(struct conn *c, void *state, void *arg)
 {
 	struct client *cl = state;
 
 	(void)c;
 	(void)arg;
 	if (cl->more.due_ms == 0)
-		fill(cl);
+		consumer_fill(cl);
 }
 
 static void
-touch_connected(struct conn *c, void *state, void *arg)
+consumer_touch_connected(struct conn *c, void *state, void *arg)
 {
 	struct client *cl = state;
 	struct consumers *cs = arg;
@@ -618,7 +658,7 @@ touch_connected(struct conn *c, void *state, void *arg)
 }
 
 static int
-log_expired(const struct store_consumer *sc, void *arg)
+consumer_log_expired(const struct store_consumer *sc, void *arg)
 {
 	struct consumers *cs = arg;
 	char when[40];
@@ -632,13 +672,13 @@ log_expired(const struct store_consumer *sc, void *arg)
 
 /* Connected cursors are in use; the others expire after socket.cursor_expiry without a hello or ack. */
 static void
-on_expiry(void *arg)
+consumer_on_expiry(void *arg)
 {
 	struct consumers *cs = arg;
 
-	server_foreach(cs->server, touch_connected, cs);
+	server_foreach(cs->server, consumer_touch_connected, cs);
 	if (store_consumers_expire(cs->store, (int64_t)event_wall_ms() - cs->cfg->socket.cursor_expiry_ms,
-	    log_expired, cs) == -1)
+	    consumer_log_expired, cs) == -1)
 		log_warnx("cursor expiry: %s", store_errmsg(cs->store));
 	event_timer_arm(cs->loop, &cs->expiry_timer, EXPIRY_INTERVAL_MS);
 }
@@ -653,7 +693,7 @@ consumers_set_config(struct consumers *cs, const struct config *cfg)
 void
 consumers_notify(struct consumers *cs)
 {
-	server_foreach(cs->server, notify_one, NULL);
+	server_foreach(cs->server, consumer_notify_one, NULL);
 }
 
 struct consumers *
@@ -662,12 +702,19 @@ consumers_new(struct event_loop *loop, const struct config *cfg, struct store *s
 {
 	struct consumers *cs = calloc(1, sizeof(*cs));
 	struct server_handler h = {
-		.open = on_open, .line = on_line, .drained = on_drained, .close = on_close,
+		.open = consumer_on_open, .line = consumer_on_line, .drained = consumer_on_drained, .close = consumer_on_close,
 	};
 
 	if (cs == NULL) {
 		snprintf(err, errlen, "out of memory");
 		return NULL;
+	}
+	for (int i = 0; i < REQUEST_NOPS; i++) {
+		if (consumer_ops[i] == NULL) {
+			snprintf(err, errlen, "internal: socket op %s has no handler", request_op_name(i));
+			free(cs);
+			return NULL;
+		}
 	}
 	cs->loop = loop;
 	cs->cfg = cfg;
@@ -678,7 +725,7 @@ consumers_new(struct event_loop *loop, const struct config *cfg, struct store *s
 		free(cs);
 		return NULL;
 	}
-	event_timer_init(&cs->expiry_timer, on_expiry, cs);
+	event_timer_init(&cs->expiry_timer, consumer_on_expiry, cs);
 	event_timer_arm(loop, &cs->expiry_timer, 0);
 	return cs;
 }

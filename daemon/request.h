@@ -24,6 +24,7 @@ enum request_op {
 	REQUEST_CURSOR,		/* delete or reset a named cursor */
 	REQUEST_INJECT,		/* record a command as if the broker sent it */
 	REQUEST_STORE_ACK,	/* an admin has seen the history's corruption alarm */
+	REQUEST_NOPS
 };
 
 struct request {
@@ -50,5 +51,7 @@ struct request_error {
 };
 
 int request_parse(const char *line, size_t len, struct request *req, struct request_error *err);
+/* The op's name on the wire ("hello", ...). */
+const char *request_op_name(enum request_op op);
 
 #endif

@@ -57,7 +57,10 @@ $(B)/migrations.o: $(B)/migrations.c daemon/migrations.h
 $(B)/cmdrelayd: $(B)/cmdrelayd.o $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 
-$(B)/cmdrelayctl: $(B)/cmdrelayctl.o $(B)/ctl_socket.o $(B)/ctl_tail.o $(B)/ctl_consumers.o $(COMMON_OBJS)
+# The admin CLI reads the config and the history and talks to the socket:
+# it links only that, not the daemon.
+CTL := cmdrelayctl ctl_socket ctl_tail ctl_consumers log config topic wire
+$(B)/cmdrelayctl: $(CTL:%=$(B)/%.o)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 
 # The C example consumer, built as its users would: one file and Jansson.

@@ -844,6 +844,47 @@ def _str(s: Union[str, bytes]) -> bytes:
     return struct.pack("!H", len(b)) + b
 
 
+class MQTTProtocolError(RuntimeError):
+    pass
+
+
+def take_str(body: bytes, pos: int):
+    """An MQTT string at pos of body: (its bytes, the position after it)."""
+    n = struct.unpack_from("!H", body, pos)[0]
+    return body[pos + 2:pos + 2 + n], pos + 2 + n
+
+
+def mqtt_packet(ptype: int, flags: int, body: bytes = b"") -> bytes:
+    """One MQTT packet: fixed header, remaining length, body."""
+    return bytes([(ptype << 4) | flags]) + _varint(len(body)) + body
+
+
+def parse_packet(buf: bytearray):
+    """Takes one whole packet off the front of buf: (type, flags, body), or
+    None while it is incomplete. Raises MQTTProtocolError on a remaining
+    length over four bytes."""
+    if len(buf) < 2:
+        return None
+    mult, length, i = 1, 0, 1
+    while True:
+        if i >= len(buf):
+            return None
+        b = buf[i]
+        length += (b & 0x7F) * mult
+        mult *= 128
+        i += 1
+        if not b & 0x80:
+            break
+        if i > 4:
+            raise MQTTProtocolError("bad remaining length")
+    if len(buf) < i + length:
+        return None
+    first = buf[0]
+    body = bytes(buf[i:i + length])
+    del buf[:i + length]
+    return first >> 4, first & 0x0F, body
+
+
 def _bytes(p: Payload) -> bytes:
     return p.encode() if isinstance(p, str) else bytes(p)
 
@@ -851,12 +892,7 @@ def _bytes(p: Payload) -> bytes:
 def encode_publish(topic: str, payload: Payload, qos: int = 1, retain: bool = False,
                    dup: bool = False, mid: Optional[int] = None) -> bytes:
     body = _str(topic) + (struct.pack("!H", mid) if qos else b"") + _bytes(payload)
-    first = (PUBLISH << 4) | (int(dup) << 3) | (qos << 1) | int(retain)
-    return bytes([first]) + _varint(len(body)) + body
-
-
-class MQTTProtocolError(RuntimeError):
-    pass
+    return mqtt_packet(PUBLISH, (int(dup) << 3) | (qos << 1) | int(retain), body)
 
 
 class RawMQTTClient:
@@ -916,34 +952,11 @@ class RawMQTTClient:
         self._buf += data
         return True
 
-    def _parse(self):
-        buf = self._buf
-        if len(buf) < 2:
-            return None
-        mult, length, i = 1, 0, 1
-        while True:
-            if i >= len(buf):
-                return None
-            b = buf[i]
-            length += (b & 0x7F) * mult
-            mult *= 128
-            i += 1
-            if not b & 0x80:
-                break
-            if i > 4:
-                raise MQTTProtocolError("bad remaining length")
-        if len(buf) < i + length:
-            return None
-        first = buf[0]
-        body = bytes(buf[i:i + length])
-        del buf[:i + length]
-        return first >> 4, first & 0x0F, body
-
     def read_packet(self, timeout: Optional[float] = None):
         """(type, flags, body) of the next packet, None on timeout."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            pkt = self._parse()
+            pkt = parse_packet(self._buf)
             if pkt is not None:
                 return pkt
             if not self._fill(deadline):
@@ -1006,7 +1019,7 @@ class RawMQTTClient:
             payload += _str(self.password)
         var = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", self.keepalive)
         body = var + payload
-        self._send(bytes([CONNECT << 4]) + _varint(len(body)) + body)
+        self._send(mqtt_packet(CONNECT, 0, body))
         pkt = self.read_packet(timeout)
         if pkt is None:
             raise MQTTProtocolError("no CONNACK")
@@ -1026,7 +1039,7 @@ class RawMQTTClient:
             topics = [topics]
         mid = self.new_mid()
         body = struct.pack("!H", mid) + b"".join(_str(t) + bytes([qos]) for t in topics)
-        self._send(bytes([(SUBSCRIBE << 4) | 2]) + _varint(len(body)) + body)
+        self._send(mqtt_packet(SUBSCRIBE, 2, body))
         if not self._pump(lambda: mid in self.subacks, timeout):
             raise MQTTProtocolError("no SUBACK")
         granted = self.subacks.pop(mid)
@@ -1039,7 +1052,7 @@ class RawMQTTClient:
             topics = [topics]
         mid = self.new_mid()
         body = struct.pack("!H", mid) + b"".join(_str(t) for t in topics)
-        self._send(bytes([(UNSUBSCRIBE << 4) | 2]) + _varint(len(body)) + body)
+        self._send(mqtt_packet(UNSUBSCRIBE, 2, body))
         if not self._pump(lambda: mid in self.unsubacks, timeout):
             raise MQTTProtocolError("no UNSUBACK")
         self.unsubacks.discard(mid)

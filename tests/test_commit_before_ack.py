@@ -21,7 +21,8 @@ import time
 import pytest
 
 from brokers import (CONNACK, CONNECT, DISCONNECT, PINGREQ, PINGRESP, PUBACK, SUBACK,
-                     SUBSCRIBE, UNSUBACK, UNSUBSCRIBE, encode_publish)
+                     SUBSCRIBE, UNSUBACK, UNSUBSCRIBE, encode_publish, mqtt_packet, parse_packet,
+                     take_str)
 from relay import Relay
 
 TOPIC = "/cf/v1/AAA/012C/012C000003AX/set"
@@ -30,24 +31,6 @@ TOPIC = "/cf/v1/AAA/012C/012C000003AX/set"
 # --------------------------------------------------------------------------
 # the scripted broker
 # --------------------------------------------------------------------------
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        b, n = n % 128, n // 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet(ptype, flags, body=b""):
-    return bytes([(ptype << 4) | flags]) + _varint(len(body)) + body
-
-
-def _take_str(body, pos):
-    n = struct.unpack_from("!H", body, pos)[0]
-    return body[pos + 2:pos + 2 + n], pos + 2 + n
-
 
 class PubackCheck:
     """What the peer saw when it read one PUBACK."""
@@ -172,7 +155,7 @@ class PeerConnection:
                 self.recv_count += 1
                 buf += data
                 while True:
-                    pkt = self._parse(buf)
+                    pkt = parse_packet(buf)
                     if pkt is None:
                         break
                     self._dispatch(*pkt)
@@ -180,29 +163,6 @@ class PeerConnection:
             with self.cond:
                 self.errors.append(f"peer crashed: {e!r}")
             self._closed(f"peer error: {e!r}")
-
-    @staticmethod
-    def _parse(buf):
-        if len(buf) < 2:
-            return None
-        mult, length, i = 1, 0, 1
-        while True:
-            if i >= len(buf):
-                return None
-            b = buf[i]
-            length += (b & 0x7F) * mult
-            mult *= 128
-            i += 1
-            if not b & 0x80:
-                break
-            if i > 4:
-                raise ValueError("bad remaining length")
-        if len(buf) < i + length:
-            return None
-        first = buf[0]
-        body = bytes(buf[i:i + length])
-        del buf[:i + length]
-        return first >> 4, first & 0x0F, body
 
     def _error(self, text):
         with self.cond:
@@ -220,32 +180,32 @@ class PeerConnection:
             mid = struct.unpack_from("!H", body)[0]
             pos, granted = 2, []
             while pos < len(body):
-                topic, pos = _take_str(body, pos)
+                topic, pos = take_str(body, pos)
                 qos = body[pos]
                 pos += 1
                 if self._barrier(topic, "SUBSCRIBE"):
                     if self.answer_barriers:
-                        self._send(_packet(SUBACK, 0, struct.pack("!H", mid) + b"\x00"))
+                        self._send(mqtt_packet(SUBACK, 0, struct.pack("!H", mid) + b"\x00"))
                     return
                 with self.cond:
                     self.subscribes.append((topic.decode(), qos))
                 granted.append(1)
-            self._send(_packet(SUBACK, 0, struct.pack("!H", mid) + bytes(granted)))
+            self._send(mqtt_packet(SUBACK, 0, struct.pack("!H", mid) + bytes(granted)))
         elif ptype == UNSUBSCRIBE:
             mid = struct.unpack_from("!H", body)[0]
             pos = 2
             while pos < len(body):
-                topic, pos = _take_str(body, pos)
+                topic, pos = take_str(body, pos)
                 if self._barrier(topic, "UNSUBSCRIBE"):
                     if self.answer_barriers:
-                        self._send(_packet(UNSUBACK, 0, struct.pack("!H", mid)))
+                        self._send(mqtt_packet(UNSUBACK, 0, struct.pack("!H", mid)))
                     return
                 with self.cond:
                     self.unsubscribes.append(topic.decode())
-            self._send(_packet(UNSUBACK, 0, struct.pack("!H", mid)))
+            self._send(mqtt_packet(UNSUBACK, 0, struct.pack("!H", mid)))
         elif ptype == PINGREQ:
             self.pings += 1
-            self._send(_packet(PINGRESP, 0))
+            self._send(mqtt_packet(PINGRESP, 0))
         elif ptype == PUBACK:
             self._on_puback(struct.unpack_from("!H", body)[0])
         elif ptype == DISCONNECT:
@@ -266,10 +226,10 @@ class PeerConnection:
         return True
 
     def _on_connect(self, flags, body):
-        name, pos = _take_str(body, 0)
+        name, pos = take_str(body, 0)
         level, cflags = body[pos], body[pos + 1]
         keepalive = struct.unpack_from("!H", body, pos + 2)[0]
-        client_id, pos = _take_str(body, pos + 4)
+        client_id, pos = take_str(body, pos + 4)
         info = {"protocol": name.decode(), "level": level, "flags": cflags,
                 "clean_session": bool(cflags & 0x02), "keepalive": keepalive,
                 "client_id": client_id.decode()}
@@ -277,7 +237,7 @@ class PeerConnection:
             if self.connect_info is not None:
                 self.errors.append("second CONNECT on one connection")
             self.connect_info = info
-        self._send(_packet(CONNACK, 0, bytes([1 if self.session_present else 0, 0])))
+        self._send(mqtt_packet(CONNACK, 0, bytes([1 if self.session_present else 0, 0])))
         with self.cond:
             self.cond.notify_all()
 

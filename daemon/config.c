@@ -472,37 +472,17 @@ walk_patterns(struct parser *p, const struct config_key *key, yaml_node_t *seq)
 	for (size_t i = 0; i < n; i++) {
 		yaml_node_t *item = yaml_document_get_node(&p->doc, seq->data.sequence.items.start[i]);
 		const char *text;
-		char *filter, *o;
-		bool ok = true;
+		char *filter;
 
 		if (item->type != YAML_SCALAR_NODE || item->data.scalar.length == 0 ||
 		    item->data.scalar.length > 1024)
 			return fail_at(p, item, "%s: each entry is a topic of at most 1024 bytes", key->path);
 		text = (const char *)item->data.scalar.value;
-		if ((filter = o = malloc(strlen(text) + 1)) == NULL)
+		if ((filter = malloc(strlen(text) + 1)) == NULL)
 			return fail_at(p, item, "out of memory");
 		cfg->uplink.allow[i] = filter;
 		cfg->uplink.nallow = i + 1;
-		for (const char *seg = text; ok; ) {
-			const char *end = strchr(seg, '/');
-			size_t len = end ? (size_t)(end - seg) : strlen(seg);
-
-			if (len >= 2 && seg[0] == '{' && seg[len - 1] == '}')
-				*o++ = '+';
-			else if (memchr(seg, '+', len) || memchr(seg, '#', len) ||
-			    memchr(seg, '{', len) || memchr(seg, '}', len))
-				ok = false;
-			else {
-				memcpy(o, seg, len);
-				o += len;
-			}
-			if (end == NULL)
-				break;
-			*o++ = '/';
-			seg = end + 1;
-		}
-		*o = '\0';
-		if (!ok)
+		if (topic_pattern_filter(text, filter) == -1)
 			return fail_at(p, item, "%s: '%s': each level is literal text or one {name}",
 			    key->path, text);
 	}

@@ -281,9 +281,9 @@ store_schema_version(void)
 }
 
 void
-store_bind_payload(sqlite3_stmt *s, int col, const struct delivery *d)
+store_bind_payload(sqlite3_stmt *s, int col, const void *payload, size_t len)
 {
-	sqlite3_bind_blob(s, col, d->payloadlen ? d->payload : "", (int)d->payloadlen, SQLITE_STATIC);
+	sqlite3_bind_blob(s, col, len ? payload : "", (int)len, SQLITE_STATIC);
 }
 
 int
@@ -1026,7 +1026,7 @@ store_insert(struct store *st, const struct delivery *d, const struct dedup_verd
 		return store_fail(st, "topic fields of %s", d->topic);
 	sqlite3_bind_int64(s, 1, d->received_at_ms);
 	sqlite3_bind_text(s, 2, d->topic, -1, SQLITE_STATIC);
-	store_bind_payload(s, 3, d);
+	store_bind_payload(s, 3, d->payload, d->payloadlen);
 	sqlite3_bind_int64(s, 4, (int64_t)dedup_hash(d->payload, d->payloadlen));
 	sqlite3_bind_int(s, 5, d->qos);
 	sqlite3_bind_int(s, 6, d->retain);
@@ -1108,7 +1108,7 @@ store_outbox_add(struct store *st, const struct outbox_msg *msg, const char *ori
 		return -2;
 	sqlite3_bind_int64(s, 1, (int64_t)event_wall_ms());
 	sqlite3_bind_text(s, 2, msg->topic, -1, SQLITE_STATIC);
-	sqlite3_bind_blob(s, 3, msg->payloadlen ? msg->payload : "", (int)msg->payloadlen, SQLITE_STATIC);
+	store_bind_payload(s, 3, msg->payload, msg->payloadlen);
 	sqlite3_bind_int(s, 4, msg->qos);
 	sqlite3_bind_int(s, 5, msg->retain);
 	sqlite3_bind_text(s, 6, origin, -1, SQLITE_STATIC);

@@ -198,7 +198,7 @@ static void
 store_dedup_bind_content(sqlite3_stmt *s, int topic_col, const struct delivery *d)
 {
 	sqlite3_bind_text(s, topic_col, d->topic, -1, SQLITE_STATIC);
-	store_bind_payload(s, topic_col + 1, d);
+	store_bind_payload(s, topic_col + 1, d->payload, d->payloadlen);
 }
 
 static int
@@ -234,7 +234,7 @@ store_dedup_latest_same(void *ctx, const struct delivery *d, int *mid)
 
 	sqlite3_bind_text(s, 1, d->topic, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(s, 2, (int64_t)dedup_hash(d->payload, d->payloadlen));
-	store_bind_payload(s, 3, d);
+	store_bind_payload(s, 3, d->payload, d->payloadlen);
 	*mid = 0;
 	if ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		id = sqlite3_column_int64(s, 0);

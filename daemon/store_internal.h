@@ -37,7 +37,7 @@ int store_salvage(struct store *st, const char *aside, char *report, size_t len)
 /* Runs a statement that returns nothing or one integer; resets it. */
 int store_step(struct store *st, sqlite3_stmt *s, int64_t *out);
 /* libmosquitto hands an empty payload as NULL; SQL must see an empty BLOB. */
-void store_bind_payload(sqlite3_stmt *s, int col, const struct delivery *d);
+void store_bind_payload(sqlite3_stmt *s, int col, const void *payload, size_t len);
 
 /*
  * Prepares the dedup statements and checks the PUBACK mark against the

@@ -42,13 +42,61 @@ topic_pattern_free(struct topic_pattern *pattern)
 	free(pattern);
 }
 
+enum topic_level {
+	TOPIC_LEVEL_LITERAL,
+	TOPIC_LEVEL_FIELD,	/* {name} */
+	TOPIC_LEVEL_BAD,	/* a wildcard, or braces that are not one {name} */
+};
+
+/* The rule every pattern follows: each level is literal text or one {name}. */
+static enum topic_level
+topic_level_kind(const char *seg, size_t len)
+{
+	if (len >= 2 && seg[0] == '{' && seg[len - 1] == '}')
+		return TOPIC_LEVEL_FIELD;
+	if (memchr(seg, '{', len) || memchr(seg, '}', len) ||
+	    memchr(seg, '+', len) || memchr(seg, '#', len))
+		return TOPIC_LEVEL_BAD;
+	return TOPIC_LEVEL_LITERAL;
+}
+
+int
+topic_pattern_filter(const char *text, char *filter)
+{
+	char *o = filter;
+
+	for (const char *seg = text; ; seg++) {
+		const char *end = strchr(seg, '/');
+		size_t len = end ? (size_t)(end - seg) : strlen(seg);
+
+		switch (topic_level_kind(seg, len)) {
+		case TOPIC_LEVEL_FIELD:
+			*o++ = '+';
+			break;
+		case TOPIC_LEVEL_LITERAL:
+			memcpy(o, seg, len);
+			o += len;
+			break;
+		case TOPIC_LEVEL_BAD:
+			return -1;
+		}
+		if (end == NULL)
+			break;
+		*o++ = '/';
+		seg = end;
+	}
+	*o = '\0';
+	return 0;
+}
+
 static int
 pattern_add_segment(struct topic_pattern *p, const char *seg, size_t len,
     size_t *nfields, char *err, size_t errlen)
 {
 	struct topic_segment *s = &p->segments[p->nsegments];
+	enum topic_level kind = topic_level_kind(seg, len);
 
-	if (len >= 2 && seg[0] == '{' && seg[len - 1] == '}') {
+	if (kind == TOPIC_LEVEL_FIELD) {
 		if (!field_name_valid(seg + 1, len - 2)) {
 			snprintf(err, errlen, "field name '%.*s' must be 1 to %d of a-z, 0-9, _",
 			    (int)len, seg, TOPIC_FIELD_NAME_MAX);
@@ -69,8 +117,7 @@ pattern_add_segment(struct topic_pattern *p, const char *seg, size_t len,
 		if (s->field == NULL)
 			goto nomem;
 	} else {
-		if (memchr(seg, '{', len) || memchr(seg, '}', len) ||
-		    memchr(seg, '+', len) || memchr(seg, '#', len)) {
+		if (kind == TOPIC_LEVEL_BAD) {
 			snprintf(err, errlen, "segment '%.*s' must be literal text or one {name}",
 			    (int)len, seg);
 			return -1;

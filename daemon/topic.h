@@ -23,6 +23,12 @@ struct topic_fields {
 /* NULL with a reason in err when the pattern is malformed. */
 struct topic_pattern *topic_pattern_new(const char *text, char *err, size_t errlen);
 void topic_pattern_free(struct topic_pattern *pattern);
+/*
+ * The MQTT filter that a pattern's topics match, each {name} level a +,
+ * into filter (room for strlen(text) + 1: never longer). -1 when a level
+ * is neither literal text nor one {name}.
+ */
+int topic_pattern_filter(const char *text, char *filter);
 
 /*
  * Fills out with the named segments of topic. Returns 1 when the topic fits

@@ -1371,6 +1371,24 @@ TEST(test_topic_pattern_limits)
 /* ------------------------------------------------------------------ */
 /* topic_matches: MQTT 3.1.1 section 4.7 */
 
+TEST(test_topic_pattern_filter)
+{
+	char filter[64];
+
+	assert_int_equal(topic_pattern_filter("/cf/v1/{product}/{model}/{device}/state", filter), 0);
+	assert_string_equal(filter, "/cf/v1/+/+/+/state");
+	assert_int_equal(topic_pattern_filter("a/b", filter), 0);
+	assert_string_equal(filter, "a/b");
+	assert_int_equal(topic_pattern_filter("{x}", filter), 0);
+	assert_string_equal(filter, "+");
+	assert_int_equal(topic_pattern_filter("a//{x}/", filter), 0);
+	assert_string_equal(filter, "a//+/");
+	assert_int_equal(topic_pattern_filter("a/+/b", filter), -1);
+	assert_int_equal(topic_pattern_filter("a/#", filter), -1);
+	assert_int_equal(topic_pattern_filter("a/x{y}", filter), -1);
+	assert_int_equal(topic_pattern_filter("a/{", filter), -1);
+}
+
 TEST(test_topic_matches)
 {
 	static const struct {
@@ -1494,6 +1512,7 @@ main(void)
 		cmocka_unit_test(test_topic_fields_empty_segments),
 		cmocka_unit_test(test_topic_pattern_errors),
 		cmocka_unit_test(test_topic_pattern_limits),
+		cmocka_unit_test(test_topic_pattern_filter),
 		cmocka_unit_test(test_topic_matches),
 
 	};

@@ -302,7 +302,8 @@ main(int argc, char *argv[])
 	relay_start(d.relay);
 
 	if (sd_watchdog_enabled(0, &usec) > 0) {
-		d.watchdog_ms = usec / 2000;
+		/* WatchdogSec is in microseconds; pinging at half of it leaves a whole half of slack. */
+		d.watchdog_ms = usec / 1000 / 2;
 		event_timer_init(&d.watchdog, on_watchdog, &d);
 		event_timer_arm(d.loop, &d.watchdog, d.watchdog_ms);
 	}

@@ -10,6 +10,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+/*
+ * Watches one loop holds: socket.max_consumers (at most 1024) clients, the
+ * listening socket, the broker, the signal and notify descriptors, with room.
+ */
 #define EVENT_MAX_FDS 1100
 
 struct event_loop;

@@ -59,6 +59,8 @@ struct server {
 #define SERVER_FD_RESERVE 64
 /* Out of descriptors, accepting waits this long (as tmux does) rather than spin. */
 #define ACCEPT_PAUSE_MS 1000
+/* Connections the kernel may queue before we accept: a burst of clients at boot. */
+#define SERVER_BACKLOG 64
 
 static void conn_io(int fd, short revents, void *arg);
 
@@ -513,7 +515,7 @@ create_socket(struct server *srv, char *err, size_t errlen)
 			return -1;
 		}
 	}
-	if (listen(srv->listen_fd, 64) == -1) {
+	if (listen(srv->listen_fd, SERVER_BACKLOG) == -1) {
 		snprintf(err, errlen, "%s: listen: %s", cfg->socket.path, strerror(errno));
 		return -1;
 	}

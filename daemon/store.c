@@ -25,26 +25,12 @@ enum stmt_id {
 	STMT_ROLLBACK,
 	STMT_INSERT,
 	STMT_CONNECTION_NEXT,
-	STMT_SUB_SET,
-	STMT_SUB_DEL,
 	STMT_TOPIC_ADD,
 	STMT_FILTERS,
 	STMT_FILTER_KNOWN,
 	STMT_FILTER_TOPIC_ADD,
 	STMT_TOPICS_ALL,
-	STMT_CONSUMER_GET,
-	STMT_CONSUMER_ROOM,
-	STMT_CONSUMER_TOUCH,
-	STMT_CONSUMER_EXPIRE,
-	STMT_CONSUMER_PUT,
-	STMT_CONSUMER_ACK,
 	STMT_OVERSIZE,
-	STMT_CONSUMER_MOVE,
-	STMT_CONSUMER_DELETE,
-	STMT_CONSUMER_SENT,
-	STMT_CONSUMER_SENT_GET,
-	STMT_SYNC_NORMAL,
-	STMT_SYNC_FULL,
 	STMT_MARK_INJECTED,
 	STMT_FETCH_FILTERED,
 	STMT_FETCH_ALL,
@@ -53,12 +39,6 @@ enum stmt_id {
 	STMT_PRUNE_AGE,
 	STMT_PRUNE_ROWS,
 	STMT_PRUNE_OUTBOX,
-	STMT_OUTBOX_QUEUED,
-	STMT_OUTBOX_ADD,
-	STMT_OUTBOX_NEXT,
-	STMT_OUTBOX_HANDED,
-	STMT_OUTBOX_SENT,
-	STMT_OUTBOX_FAILED,
 	STMT_COUNT
 };
 
@@ -74,36 +54,11 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    "INSERT INTO meta (key, value) VALUES ('connection', '1')"
 	    " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
 	    " RETURNING CAST(value AS INTEGER)",
-	[STMT_SUB_SET] =
-	    "INSERT OR REPLACE INTO session_subscriptions (filter, qos, subscribed_at)"
-	    " VALUES (?1, ?2, CAST(strftime('%s', 'now') AS INTEGER) * 1000)",
-	[STMT_SUB_DEL] = "DELETE FROM session_subscriptions WHERE filter = ?1",
 	[STMT_TOPIC_ADD] = "INSERT OR IGNORE INTO topics (topic) VALUES (?1)",
 	[STMT_FILTERS] = "SELECT DISTINCT filter FROM consumers",
 	[STMT_FILTER_KNOWN] = "SELECT 1 FROM consumers WHERE filter = ?1 LIMIT 1",
 	[STMT_FILTER_TOPIC_ADD] = "INSERT OR IGNORE INTO filter_topics (filter, topic) VALUES (?1, ?2)",
 	[STMT_TOPICS_ALL] = "SELECT topic FROM topics",
-	[STMT_CONSUMER_GET] = "SELECT acked_id FROM consumers WHERE name = ?1",
-	[STMT_CONSUMER_SENT_GET] = "SELECT sent_id FROM consumers WHERE name = ?1",
-	[STMT_CONSUMER_TOUCH] = "UPDATE consumers SET updated_at = ?2 WHERE name = ?1",
-	[STMT_CONSUMER_EXPIRE] =
-	    "DELETE FROM consumers WHERE updated_at < ?1 RETURNING name, acked_id, updated_at",
-	[STMT_CONSUMER_ROOM] =
-	    "SELECT EXISTS (SELECT 1 FROM consumers WHERE name = ?1)"
-	    " OR (SELECT count(*) FROM consumers) < ?2",
-	[STMT_CONSUMER_PUT] =
-	    "INSERT INTO consumers (name, filter, acked_id, updated_at) VALUES (?1, ?2, ?3, ?4)"
-	    " ON CONFLICT (name) DO UPDATE SET filter = excluded.filter,"
-	    " acked_id = excluded.acked_id, updated_at = excluded.updated_at",
-	[STMT_CONSUMER_ACK] =
-	    "UPDATE consumers SET acked_id = ?2, updated_at = ?3, acked_at = ?3"
-	    " WHERE name = ?1 AND acked_id < ?2",
-	[STMT_CONSUMER_MOVE] = "UPDATE consumers SET acked_id = ?2, updated_at = ?3 WHERE name = ?1",
-	[STMT_CONSUMER_DELETE] = "DELETE FROM consumers WHERE name = ?1",
-	[STMT_CONSUMER_SENT] = "UPDATE consumers SET sent_id = ?2 WHERE name = ?1 AND sent_id < ?2",
-	/* Around the sent mark only: see store_consumer_sent(). */
-	[STMT_SYNC_NORMAL] = "PRAGMA synchronous = NORMAL",
-	[STMT_SYNC_FULL] = "PRAGMA synchronous = FULL",
 	[STMT_MARK_INJECTED] = "UPDATE messages SET injected = 1 WHERE id = ?1",
 	/*
 	 * The unary + keeps SQLite off the (topic, payload_hash) index: walking
@@ -142,20 +97,16 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	[STMT_PRUNE_OUTBOX] =
 	    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
 	    " WHERE status = 'sent' AND sent_age_ms < age_clock() - ?1 ORDER BY id LIMIT ?2)",
-	[STMT_OUTBOX_QUEUED] = "SELECT count(*) FROM outbox WHERE status = 'queued'",
-	[STMT_OUTBOX_ADD] =
-	    "INSERT INTO outbox (queued_at, topic, payload, qos, retain, origin)"
-	    " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-	[STMT_OUTBOX_NEXT] =
-	    "SELECT id, topic, payload, qos, retain FROM outbox"
-	    " WHERE status = 'queued' AND id > ?1 ORDER BY id LIMIT ?2",
-	[STMT_OUTBOX_HANDED] = "UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1",
-	[STMT_OUTBOX_SENT] =
-	    "UPDATE outbox SET status = 'sent', sent_at = ?2, sent_age_ms = age_clock() WHERE id = ?1",
-	[STMT_OUTBOX_FAILED] = "UPDATE outbox SET status = 'failed' WHERE id = ?1",
 };
 
 static int store_corruption_load(struct store *st);
+
+/* The store's files that keep their statements beside their code. */
+static const struct store_sql *const store_parts[STORE_NPARTS] = {
+	[STORE_PART_CONSUMERS] = &store_consumers_sql,
+	[STORE_PART_OUTBOX] = &store_outbox_sql,
+	[STORE_PART_SESSION] = &store_session_sql,
+};
 
 struct store {
 	sqlite3 *db;
@@ -167,6 +118,7 @@ struct store {
 	int64_t age_boot_ms;	/* CLOCK_BOOTTIME when this process took the clock over */
 	char boot_id[40];	/* /proc/sys/kernel/random/boot_id of this boot */
 	struct store_dedup *dedup;	/* store_dedup.c */
+	sqlite3_stmt **parts[STORE_NPARTS];	/* the statements of store_parts[] */
 	bool corrupt;		/* SQLite said SQLITE_CORRUPT or SQLITE_NOTADB: nothing commits */
 	int64_t corruptions;	/* recoveries an admin has not acknowledged (meta) */
 	char corruption[STORE_ERR_MAX * 2 + PATH_MAX + 64];	/* what the last recovery did */
@@ -497,6 +449,32 @@ age_clock_resume(struct store *st)
 }
 
 static int
+store_prepare(struct store *st, const char *const *sql, int n, sqlite3_stmt **out)
+{
+	for (int i = 0; i < n; i++) {
+		if (sqlite3_prepare_v3(st->db, sql[i], -1, SQLITE_PREPARE_PERSISTENT, &out[i],
+		    NULL) != SQLITE_OK)
+			return store_fail(st, "cannot prepare %s", sql[i]);
+	}
+	return 0;
+}
+
+static void
+store_finalize(sqlite3_stmt **stmt, int n)
+{
+	for (int i = 0; i < n; i++) {
+		sqlite3_finalize(stmt[i]);
+		stmt[i] = NULL;
+	}
+}
+
+sqlite3_stmt *
+store_stmt(struct store *st, enum store_part part, int i)
+{
+	return st->parts[part][i];
+}
+
+static int
 store_open(struct store *st, const char *path)
 {
 	static const char setup[] =
@@ -534,12 +512,13 @@ store_open(struct store *st, const char *path)
 	}
 	if (migrate(st) == -1 || age_clock_resume(st) == -1)
 		return -1;
-	for (int i = 0; i < STMT_COUNT; i++) {
-		if (sqlite3_prepare_v3(st->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
-		    &st->stmt[i], NULL) != SQLITE_OK) {
-			store_fail(st, "cannot prepare %s", stmt_sql[i]);
+	if (store_prepare(st, stmt_sql, STMT_COUNT, st->stmt) == -1)
+		return -1;
+	for (int p = 0; p < STORE_NPARTS; p++) {
+		if ((st->parts[p] = calloc((size_t)store_parts[p]->n, sizeof(sqlite3_stmt *))) == NULL)
+			return store_fail(st, "out of memory");
+		if (store_prepare(st, store_parts[p]->sql, store_parts[p]->n, st->parts[p]) == -1)
 			return -1;
-		}
 	}
 	if ((st->dedup = store_dedup_new(st, st->created)) == NULL)
 		return -1;
@@ -549,9 +528,12 @@ store_open(struct store *st, const char *path)
 static void
 store_close(struct store *st)
 {
-	for (int i = 0; i < STMT_COUNT; i++) {
-		sqlite3_finalize(st->stmt[i]);
-		st->stmt[i] = NULL;
+	store_finalize(st->stmt, STMT_COUNT);
+	for (int p = 0; p < STORE_NPARTS; p++) {
+		if (st->parts[p])
+			store_finalize(st->parts[p], store_parts[p]->n);
+		free(st->parts[p]);
+		st->parts[p] = NULL;
 	}
 	store_dedup_free(st->dedup);
 	st->dedup = NULL;
@@ -676,10 +658,7 @@ store_free(struct store *st)
 {
 	if (st == NULL)
 		return;
-	for (int i = 0; i < STMT_COUNT; i++)
-		sqlite3_finalize(st->stmt[i]);
-	store_dedup_free(st->dedup);
-	sqlite3_close(st->db);
+	store_close(st);
 	free(st);
 }
 
@@ -753,8 +732,8 @@ register_topic(struct store *st, const char *topic)
 }
 
 /* A filter no consumer had: note which known topics it matches. */
-static int
-register_filter(struct store *st, const char *filter)
+int
+store_register_filter(struct store *st, const char *filter)
 {
 	sqlite3_stmt *s = st->stmt[STMT_TOPICS_ALL];
 	int64_t known;
@@ -774,183 +753,6 @@ register_filter(struct store *st, const char *filter)
 	}
 	sqlite3_reset(s);
 	return rc == SQLITE_DONE ? 0 : store_fail(st, "%s", stmt_sql[STMT_TOPICS_ALL]);
-}
-
-int
-store_consumer_open(struct store *st, const char *name, const char *filter,
-    const struct store_start *start, int64_t max_cursors, int64_t *resume_after, int64_t *sent_id)
-{
-	sqlite3_stmt *put = st->stmt[STMT_CONSUMER_PUT];
-	int64_t acked = 0, room;
-
-	if (store_begin(st) == -1)
-		return -1;
-	sqlite3_bind_text(st->stmt[STMT_CONSUMER_ROOM], 1, name, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(st->stmt[STMT_CONSUMER_ROOM], 2, max_cursors);
-	if (step_int(st, STMT_CONSUMER_ROOM, &room) == -1)
-		goto fail;
-	if (!room) {
-		store_rollback(st);
-		return -2;
-	}
-	sqlite3_bind_text(st->stmt[STMT_CONSUMER_GET], 1, name, -1, SQLITE_STATIC);
-	sqlite3_bind_text(st->stmt[STMT_CONSUMER_SENT_GET], 1, name, -1, SQLITE_STATIC);
-	if (step_int(st, STMT_CONSUMER_GET, &acked) == -1 ||
-	    step_int(st, STMT_CONSUMER_SENT_GET, sent_id) == -1 || register_filter(st, filter) == -1)
-		goto fail;
-	switch (start->from) {
-	case STORE_FROM_STORED: {
-		/* a new consumer starts at 0: the oldest row kept; a cursor
-		 * stored beyond the newest row (before hello refused that)
-		 * comes back to it, or new commands would pass it unseen */
-		int64_t newest;
-		if (step_int(st, STMT_MAX_ID, &newest) == -1)
-			goto fail;
-		if (acked > newest)
-			acked = newest;
-		break;
-	}
-	case STORE_FROM_LIVE:
-		if (step_int(st, STMT_MAX_ID, &acked) == -1)
-			goto fail;
-		break;
-	case STORE_FROM_ID:
-		acked = start->id;
-		break;
-	}
-	sqlite3_bind_text(put, 1, name, -1, SQLITE_STATIC);
-	sqlite3_bind_text(put, 2, filter, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(put, 3, acked);
-	sqlite3_bind_int64(put, 4, (int64_t)event_wall_ms());
-	if (step_int(st, STMT_CONSUMER_PUT, NULL) == -1 || store_commit(st) == -1)
-		goto fail;
-	*resume_after = acked;
-	return 0;
-fail:
-	store_rollback(st);
-	return -1;
-}
-
-int
-store_consumer_ack(struct store *st, const char *name, int64_t id)
-{
-	sqlite3_stmt *s = st->stmt[STMT_CONSUMER_ACK];
-
-	sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(s, 2, id);
-	sqlite3_bind_int64(s, 3, (int64_t)event_wall_ms());
-	return step_int(st, STMT_CONSUMER_ACK, NULL);
-}
-
-/*
- * Runs before the commands leave, so that after any crash of the relay a
- * command sent again is known as such. Not synced: the WAL keeps it in order
- * before the next synced commit, and a power cut that loses it takes the
- * local consumer down with the relay.
- */
-int
-store_consumer_sent(struct store *st, const char *name, int64_t id)
-{
-	int rc;
-
-	sqlite3_bind_text(st->stmt[STMT_CONSUMER_SENT], 1, name, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(st->stmt[STMT_CONSUMER_SENT], 2, id);
-	if (step_int(st, STMT_SYNC_NORMAL, NULL) == -1)
-		return -1;
-	rc = step_int(st, STMT_CONSUMER_SENT, NULL);
-	if (step_int(st, STMT_SYNC_FULL, NULL) == -1)
-		return -1;
-	return rc;
-}
-
-/*
- * The lag as consumer_lag counts it, but over at most STORE_LAG_SCAN rows
- * after the ack (or the oldest row kept): the daemon answers stats and
- * writes metrics from its loop, where a count over a long history would
- * stall everything else.
- */
-int
-store_consumer_touch(struct store *st, const char *name)
-{
-	sqlite3_bind_text(st->stmt[STMT_CONSUMER_TOUCH], 1, name, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(st->stmt[STMT_CONSUMER_TOUCH], 2, (int64_t)event_wall_ms());
-	return step_int(st, STMT_CONSUMER_TOUCH, NULL);
-}
-
-int
-store_consumers_expire(struct store *st, int64_t before_ms, store_consumer_fn *fn, void *arg)
-{
-	sqlite3_stmt *s = st->stmt[STMT_CONSUMER_EXPIRE];
-	int n = 0, rc;
-
-	sqlite3_bind_int64(s, 1, before_ms);
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		struct store_consumer c = {
-			.name = (const char *)sqlite3_column_text(s, 0),
-			.acked_id = sqlite3_column_int64(s, 1),
-			.updated_at_ms = sqlite3_column_int64(s, 2),
-		};
-		n++;
-		fn(&c, arg);
-	}
-	sqlite3_reset(s);
-	if (rc != SQLITE_DONE)
-		return store_fail(st, "%s", stmt_sql[STMT_CONSUMER_EXPIRE]);
-	return n;
-}
-
-int
-store_consumer_set(struct store *st, const char *name, const struct store_start *start,
-    int64_t *acked_id)
-{
-	enum stmt_id id = start ? STMT_CONSUMER_MOVE : STMT_CONSUMER_DELETE;
-	sqlite3_stmt *s = st->stmt[id];
-	int64_t newest;
-
-	if (step_int(st, STMT_MAX_ID, &newest) == -1)
-		return -1;
-	*acked_id = start && start->from == STORE_FROM_ID ? start->id : newest;
-	if (*acked_id > newest)
-		return -3;
-	sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
-	if (start) {
-		sqlite3_bind_int64(s, 2, *acked_id);
-		sqlite3_bind_int64(s, 3, (int64_t)event_wall_ms());
-	}
-	if (step_int(st, id, NULL) == -1)
-		return -1;
-	return sqlite3_changes(st->db) == 0 ? -2 : 0;
-}
-
-int
-store_consumers(struct store *st, store_consumer_fn *fn, void *arg)
-{
-	sqlite3_stmt *s;
-	int rc;
-
-	if (sqlite3_prepare_v2(st->db,
-	    "WITH b AS (SELECT coalesce(min(id), 1) - 1 AS lo, coalesce(max(id), 0) AS hi FROM messages),"
-	    " c AS (SELECT name, filter, acked_id, max(acked_id, lo) AS start, hi FROM consumers, b)"
-	    " SELECT name, filter, acked_id,"
-	    " (SELECT count(*) FROM messages m WHERE m.id > c.start AND m.id <= c.start + ?1"
-	    "   AND +m.status = 'accepted' AND m.oversize IS NULL"
-	    "   AND +m.topic IN (SELECT topic FROM filter_topics f WHERE f.filter = c.filter)),"
-	    " hi - start <= ?1 FROM c ORDER BY name", -1, &s, NULL) != SQLITE_OK)
-		return store_fail(st, "reading the consumers");
-	sqlite3_bind_int(s, 1, STORE_LAG_SCAN);
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		struct store_consumer c = {
-			.name = (const char *)sqlite3_column_text(s, 0),
-			.filter = (const char *)sqlite3_column_text(s, 1),
-			.acked_id = sqlite3_column_int64(s, 2),
-			.lag = sqlite3_column_int64(s, 3),
-			.lag_exact = sqlite3_column_int(s, 4),
-		};
-		if (fn(&c, arg) == -1)
-			break;
-	}
-	sqlite3_finalize(s);
-	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : store_fail(st, "reading the consumers");
 }
 
 int64_t
@@ -1093,158 +895,4 @@ store_prune(struct store *st, int64_t max_age_ms, int64_t keep_rows, int limit)
 	if (step_int(st, STMT_PRUNE_ROWS, NULL) == -1)
 		return -1;
 	return n + sqlite3_changes(st->db);
-}
-
-int
-store_outbox_add(struct store *st, const struct outbox_msg *msg, const char *origin,
-    int64_t max_queued, int64_t *id)
-{
-	sqlite3_stmt *s = st->stmt[STMT_OUTBOX_ADD];
-	int64_t queued;
-
-	if (step_int(st, STMT_OUTBOX_QUEUED, &queued) == -1)
-		return -1;
-	if (queued >= max_queued)
-		return -2;
-	sqlite3_bind_int64(s, 1, (int64_t)event_wall_ms());
-	sqlite3_bind_text(s, 2, msg->topic, -1, SQLITE_STATIC);
-	store_bind_payload(s, 3, msg->payload, msg->payloadlen);
-	sqlite3_bind_int(s, 4, msg->qos);
-	sqlite3_bind_int(s, 5, msg->retain);
-	sqlite3_bind_text(s, 6, origin, -1, SQLITE_STATIC);
-	if (step_int(st, STMT_OUTBOX_ADD, NULL) == -1)
-		return -1;
-	*id = sqlite3_last_insert_rowid(st->db);
-	return 0;
-}
-
-int
-store_outbox_next(struct store *st, int64_t after_id, int limit, store_outbox_fn *fn, void *arg)
-{
-	sqlite3_stmt *s = st->stmt[STMT_OUTBOX_NEXT];
-	int n = 0, rc;
-
-	sqlite3_bind_int64(s, 1, after_id);
-	sqlite3_bind_int(s, 2, limit);
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		const struct outbox_msg msg = {
-			.id = sqlite3_column_int64(s, 0),
-			.topic = (const char *)sqlite3_column_text(s, 1),
-			.payload = sqlite3_column_blob(s, 2),
-			.payloadlen = (size_t)sqlite3_column_bytes(s, 2),
-			.qos = sqlite3_column_int(s, 3),
-			.retain = sqlite3_column_int(s, 4),
-		};
-		n++;
-		if (fn(&msg, arg) == -1)
-			break;
-	}
-	sqlite3_reset(s);
-	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-		return store_fail(st, "%s", stmt_sql[STMT_OUTBOX_NEXT]);
-	return n;
-}
-
-int
-store_outbox_handed(struct store *st, int64_t id)
-{
-	sqlite3_bind_int64(st->stmt[STMT_OUTBOX_HANDED], 1, id);
-	return step_int(st, STMT_OUTBOX_HANDED, NULL);
-}
-
-int
-store_outbox_sent(struct store *st, int64_t id)
-{
-	sqlite3_bind_int64(st->stmt[STMT_OUTBOX_SENT], 1, id);
-	sqlite3_bind_int64(st->stmt[STMT_OUTBOX_SENT], 2, (int64_t)event_wall_ms());
-	return step_int(st, STMT_OUTBOX_SENT, NULL);
-}
-
-int
-store_outbox_failed(struct store *st, int64_t id)
-{
-	sqlite3_bind_int64(st->stmt[STMT_OUTBOX_FAILED], 1, id);
-	return step_int(st, STMT_OUTBOX_FAILED, NULL);
-}
-
-int
-store_subscriptions_load(struct store *st, const char *session_key,
-    struct store_subscription **out, size_t *n)
-{
-	sqlite3_stmt *s = NULL;
-	struct store_subscription *subs = NULL;
-	size_t count = 0;
-	int rc;
-
-	*out = NULL;
-	*n = 0;
-	if (sqlite3_prepare_v2(st->db,
-	    "SELECT filter, qos FROM session_subscriptions"
-	    " WHERE (SELECT value FROM meta WHERE key = 'session') = ?1 ORDER BY filter",
-	    -1, &s, NULL) != SQLITE_OK)
-		return store_fail(st, "reading session_subscriptions");
-	sqlite3_bind_text(s, 1, session_key, -1, SQLITE_STATIC);
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		struct store_subscription *grown = realloc(subs, (count + 1) * sizeof(*subs));
-		if (grown == NULL)
-			goto fail;
-		subs = grown;
-		subs[count].qos = sqlite3_column_int(s, 1);
-		if ((subs[count].filter = strdup((const char *)sqlite3_column_text(s, 0))) == NULL)
-			goto fail;
-		count++;
-	}
-	if (rc != SQLITE_DONE)
-		goto fail;
-	sqlite3_finalize(s);
-	*out = subs;
-	*n = count;
-	return 0;
-fail:
-	store_fail(st, "reading session_subscriptions");
-	sqlite3_finalize(s);
-	store_subscriptions_free(subs, count);
-	return -1;
-}
-
-void
-store_subscriptions_free(struct store_subscription *subs, size_t n)
-{
-	for (size_t i = 0; i < n; i++)
-		free(subs[i].filter);
-	free(subs);
-}
-
-int
-store_subscriptions_forget(struct store *st, const char *session_key)
-{
-	sqlite3_stmt *s = NULL;
-	int rc;
-
-	if (sqlite3_exec(st->db, "DELETE FROM session_subscriptions", NULL, NULL, NULL) != SQLITE_OK)
-		return store_fail(st, "clearing session_subscriptions");
-	if (sqlite3_prepare_v2(st->db,
-	    "INSERT OR REPLACE INTO meta (key, value) VALUES ('session', ?1)", -1, &s, NULL) != SQLITE_OK)
-		return store_fail(st, "recording the session");
-	sqlite3_bind_text(s, 1, session_key, -1, SQLITE_STATIC);
-	rc = sqlite3_step(s);
-	sqlite3_finalize(s);
-	if (rc != SQLITE_DONE)
-		return store_fail(st, "recording the session");
-	return 0;
-}
-
-int
-store_subscription_set(struct store *st, const char *filter, int qos)
-{
-	sqlite3_bind_text(st->stmt[STMT_SUB_SET], 1, filter, -1, SQLITE_STATIC);
-	sqlite3_bind_int(st->stmt[STMT_SUB_SET], 2, qos);
-	return step_int(st, STMT_SUB_SET, NULL);
-}
-
-int
-store_subscription_del(struct store *st, const char *filter)
-{
-	sqlite3_bind_text(st->stmt[STMT_SUB_DEL], 1, filter, -1, SQLITE_STATIC);
-	return step_int(st, STMT_SUB_DEL, NULL);
 }

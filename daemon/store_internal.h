@@ -1,5 +1,5 @@
 /*
- * What the files of the store module share (store.c, store_dedup.c), in the
+ * What the files of the store module share (store.c and store_*.c), in the
  * way of mosquitto's lib/mosquitto_internal.h: nothing outside them includes it.
  */
 #ifndef CMDRELAY_STORE_INTERNAL_H
@@ -38,6 +38,27 @@ int store_salvage(struct store *st, const char *aside, char *report, size_t len)
 int store_step(struct store *st, sqlite3_stmt *s, int64_t *out);
 /* libmosquitto hands an empty payload as NULL; SQL must see an empty BLOB. */
 void store_bind_payload(sqlite3_stmt *s, int col, const void *payload, size_t len);
+
+/*
+ * The files of the store that keep their SQL beside their code, each in a
+ * table indexed by its own enum; store.c prepares every table when the
+ * history opens and finalizes them when it closes.
+ */
+enum store_part {
+	STORE_PART_CONSUMERS,	/* store_consumers.c */
+	STORE_PART_OUTBOX,	/* store_outbox.c */
+	STORE_PART_SESSION,	/* store_session.c */
+	STORE_NPARTS
+};
+struct store_sql {
+	const char *const *sql;
+	int n;
+};
+extern const struct store_sql store_consumers_sql, store_outbox_sql, store_session_sql;
+/* The prepared statement i of a part's table. */
+sqlite3_stmt *store_stmt(struct store *st, enum store_part part, int i);
+/* Notes which known topics a filter no consumer had matches (filter_topics). */
+int store_register_filter(struct store *st, const char *filter);
 
 /*
  * Prepares the dedup statements and checks the PUBACK mark against the

@@ -209,7 +209,10 @@ reload(struct daemon_state *d, const char *file, bool verbose)
 static void
 check_print(const struct config *cfg)
 {
-	printf("broker: %s:%d, client_id %s\n", cfg->broker.host, (int)cfg->broker.port, cfg->broker.client_id);
+	printf("broker:");
+	for (size_t i = 0; i < cfg->broker.nhosts; i++)
+		printf(" %s:%d,", cfg->broker.hosts[i].host, (int)cfg->broker.hosts[i].port);
+	printf(" client_id %s\n", cfg->broker.client_id);
 	for (size_t i = 0; i < cfg->nsubs; i++)
 		printf("subscription: %s (qos %d)\n", cfg->subs[i].topic, (int)cfg->subs[i].qos);
 	printf("store.path: %s\nsocket.path: %s\n", cfg->store.path, cfg->socket.path);

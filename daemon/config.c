@@ -45,10 +45,11 @@ struct config_key {
 #define CFG(field) offsetof(struct config, field)
 #define SUB(field) offsetof(struct config_subscription, field)
 #define DAY_MS (24LL * 3600 * 1000)
+#define HOST_MAX 253		/* the longest DNS name (RFC 1035) */
 
 static const struct config_key config_keys[] = {
 	{ "broker", KEY_SECTION, 0, 0, NULL, 0, false },
-	{ "broker.host", KEY_STRING, 1, 253, "127.0.0.1", CFG(broker.host), false },
+	{ "broker.host", KEY_STRING, 1, HOST_MAX, "127.0.0.1", CFG(broker.host), false },
 	{ "broker.port", KEY_INT, 1, 65535, "1883", CFG(broker.port), false },
 	{ "broker.hosts", KEY_HOSTS, 1, CONFIG_MAX_HOSTS, NULL, 0, false },
 	{ "broker.client_id", KEY_STRING, 1, 256, NULL, CFG(broker.client_id), false },
@@ -503,19 +504,28 @@ walk_hosts(struct parser *p, const struct config_key *key, yaml_node_t *seq)
 	for (size_t i = 0; i < n; i++) {
 		yaml_node_t *item = yaml_document_get_node(&p->doc, seq->data.sequence.items.start[i]);
 		struct config_endpoint *e = &cfg->broker.hosts[i];
+		char expanded[CONFIG_MAX_STRING + 1];
 		const char *text, *colon;
 		char *end;
 		long port;
 
-		if (item->type != YAML_SCALAR_NODE || item->data.scalar.length > 253 + 6)
+		if (item->type != YAML_SCALAR_NODE || item->data.scalar.length > CONFIG_MAX_STRING)
 			return fail_at(p, item, "%s: each entry is host:port", key->path);
 		text = (const char *)item->data.scalar.value;
+		if (strchr(text, '{') != NULL) {
+			if (config_expand(p, item, key, text, expanded, sizeof(expanded)) == -1)
+				return -1;
+			text = expanded;
+		}
 		colon = strrchr(text, ':');
 		errno = 0;
 		port = colon ? strtol(colon + 1, &end, 10) : 0;
 		if (colon == NULL || colon == text || colon[1] == '\0' || *end != '\0' || errno ||
 		    port < 1 || port > 65535 || memchr(text, ':', (size_t)(colon - text)))
 			return fail_at(p, item, "%s: '%s' is not host:port (port 1..65535)", key->path, text);
+		if (colon - text > HOST_MAX)
+			return fail_at(p, item, "%s: a host of %td bytes: at most %d", key->path, colon - text,
+			    HOST_MAX);
 		if ((e->host = strndup(text, (size_t)(colon - text))) == NULL)
 			return fail_at(p, item, "out of memory");
 		e->port = port;

@@ -406,6 +406,20 @@ read_pass(struct mqtt *m)
 	return rc;
 }
 
+/* A connect that failed, in libmosquitto's words if it had any, then the next try. */
+static void
+connect_failed(struct mqtt *m, int rc)
+{
+	if (m->lib_error[0])
+		set_error(m, "cannot connect: %s", m->lib_error);
+	else
+		set_error(m, "cannot connect: %s", rc == MOSQ_ERR_ERRNO ? strerror(errno) :
+		    mosquitto_strerror(rc));
+	log_warnx("%s:%d: %s", ep(m)->host, (int)ep(m)->port, m->last_error);
+	schedule_reconnect(m);
+	m->h.disconnected(m->h.arg, m->last_error);
+}
+
 /*
  * libmosquitto closes the socket of a failed TLS handshake itself and
  * calls no disconnect callback; without this the relay would wait forever.
@@ -413,15 +427,8 @@ read_pass(struct mqtt *m)
 static void
 check_connect_failed(struct mqtt *m, int rc)
 {
-	if (m->state != MQTT_CONNECTING || mosquitto_socket(m->mosq) >= 0)
-		return;
-	if (m->lib_error[0])
-		set_error(m, "cannot connect: %s", m->lib_error);
-	else
-		set_error(m, "cannot connect: %s", mosquitto_strerror(rc));
-	log_warnx("%s:%d: %s", ep(m)->host, (int)ep(m)->port, m->last_error);
-	schedule_reconnect(m);
-	m->h.disconnected(m->h.arg, m->last_error);
+	if (m->state == MQTT_CONNECTING && mosquitto_socket(m->mosq) < 0)
+		connect_failed(m, rc);
 }
 
 static void
@@ -455,8 +462,24 @@ on_log(struct mosquitto *mosq, void *arg, int level, const char *text)
 		return;
 	}
 	if (level & (MOSQ_LOG_ERR | MOSQ_LOG_WARNING)) {
-		snprintf(m->lib_error, sizeof(m->lib_error), "%s", text);
+		static const char own[] = "Error: ";	/* how libmosquitto's own messages begin */
+		size_t len, used = 0;
+
 		log_debug("libmosquitto: %s", text);
+		if (strncmp(text, own, sizeof(own) - 1) == 0)
+			text += sizeof(own) - 1;
+		len = strcspn(text, "\n");
+		if (len > 0 && text[len - 1] == '.')
+			len--;
+		/*
+		 * While connecting every one: the first says why (its own "host
+		 * name verification failed"), OpenSSL's after it only "certificate
+		 * verify failed". Later the last one is the news.
+		 */
+		if (m->state == MQTT_CONNECTING && m->lib_error[0])
+			used = strlen(m->lib_error);
+		snprintf(m->lib_error + used, sizeof(m->lib_error) - used, "%s%.*s", used ? "; " : "",
+		    (int)len, text);
 	}
 }
 
@@ -504,11 +527,7 @@ on_reconnect_timer(void *arg)
 		m->connect_endpoint = m->endpoint;
 		return;
 	}
-	set_error(m, "cannot connect: %s", rc == MOSQ_ERR_ERRNO ? strerror(errno) :
-	    mosquitto_strerror(rc));
-	log_warnx("%s:%d: %s", ep(m)->host, (int)ep(m)->port, m->last_error);
-	schedule_reconnect(m);
-	m->h.disconnected(m->h.arg, m->last_error);
+	connect_failed(m, rc);
 }
 
 static int

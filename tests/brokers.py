@@ -1098,6 +1098,12 @@ class RawMQTTClient:
             self.acked.discard(mid)
         return mid
 
+    def wait_acked(self, mids: Iterable[int], timeout: Optional[float] = None) -> bool:
+        """Reads until each of mids (publish(..., wait=False)) has its PUBACK,
+        which stays in .acked; False on timeout."""
+        want = set(mids)
+        return self._pump(lambda: want <= self.acked, timeout)
+
     def publish_many(self, topic: str, payloads: Iterable[Payload], qos: int = 1,
                      retain: bool = False, window: int = 500, timeout: float = 120.0) -> int:
         """Pipelined publishing with at most `window` unacknowledged QoS 1

@@ -76,3 +76,13 @@ def test_hosts_replaces_host_and_port(tmp_path):
     r = subprocess.run([str(CMDRELAYD), "-t", "-c", str(conf)], capture_output=True, text=True)
     assert r.returncode == 78
     assert f"{conf}:5:7: broker.hosts: 'b' is not host:port (port 1..65535)" in r.stderr
+
+
+def test_check_verbose_prints_every_endpoint(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("broker:\n  client_id: x\n  hosts: [\"node1:1883\", \"10.0.0.2:8883\", \"node3:1884\"]\n"
+                    f"subscriptions:\n  - topic: t\nstore:\n  path: {tmp_path}/h.db\n"
+                    f"socket:\n  path: {tmp_path}/s.sock\n")
+    r = subprocess.run([str(CMDRELAYD), "-t", "-v", "-c", str(conf)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "broker: node1:1883, 10.0.0.2:8883, node3:1884, client_id x\n" in r.stdout, r.stdout

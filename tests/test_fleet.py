@@ -37,6 +37,21 @@ def test_hostname_and_machine_id_are_substituted_and_shown(tmp_path):
     assert not (tmp_path / HOST).exists(), "-t must create nothing"
 
 
+def test_broker_hosts_entries_are_substituted(tmp_path):
+    conf = tmp_path / "fleet.yaml"
+    conf.write_text("broker:\n  client_id: gw\n"
+                    "  hosts: [\"{hostname}:1883\", \"mqtt-{machine_id}.example:8883\"]\n"
+                    f"subscriptions:\n  - topic: t\nstore:\n  path: {tmp_path}/h.db\n"
+                    f"socket:\n  path: {tmp_path}/s.sock\n")
+    r = check(conf, "-v")
+    assert r.returncode == 0, r.stderr
+    assert f"broker: {HOST}:1883, mqtt-{MACHINE_ID}.example:8883, client_id gw\n" in r.stdout, r.stdout
+    conf.write_text(conf.read_text().replace("{hostname}:1883", "{machine_id}" * 8 + ":1883"))
+    r = check(conf)
+    assert r.returncode == EX_CONFIG, r.stdout
+    assert f"{conf}:3:11: broker.hosts: a host of 256 bytes: at most 253" in r.stderr, r.stderr
+
+
 def test_the_daemon_uses_the_substituted_values(mosquitto, tmp_path):
     topic = f"/fleet/{MACHINE_ID}/set"
     r = Relay(tmp_path / "relay", mosquitto, "gw-{hostname}", ["/fleet/{machine_id}/set"],

@@ -34,6 +34,7 @@ import pytest
 from brokers import BrokerStartError, TLSMosquitto, mqtt_connack, publish, tls_connack
 from consumer_client import ConsumerClient
 from relay import CMDRELAYD, Relay
+from test_failover import with_hosts
 
 EX_CONFIG = 78
 REFUSED_TIMEOUT = 20        # seconds a refused relay gets to show 3 attempts and its reason
@@ -449,6 +450,35 @@ def test_server_certificate_for_another_host_is_refused(tmp_path, pki, tls_broke
     assert_refused(relay, m, uid, counter, tmp_path,
                    r"certificate verify failed|host ?name|IP address mismatch|does not match",
                    "server certificate for another host")
+
+
+def test_each_endpoint_is_checked_against_its_own_host_name(tmp_path, pki, tls_broker, uid, cleanup):
+    """broker.hosts with TLS (issue 17): broker.tls applies to every endpoint,
+    and each certificate is checked against the host name of the endpoint
+    that sent it. Both brokers serve one certificate, for IP 127.0.0.1 only:
+    reached as localhost the first is refused (named, with the reason), and
+    the relay fails over to the second, reached as 127.0.0.1, and relays
+    through it. Checking every host against the first name would refuse the
+    second too; checking none would take the first."""
+    ip_only = pki.issue(f"server-ip-only-{uid}", pki.ca_, "127.0.0.1",
+                        SERVER_EXT[:-1] + ["subjectAltName = IP:127.0.0.1"])
+    a, b = tls_broker(cert=ip_only), tls_broker(cert=ip_only)
+    assert tls_connack("127.0.0.1", a.tls_port, pki.ca_["pem"]) == (0, ""), "a is sound under its IP"
+    code, err = tls_connack("localhost", a.tls_port, pki.ca_["pem"])
+    assert code is None and "mismatch" in err, (code, err)
+    relay = make_relay(tmp_path, b, uid, cleanup, tls_conf(pki.ca_))
+    first, second = f"localhost:{a.tls_port}", f"127.0.0.1:{b.tls_port}"
+    with_hosts(relay, [first, second])
+    relay.start()
+    log = scrubbed_log(relay, tmp_path)
+    assert f"{first}: cannot connect: host name verification failed" in log, log
+    assert f"failing over from {first} to {second}: cannot connect: host name verification failed" in log, log
+    assert f"connected to {second} as gateway-{uid}" in log, log
+    assert_relays_commands(relay, b, uid)
+    st = relay_stats(relay)["broker"]
+    assert (st["host"], st["port"]) == ("127.0.0.1", b.tls_port), st
+    assert st["left"].startswith(f"{first}: cannot connect: host name verification failed"), st
+    assert f"as gateway-{uid}" not in a.read_log(), "the refused endpoint got no CONNECT"
 
 
 def test_recovers_by_itself_when_the_broker_certificate_is_renewed(tmp_path, pki, tls_broker, uid,

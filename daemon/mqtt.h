@@ -12,7 +12,12 @@
 #include "dedup.h"
 #include "event.h"
 
-/* At most this many packets are read into one transaction. */
+/*
+ * At most this many mosquitto_loop_read() calls go into one read pass, and
+ * so into one transaction. Each call reads one packet and one more per
+ * message libmosquitto holds in flight (lib/loop.c ignores max_packets):
+ * with uplink publications outstanding, a pass may hold more packets.
+ */
 #define MQTT_MAX_BATCH 1024
 
 struct mqtt;

@@ -26,7 +26,14 @@
  */
 #define PUBLISH_LOG_FORMAT " received PUBLISH (d%d, q%d, r%d, m%d, "
 
+/* A connection that lasted this long resets the reconnect backoff (see on_disconnect). */
 #define STABLE_CONNECTION_MS 10000
+/*
+ * How long a stop (reload, shutdown) blocks the loop to let the last PUBACKs
+ * and the DISCONNECT out to a broker that reads slowly. What does not leave
+ * in time the broker redelivers, and the dedup knows it (broker_unacked).
+ */
+#define MQTT_STOP_FLUSH_MS 1000
 
 enum mqtt_state {
 	MQTT_IDLE,		/* waiting for the reconnect timer */
@@ -672,6 +679,7 @@ void
 mqtt_stop(struct mqtt *m)
 {
 	bool was_connected = m->state == MQTT_CONNECTED;
+	uint64_t deadline, now;
 
 	m->state = MQTT_STOPPED;
 	event_timer_disarm(m->loop, &m->reconnect_timer);
@@ -679,9 +687,12 @@ mqtt_stop(struct mqtt *m)
 		return;
 	/* Every read pass ended in a commit, so all queued PUBACKs may leave. */
 	mosquitto_disconnect(m->mosq);
-	for (int i = 0; i < 100 && mosquitto_socket(m->mosq) >= 0 && mosquitto_want_write(m->mosq); i++) {
+	deadline = event_now_ms() + MQTT_STOP_FLUSH_MS;
+	while (mosquitto_socket(m->mosq) >= 0 && mosquitto_want_write(m->mosq) &&
+	    (now = event_now_ms()) < deadline) {
 		struct pollfd pfd = { .fd = mosquitto_socket(m->mosq), .events = POLLOUT };
-		if (poll(&pfd, 1, 50) > 0 && mosquitto_loop_write(m->mosq, 1) != MOSQ_ERR_SUCCESS)
+		if (poll(&pfd, 1, (int)(deadline - now)) > 0 &&
+		    mosquitto_loop_write(m->mosq, 1) != MOSQ_ERR_SUCCESS)
 			break;
 	}
 }

@@ -67,7 +67,7 @@ $(B)/cmdrelayctl: $(CTL:%=$(B)/%.o)
 $(B)/example-consumer: scripts/examples/consumer.c | $(B)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(shell pkg-config --libs jansson)
 
-UNIT_TESTS := unit_tests dedup_tests request_tests wire_tests event_tests
+UNIT_TESTS := config_tests topic_tests dedup_tests request_tests wire_tests event_tests
 
 $(B)/%_tests: tests/unit/%_tests.c $(COMMON_OBJS)
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(shell pkg-config --cflags cmocka) -o $@ $^ \

@@ -5,12 +5,7 @@
  *
  * Run from tests/unit (`make unit`). No test skips.
  */
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-
-#include <cmocka.h>
+#include "unit.h"
 
 #include <inttypes.h>
 #include <limits.h>
@@ -24,7 +19,6 @@
 #include "store.h"
 #include "topic.h"
 
-#define TEST(name) static void name(void **state __attribute__((unused)))
 #define MAX_ROWS 8
 #define T_SET "/cf/v1/AAA/012C/dev1/set"
 #define T_REBOOT "/cf/v1/AAA/012C/dev1/reboot"

@@ -14,7 +14,6 @@
 
 #include <yaml.h>
 
-#include "topic.h"
 
 #define CFG(field) offsetof(struct config, field)
 #define SUB(field) offsetof(struct config_subscription, field)

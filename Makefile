@@ -34,7 +34,7 @@ export PYTEST_ADDOPTS ?= \
 endif
 
 B ?= build
-COMMON := log config topic event dedup store store_consumers store_outbox store_session store_dedup store_salvage mqtt relay wire server request consumer consumer_admin retention metrics uplink
+COMMON := log config topic event dedup store store_consumers store_outbox store_session store_dedup store_salvage store_today mqtt relay wire server request consumer consumer_admin retention metrics uplink
 COMMON_OBJS := $(COMMON:%=$(B)/%.o) $(B)/migrations.o
 MIGRATIONS := $(sort $(wildcard sql/[0-9][0-9][0-9]_*.sql))
 
@@ -59,7 +59,7 @@ $(B)/cmdrelayd: $(B)/cmdrelayd.o $(COMMON_OBJS)
 
 # The admin CLI reads the config and the history and talks to the socket:
 # it links only that, not the daemon.
-CTL := cmdrelayctl ctl_socket ctl_tail ctl_consumers log config topic wire
+CTL := cmdrelayctl ctl_socket ctl_tail ctl_consumers log config topic wire store_today
 $(B)/cmdrelayctl: $(CTL:%=$(B)/%.o)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 

@@ -16,6 +16,7 @@
 
 #include "config.h"
 #include "ctl.h"
+#include "store.h"
 #include "topic.h"
 #include "version.h"
 #include "wire.h"
@@ -150,16 +151,9 @@ ctl_open_history(struct ctl *ctl)
 static bool
 parse_day(const char *text, int64_t *out_ms)
 {
-	time_t now = time(NULL);
-	struct tm tm;
-
 	if (strcmp(text, "today") != 0 && strcmp(text, "yesterday") != 0)
 		return false;
-	localtime_r(&now, &tm);
-	tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
-	tm.tm_mday -= text[0] == 'y';
-	tm.tm_isdst = -1;	/* mktime finds whether that midnight was summer time */
-	*out_ms = (int64_t)mktime(&tm) * 1000;
+	*out_ms = store_local_midnight((int64_t)time(NULL) * 1000, -(text[0] == 'y'));
 	return true;
 }
 

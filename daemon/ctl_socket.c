@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -120,6 +121,7 @@ static json_t *
 stats_from_history(struct ctl *ctl)
 {
 	sqlite3 *db = ctl_open_history(ctl);
+	struct store_day today;
 	sqlite3_stmt *s;
 	json_t *reply, *consumers;
 
@@ -135,6 +137,11 @@ stats_from_history(struct ctl *ctl)
 	    "retained_replay", (json_int_t)sqlite3_column_int64(s, 2),
 	    "redelivery", (json_int_t)sqlite3_column_int64(s, 3)));
 	sqlite3_finalize(s);
+	if (store_day_count(db, (int64_t)time(NULL) * 1000, &today) == -1) {
+		json_decref(reply);
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	}
+	json_object_set_new(reply, "today", wire_day(&today));
 	if (sqlite3_prepare_v2(db, "SELECT consumer, filter, acked_id, lag FROM consumer_lag ORDER BY consumer",
 	    -1, &s, NULL) != SQLITE_OK) {
 		json_decref(reply);
@@ -285,6 +292,7 @@ static void
 status_print(json_t *st)
 {
 	json_t *broker = json_object_get(st, "broker"), *dups = json_object_get(st, "duplicates");
+	json_t *today = json_object_get(st, "today");
 	json_t *consumers = json_object_get(st, "consumers"), *c;
 	const char *err = json_string_value(json_object_get(broker, "last_error"));
 	json_int_t connected = 0, behind = 0, lag = 0;
@@ -309,6 +317,10 @@ status_print(json_t *st)
 		printf("broker:    DISCONNECTED from %s:%lld\n", json_string_value(json_object_get(broker, "host")),
 		    (long long)status_int(broker, "port"));
 	printf("client id: %s\n", json_string_value(json_object_get(broker, "client_id")));
+	printf("today:       %lld received, %lld accepted, %lld duplicates, %lld possible repeats "
+	    "(since %s)\n", (long long)status_int(today, "received"), (long long)status_int(today, "accepted"),
+	    (long long)status_int(today, "duplicates"), (long long)status_int(today, "possible_repeats"),
+	    json_string_value(json_object_get(today, "since")));
 	printf("since start: %lld received, %lld accepted, %lld retained replays, %lld redeliveries, "
 	    "%lld commit failures\n", (long long)status_int(st, "received"), (long long)status_int(st, "accepted"),
 	    (long long)status_int(dups, "retained_replay"), (long long)status_int(dups, "redelivery"),

@@ -57,6 +57,7 @@ struct relay {
 	bool session_present;
 	uint64_t session_lost;	/* connects on which the broker had dropped our session */
 	bool session_lost_now;	/* the last connect was one of them: shown until a clean one */
+	struct store_day today;	/* since the local midnight, injected commands included */
 };
 
 static void
@@ -86,6 +87,31 @@ relay_store(struct relay *r)
 	return r->store;
 }
 
+/* Recounts today's counts from the history when the local day is not the one counted; true then. */
+static bool
+relay_today_recount(struct relay *r)
+{
+	int64_t now = (int64_t)event_wall_ms();
+
+	if (now >= r->today.since_ms && now < r->today.until_ms)
+		return false;
+	if (store_today(r->store, now, &r->today) == -1)
+		log_warnx("history: %s; today's counts start at 0", store_errmsg(r->store));
+	return true;
+}
+
+/* A commit of c: into today's counts (the recount of a new day has it already). */
+static void
+relay_today_add(struct relay *r, const struct relay_counters *c)
+{
+	if (relay_today_recount(r))
+		return;
+	r->today.received += c->received;
+	for (int i = 0; i < DEDUP_NREASONS; i++)
+		*(dedup_reasons[i].accepted ? &r->today.accepted : &r->today.duplicates) += c->by_reason[i];
+	r->today.possible_repeats += c->by_reason[DEDUP_POSSIBLE_REPEAT];
+}
+
 /* The history's size on disk: the database and its WAL. */
 static int64_t
 file_bytes(const char *db)
@@ -103,7 +129,7 @@ file_bytes(const char *db)
 }
 
 void
-relay_stats(const struct relay *r, json_t *obj)
+relay_stats(struct relay *r, json_t *obj)
 {
 	bool connected = mqtt_is_connected(r->mqtt);
 	char started[40], since[40];
@@ -137,6 +163,8 @@ relay_stats(const struct relay *r, json_t *obj)
 			json_object_set_new(dups, dedup_reasons[i].stats_name,
 			    json_integer((json_int_t)r->total.by_reason[i]));
 	}
+	relay_today_recount(r);
+	json_object_set_new(obj, "today", wire_day(&r->today));
 	json_object_set_new(obj, "received", json_integer((json_int_t)r->total.received));
 	json_object_set_new(obj, "accepted", json_integer((json_int_t)accepted));
 	json_object_set_new(obj, "possible_repeats",
@@ -520,6 +548,10 @@ relay_inject(struct relay *r, const struct delivery *d, int64_t *row)
 	if (rc == -1)
 		store_rollback(r->store);
 	topic_fields_clear(&fields);
+	if (rc == 0) {
+		const struct relay_counters one = { .received = 1, .by_reason[DEDUP_NEW] = 1 };
+		relay_today_add(r, &one);
+	}
 	if (rc == 0 && r->commit_fn)
 		r->commit_fn(r->commit_arg);
 	return rc;
@@ -632,6 +664,7 @@ on_commit(void *arg)
 	for (int i = 0; i < DEDUP_NREASONS; i++)
 		r->total.by_reason[i] += r->staged.by_reason[i];
 	r->total.oversized += r->staged.oversized;
+	relay_today_add(r, &r->staged);
 	r->committed_row = r->staged_row;
 	/* Not fatal: without the mark a crash only leaves more to flag. */
 	if (store_puback_mark(r->store, r->connection, r->committed_row) == -1)
@@ -736,6 +769,7 @@ relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t e
 		return NULL;
 	}
 	uplink_attach(r->uplink, r->mqtt);
+	relay_today_recount(r);
 	return r;
 }
 

@@ -39,6 +39,17 @@ wire_time(int64_t unix_ms, char *buf, size_t len)
 }
 
 json_t *
+wire_day(const struct store_day *day)
+{
+	char since[40];
+
+	wire_time(day->since_ms, since, sizeof(since));
+	return json_pack("{s:s, s:I, s:I, s:I, s:I}", "since", since,
+	    "received", (json_int_t)day->received, "accepted", (json_int_t)day->accepted,
+	    "duplicates", (json_int_t)day->duplicates, "possible_repeats", (json_int_t)day->possible_repeats);
+}
+
+json_t *
 wire_command(const struct stored_command *c)
 {
 	const char *encoding;

@@ -11,6 +11,8 @@
 /* A payload as a JSON string: UTF-8 as it is, anything else base64. */
 json_t *wire_payload(const void *payload, size_t len, const char **encoding);
 void wire_time(int64_t unix_ms, char *buf, size_t len);	/* 2026-11-25T18:24:44.123Z */
+/* {"since":local midnight,"received":...}: the counts of today so far. */
+json_t *wire_day(const struct store_day *day);
 /* {"type":"command",...} of design.md; NULL on ENOMEM. */
 json_t *wire_command(const struct stored_command *c);
 /* A JSON value as one protocol line with its newline; free() it. */

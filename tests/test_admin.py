@@ -914,9 +914,22 @@ def test_consumers_json(known):
         for name, filt, acked, lag in CONSUMERS]
 
 
+def _today(known):
+    """stats' "today": the rows since the local midnight (TZ of this run)."""
+    import datetime
+    midnight = datetime.datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+    since = int(midnight.timestamp()) * 1000
+    names = [n for n in NAMES if known.times[n] >= since]
+    return {"since": iso_ms(since), "received": len(names),
+            "accepted": len([n for n in names if n in ACCEPTED]),
+            "duplicates": len([n for n in names if n in DUPLICATES]),
+            "possible_repeats": len([n for n in names if SPEC[n][3] == "possible_repeat"])}
+
+
 def _stats_from_history(known):
     return {"type": "stats", "source": "history (cmdrelayd is not running)", "received": len(NAMES),
             "accepted": len(ACCEPTED), "duplicates": {"retained_replay": 4, "redelivery": 1},
+            "today": _today(known),
             "consumers": [{"name": name, "filter": filt, "acked_id": known.id(acked) if acked else 0,
                            "lag": lag, "connected": False} for name, filt, acked, lag in CONSUMERS]}
 

@@ -1,0 +1,97 @@
+"""What cmdrelayctl status, stats and systemd's STATUS= say (issue 16): today's
+counts from the history since the local midnight (not the UTC one, and not
+only since the daemon started), the status facts on the STATUS= line, and
+times shown in local time with their offset, or in UTC with --utc."""
+import datetime
+import json
+import re
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from brokers import publish
+from relay import CMDRELAYCTL, Relay
+
+DAY_MS = 86_400_000
+
+
+def ctl(*args):
+    return subprocess.run([str(CMDRELAYCTL), *map(str, args)], capture_output=True, text=True, timeout=30)
+
+
+def ok(r):
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr}"
+    return r.stdout
+
+
+def iso_utc(ms):
+    t = datetime.datetime.fromtimestamp(ms // 1000, datetime.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+
+
+@pytest.fixture
+def noon(monkeypatch):
+    """A fixed zone in which it is about noon now, so that its midnight lies
+    hours away from both now and UTC midnight; set as TZ for the daemon and
+    cmdrelayctl. Returns its offset east of UTC in hours."""
+    hours = 12 - time.gmtime().tm_hour
+    monkeypatch.setenv("TZ", f"<X{hours:+03d}>{-hours:+d}")    # POSIX: the sign is west
+    return hours
+
+
+def insert(db_path, rows):
+    """rows: (received_at, status, reason, duplicate_of); returns their ids."""
+    db = sqlite3.connect(db_path)
+    ids = []
+    with db:
+        for at, status, reason, dup_of in rows:
+            cur = db.execute("INSERT INTO messages (received_at, age_ms, topic, payload, payload_hash, qos,"
+                             " retain, dup, mid, connection, status, reason, duplicate_of)"
+                             " VALUES (?1, ?1, '/old/set', x'6f6c64', 0, 1, 0, 0, 1, 1, ?2, ?3, ?4)",
+                             (at, status, reason, ids[dup_of] if dup_of is not None else None))
+            ids.append(cur.lastrowid)
+    db.close()
+    return ids
+
+
+def test_today_counts_come_from_the_history_since_local_midnight(mosquitto, uid, tmp_path, noon):
+    topic = f"/td/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"td-{uid}", [topic])
+    relay.start(wait_subscribed=False)
+    relay.stop()
+    now = int(time.time() * 1000)
+    midnight = now - (now + noon * 3_600_000) % DAY_MS
+    insert(relay.db_path, [
+        (midnight - 1000, "accepted", None, None),          # 0: yesterday, just
+        (midnight - 500, "duplicate", "redelivery", 0),     # 1: yesterday
+        (midnight + 1000, "accepted", None, None),          # 2: today, just
+        (now - 60_000, "accepted", "possible_repeat", 2),   # 3
+        (now - 30_000, "duplicate", "retained_replay", 2),  # 4
+    ])
+    want = {"since": iso_utc(midnight), "received": 3 + 2, "accepted": 2 + 2, "duplicates": 1,
+            "possible_repeats": 1}
+    sock = relay.workdir / "cmdrelay.sock"
+    relay.start()
+    try:
+        for i in range(2):
+            publish(mosquitto, topic, f"new {i}".encode())
+        relay.wait_count(7)
+        st = json.loads(ok(ctl("--socket", sock, "status", "--json")))
+        assert st["today"] == want and st["received"] == 2, st
+        stats = json.loads(ok(ctl("--socket", sock, "stats", "--json")))
+        assert stats["today"] == want and stats["accepted"] == 2, stats
+        text = ok(ctl("--socket", sock, "status"))
+        assert (f"today:       5 received, 4 accepted, 1 duplicates, 1 possible repeats (since "
+                f"{iso_utc(midnight)})") in text, text
+        assert "since start: 2 received, 2 accepted" in text, text
+        # an inject is a command of today as well
+        ok(ctl("--socket", sock, "inject", topic, "by hand"))
+        st = json.loads(ok(ctl("--socket", sock, "status", "--json")))
+        assert (st["today"]["received"], st["today"]["accepted"]) == (6, 5), st["today"]
+    finally:
+        relay.stop()
+    # the daemon is down: stats counts the same day from the history
+    r = ctl("--db", relay.db_path, "--socket", sock, "stats", "--json")
+    assert json.loads(ok(r))["today"] == dict(want, received=6, accepted=5)

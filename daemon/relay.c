@@ -3,6 +3,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <sys/stat.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -182,41 +183,56 @@ relay_stats(struct relay *r, json_t *obj)
 	uplink_stats(r->uplink, obj);
 }
 
+/* Appends to the STATUS= line; what does not fit is cut, the alarms in front kept. */
+static void __attribute__((format(printf, 4, 5)))
+status_append(char *buf, size_t len, size_t *n, const char *fmt, ...)
+{
+	va_list ap;
+	int added;
+
+	if (*n + 1 >= len)
+		return;
+	va_start(ap, fmt);
+	added = vsnprintf(buf + *n, len - *n, fmt, ap);
+	va_end(ap);
+	if (added > 0)
+		*n = *n + (size_t)added < len ? *n + (size_t)added : len - 1;
+}
+
 void
-relay_status(const struct relay *r, char *buf, size_t len)
+relay_status(struct relay *r, char *buf, size_t len)
 {
 	const struct config_endpoint *e = mqtt_endpoint(r->mqtt);
 	const char *err = mqtt_last_error(r->mqtt);
-	int n;
+	bool connected = mqtt_is_connected(r->mqtt);
+	char since[40];
+	size_t n = 0;
 
-	if (store_corrupt(r->store) || store_corruptions(r->store) > 0) {
-		n = snprintf(buf, len, "%s; ", store_corrupt(r->store) ? "HISTORY CORRUPT, nothing is acknowledged" :
+	buf[0] = '\0';
+	if (store_corrupt(r->store) || store_corruptions(r->store) > 0)
+		status_append(buf, len, &n, "%s; ", store_corrupt(r->store) ?
+		    "HISTORY CORRUPT, nothing is acknowledged" :
 		    "history recovered from corruption (cmdrelayctl store ack-corruption)");
-		if (n < 0 || (size_t)n >= len)
-			return;
-		buf += n;
-		len -= (size_t)n;
-	}
-	if (mqtt_is_connected(r->mqtt))
-		n = snprintf(buf, len, "connected to %s:%d", e->host, (int)e->port);
+	if (connected)
+		status_append(buf, len, &n, "connected to %s:%d", e->host, (int)e->port);
 	else
-		n = snprintf(buf, len, "disconnected%s %s:%d%s%s",
+		status_append(buf, len, &n, "disconnected%s %s:%d%s%s%s",
 		    r->cfg->broker.nhosts > 1 ? ", trying" : " from", e->host,
-		    (int)e->port, *err ? " (" : "", *err ? err : "");
-	if (n > 0 && (size_t)n < len && !mqtt_is_connected(r->mqtt) && *err)
-		n += snprintf(buf + n, len - (size_t)n, ")");
-	if (n > 0 && (size_t)n < len && *mqtt_left(r->mqtt))
-		n += snprintf(buf + n, len - (size_t)n, "; left %s", mqtt_left(r->mqtt));
-	if (n > 0 && (size_t)n < len && r->session_lost_now)
-		n += snprintf(buf + n, len - (size_t)n,
-		    "; SESSION LOST: commands queued while away may be lost");
-	if (n > 0 && (size_t)n < len)
-		snprintf(buf + n, len - (size_t)n,
-		    "; %" PRIu64 " received, %" PRIu64 " accepted, %" PRIu64 " retained replays, %"
-		    PRIu64 " redeliveries, %" PRIu64 " possible repeats", r->total.received,
-		    r->total.by_reason[DEDUP_NEW] + r->total.by_reason[DEDUP_POSSIBLE_REPEAT],
-		    r->total.by_reason[DEDUP_RETAINED_REPLAY], r->total.by_reason[DEDUP_REDELIVERY],
-		    r->total.by_reason[DEDUP_POSSIBLE_REPEAT]);
+		    (int)e->port, *err ? " (" : "", err, *err ? ")" : "");
+	if (*mqtt_left(r->mqtt))
+		status_append(buf, len, &n, "; left %s", mqtt_left(r->mqtt));
+	if (connected) {
+		wire_time((int64_t)r->connected_wall_ms, since, sizeof(since));
+		status_append(buf, len, &n, "; since %s, session %s", since,
+		    r->session_present ? "present" : "new");
+	}
+	if (r->session_lost_now)
+		status_append(buf, len, &n, "; SESSION LOST: commands queued while away may be lost");
+	relay_today_recount(r);
+	status_append(buf, len, &n, "; today %" PRIu64 " accepted, %" PRIu64 " duplicates, %" PRIu64
+	    " possible repeats; since start %" PRIu64 " received, %" PRIu64 " accepted",
+	    r->today.accepted, r->today.duplicates, r->today.possible_repeats, r->total.received,
+	    r->total.by_reason[DEDUP_NEW] + r->total.by_reason[DEDUP_POSSIBLE_REPEAT]);
 }
 
 static void

@@ -40,7 +40,7 @@ int relay_reload(struct relay *r, const struct config *cfg, char *err, size_t er
 void relay_stop(struct relay *r);
 
 /* One line for systemd's STATUS=: connection, counts, last error. */
-void relay_status(const struct relay *r, char *buf, size_t len);
+void relay_status(struct relay *r, char *buf, size_t len);
 /* Called whenever the line above would change. */
 void relay_on_status_change(struct relay *r, void (*fn)(void *arg), void *arg);
 /* Called after each commit that added rows. */

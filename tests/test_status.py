@@ -12,6 +12,7 @@ import time
 import pytest
 
 from brokers import publish
+from consumer_client import ConsumerClient
 from relay import CMDRELAYCTL, Relay
 
 DAY_MS = 86_400_000
@@ -95,3 +96,43 @@ def test_today_counts_come_from_the_history_since_local_midnight(mosquitto, uid,
     # the daemon is down: stats counts the same day from the history
     r = ctl("--db", relay.db_path, "--socket", sock, "stats", "--json")
     assert json.loads(ok(r))["today"] == dict(want, received=6, accepted=5)
+
+
+def test_status_line_carries_the_status_facts(mosquitto, uid, tmp_path):
+    """systemd's STATUS= (read here from NOTIFY_SOCKET, as systemd reads it):
+    connected to what, since when, the session, today's and start's counts,
+    the consumers connected and behind, updated when they change."""
+    topic = f"/sl/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"sl-{uid}", [topic])
+    relay.start()
+    try:
+        where = f"{mosquitto.host}:{mosquitto.port}"
+        since = json.loads(ok(ctl("-c", relay.conf_path, "stats", "--json")))["broker"]["connected_since"]
+        with ConsumerClient.connect(str(relay.workdir / "cmdrelay.sock")) as app:
+            app.hello(consumer="app", filter=topic)
+            publish(mosquitto, topic, b"one")
+            relay.wait_count(1)
+            relay.wait_for(lambda: relay.notify.seen("STATUS=")[-1] ==
+                           f"STATUS=connected to {where}; since {since}, session new; today 1 accepted,"
+                           " 0 duplicates, 0 possible repeats; since start 1 received, 1 accepted;"
+                           " consumers 1/1 connected, 1 behind", 10,
+                           f"the STATUS line; seen {relay.notify.seen('STATUS=')[-3:]}")
+        # the consumer left without acknowledging: seen within the refresh, no relay event needed
+        relay.wait_for(lambda: relay.notify.seen("STATUS=")[-1].endswith("; consumers 0/1 connected, 1 behind"),
+                       10, f"the consumer gone; seen {relay.notify.seen('STATUS=')[-2:]}")
+        mosquitto.stop()
+        relay.wait_for(lambda: re.match(rf"STATUS=disconnected from {re.escape(where)} \(.+\); today 1 accepted",
+                                        relay.notify.seen("STATUS=")[-1]), 10, "disconnected")
+        mosquitto.start()
+        relay.wait_log("subscriptions in place")
+        # this broker keeps no sessions over a restart: the alarm stays on the line
+        relay.wait_for(lambda: re.match(rf"STATUS=connected to {re.escape(where)}; since 20\S+, session new;"
+                                        r" SESSION LOST: [^;]+; today 1 accepted",
+                                        relay.notify.seen("STATUS=")[-1]), 10,
+                       f"reconnected; seen {relay.notify.seen('STATUS=')[-2:]}")
+        # one short line, sent only when it changed
+        statuses = relay.notify.seen("STATUS=")
+        assert all(len(s) < 300 and "\n" not in s for s in statuses), statuses
+        assert all(a != b for a, b in zip(statuses, statuses[1:])), statuses
+    finally:
+        relay.stop()

@@ -53,9 +53,10 @@ static const struct ctl_command {
 };
 #define NCOMMANDS (sizeof(ctl_commands) / sizeof(ctl_commands[0]))
 
-#define USAGE_GLOBAL "[-c FILE] [--db PATH] [--socket PATH]"
+#define USAGE_GLOBAL "[-c FILE] [--db PATH] [--socket PATH] [--utc]"
 #define USAGE_NOTES \
-	"Global options may stand anywhere. T is ISO 8601 (2026-11-25T18:00:00Z,\n" \
+	"Global options may stand anywhere. Times print in local time with the offset,\n" \
+	"in UTC with --utc; JSON is always UTC. T is ISO 8601 (2026-11-25T18:00:00Z,\n" \
 	"2026-12-01T21:00:00+01:00, 2026-11-25), today, yesterday or an age (90s, 2h, 7d).\n" \
 	"Exit status: 0 ok, 1 database or socket error,\n" \
 	"64 usage, 66 no history database, 69 cmdrelayd unreachable, 77 permission denied,\n" \
@@ -189,8 +190,8 @@ parse_offset(const char *p, long *east)
  * it (2026-11-25T18:24:44.123Z; seconds and fraction optional), with "Z" or
  * an offset (+01:00); a date or time without either is UTC.
  */
-static bool
-parse_time(const char *text, int64_t *out_ms)
+bool
+ctl_parse_time(const char *text, int64_t *out_ms)
 {
 	static const char *const formats[] = {
 		"%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d",
@@ -234,6 +235,36 @@ parse_time(const char *text, int64_t *out_ms)
 		return true;
 	}
 	return false;
+}
+
+void
+ctl_time(const struct ctl *ctl, int64_t unix_ms, char *buf, size_t len)
+{
+	time_t secs = (time_t)(unix_ms / 1000);
+	struct tm tm;
+	long east;
+	size_t n;
+
+	if (ctl->utc) {
+		wire_time(unix_ms, buf, len);
+		return;
+	}
+	localtime_r(&secs, &tm);
+	n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
+	east = tm.tm_gmtoff;
+	snprintf(buf + n, len - n, ".%03d%c%02ld:%02ld", (int)(unix_ms % 1000), east < 0 ? '-' : '+',
+	    labs(east) / 3600, labs(east) % 3600 / 60);
+}
+
+const char *
+ctl_wire_time(const struct ctl *ctl, const char *iso, char *buf, size_t len)
+{
+	int64_t ms;
+
+	if (iso == NULL || !ctl_parse_time(iso, &ms))
+		return iso ? iso : "-";
+	ctl_time(ctl, ms, buf, len);
+	return buf;
 }
 
 int
@@ -319,17 +350,19 @@ parse_limit(const char *arg)
 
 /* One history row, as a table line or JSON. */
 static void
-history_row(FILE *out, sqlite3_stmt *s, bool json)
+history_row(const struct ctl *ctl, FILE *out, sqlite3_stmt *s, bool json)
 {
 	const char *row_topic = (const char *)sqlite3_column_text(s, 2);
 	const unsigned char *payload = sqlite3_column_blob(s, 3);
 	int plen = sqlite3_column_bytes(s, 3);
-	char when[40];
+	char when[CTL_TIME_MAX];
 
-	wire_time(sqlite3_column_int64(s, 1), when, sizeof(when));
 	if (json) {
 		const char *encoding;
-		json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:b, s:s}",
+		json_t *o;
+
+		wire_time(sqlite3_column_int64(s, 1), when, sizeof(when));
+		o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:b, s:s}",
 		    "id", (json_int_t)sqlite3_column_int64(s, 0), "received_at", when,
 		    "topic", row_topic, "payload", wire_payload(payload, (size_t)plen, &encoding),
 		    "qos", sqlite3_column_int(s, 4), "retained", sqlite3_column_int(s, 5),
@@ -349,8 +382,9 @@ history_row(FILE *out, sqlite3_stmt *s, bool json)
 	} else {
 		char cell[PAYLOAD_COLUMN * 4 + 8];
 		payload_cell(payload, plen, cell, sizeof(cell));
-		fprintf(out, "%-6lld %-24s %-14s %-9s %-15s %-6s %-3d %-3d %s\n",
-		    (long long)sqlite3_column_int64(s, 0), when,
+		ctl_time(ctl, sqlite3_column_int64(s, 1), when, sizeof(when));
+		fprintf(out, "%-6lld %-*s %-14s %-9s %-15s %-6s %-3d %-3d %s\n",
+		    (long long)sqlite3_column_int64(s, 0), CTL_TIME_WIDTH, when,
 		    sqlite3_column_type(s, 10) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 10),
 		    (const char *)sqlite3_column_text(s, 7),
 		    sqlite3_column_type(s, 8) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 8),
@@ -436,7 +470,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 			break;
 		case 's':
 		case 'u':
-			if (!parse_time(optarg, ch == 's' ? &since : &until))
+			if (!ctl_parse_time(optarg, ch == 's' ? &since : &until))
 				ctl_die(EX_USAGE_STATUS, "--%s: '%s' is not ISO 8601 (2026-12-01T21:00:00+01:00), "
 				    "today, yesterday or an age like 2h",
 				    ch == 's' ? "since" : "until", optarg);
@@ -477,7 +511,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	history_bind(s, &filter);
 	history_range(ctl, db, &filter, limit, &first, &last);
 	if (!json)
-		printf("%-6s %-24s %-14s %-9s %-15s %-6s %-3s %-3s %s\n", "ID", "RECEIVED", "DEVICE",
+		printf("%-6s %-*s %-14s %-9s %-15s %-6s %-3s %-3s %s\n", "ID", CTL_TIME_WIDTH, "RECEIVED", "DEVICE",
 		    "STATUS", "REASON", "DUP_OF", "RET", "DUP", "PAYLOAD");
 	sqlite3_bind_int(s, 8, HISTORY_PAGE);
 	for (int n = HISTORY_PAGE; n == HISTORY_PAGE && first <= last; ) {
@@ -491,7 +525,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		sqlite3_bind_int64(s, 7, last);
 		for (n = 0; (rc = sqlite3_step(s)) == SQLITE_ROW; n++) {
 			first = sqlite3_column_int64(s, 0) + 1;
-			history_row(out, s, json);
+			history_row(ctl, out, s, json);
 		}
 		if (rc != SQLITE_DONE)
 			ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
@@ -563,16 +597,19 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 	sqlite3_bind_text(s, 1, status, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(s, 2, limit);
 	if (!json)
-		printf("%-6s %-24s %-6s %-24s %-3s %-3s %-8s %s\n", "ID", "QUEUED", "STATUS", "SENT",
+		printf("%-6s %-*s %-6s %-*s %-3s %-3s %-8s %s\n", "ID", CTL_TIME_WIDTH, "QUEUED", "STATUS",
+		    CTL_TIME_WIDTH, "SENT",
 		    "QOS", "RET", "ATTEMPTS", "TOPIC / PAYLOAD");
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		const unsigned char *payload = sqlite3_column_blob(s, 3);
 		int plen = sqlite3_column_bytes(s, 3);
-		char queued[40], sent[40] = "-";
+		char queued[CTL_TIME_MAX], sent[CTL_TIME_MAX] = "-";
+		/* JSON in UTC, as the socket protocol has it; the table for people */
+		const struct ctl *as = json ? &(const struct ctl){ .utc = true } : ctl;
 
-		wire_time(sqlite3_column_int64(s, 1), queued, sizeof(queued));
+		ctl_time(as, sqlite3_column_int64(s, 1), queued, sizeof(queued));
 		if (sqlite3_column_type(s, 7) != SQLITE_NULL)
-			wire_time(sqlite3_column_int64(s, 7), sent, sizeof(sent));
+			ctl_time(as, sqlite3_column_int64(s, 7), sent, sizeof(sent));
 		if (json) {
 			const char *encoding;
 			json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:s, s:s?, s:i, s:s}",
@@ -592,9 +629,9 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 		} else {
 			char cell[PAYLOAD_COLUMN * 4 + 8];
 			payload_cell(payload, plen, cell, sizeof(cell));
-			printf("%-6lld %-24s %-6s %-24s %-3d %-3d %-8d %s %s\n",
-			    (long long)sqlite3_column_int64(s, 0), queued,
-			    (const char *)sqlite3_column_text(s, 6), sent, sqlite3_column_int(s, 4),
+			printf("%-6lld %-*s %-6s %-*s %-3d %-3d %-8d %s %s\n",
+			    (long long)sqlite3_column_int64(s, 0), CTL_TIME_WIDTH, queued,
+			    (const char *)sqlite3_column_text(s, 6), CTL_TIME_WIDTH, sent, sqlite3_column_int(s, 4),
 			    sqlite3_column_int(s, 5), sqlite3_column_int(s, 8),
 			    (const char *)sqlite3_column_text(s, 2), cell);
 		}
@@ -644,6 +681,10 @@ ctl_take_globals(struct ctl *ctl, int argc, char *argv[])
 				break;
 		}
 		if (g == sizeof(globals) / sizeof(globals[0])) {
+			if (strcmp(argv[i], "--utc") == 0) {
+				ctl->utc = true;
+				continue;
+			}
 			if (strcmp(argv[i], "--version") == 0) {
 				printf("cmdrelayctl %s\n", CMDRELAY_VERSION);
 				exit(0);

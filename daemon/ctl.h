@@ -3,6 +3,7 @@
 #define CMDRELAY_CTL_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include <stdio.h>
 
@@ -22,7 +23,13 @@ struct ctl {
 	const char *socket_path;	/* --socket, else socket.path */
 	struct config *cfg;		/* loaded when first needed */
 	bool check_secrets;		/* load the password and TLS files too */
+	bool utc;			/* --utc: times for people in UTC, not local time */
 };
+
+/* Room for a time as people see it: 2026-12-02T03:04:05.123+01:00. */
+#define CTL_TIME_MAX 40
+/* TIME_WIDTH characters: the table column that holds one. */
+#define CTL_TIME_WIDTH 29
 
 void ctl_usage(int status) __attribute__((noreturn));
 void ctl_die(int status, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
@@ -30,6 +37,13 @@ const char *ctl_history_path(struct ctl *ctl);
 const char *ctl_socket_path(struct ctl *ctl);
 /* The history, read-only; exits with a clear message when it is missing. */
 sqlite3 *ctl_open_history(struct ctl *ctl);
+
+/* T of --since/--until (ISO 8601, today, yesterday, an age) as Unix ms; false when it is none. */
+bool ctl_parse_time(const char *text, int64_t *out_ms);
+/* A time for people: local with its offset, or UTC (Z) with --utc. JSON stays UTC. */
+void ctl_time(const struct ctl *ctl, int64_t unix_ms, char *buf, size_t len);
+/* The same for a time the daemon sent (UTC ISO 8601); shown as it came when it is none. */
+const char *ctl_wire_time(const struct ctl *ctl, const char *iso, char *buf, size_t len);
 
 /* Connects to the consumer socket; -1 (errno set) when nobody listens. */
 int ctl_connect_socket(const char *path);

@@ -289,14 +289,14 @@ status_age(json_int_t secs, char *buf, size_t len)
 
 /* The daemon's answer to "is it connected, since when, to what", for people. */
 static void
-status_print(json_t *st)
+status_print(const struct ctl *ctl, json_t *st)
 {
 	json_t *broker = json_object_get(st, "broker"), *dups = json_object_get(st, "duplicates");
 	json_t *today = json_object_get(st, "today");
 	json_t *consumers = json_object_get(st, "consumers"), *c;
 	const char *err = json_string_value(json_object_get(broker, "last_error"));
 	json_int_t connected = 0, behind = 0, lag = 0;
-	char up[32];
+	char up[32], started[CTL_TIME_MAX], since[CTL_TIME_MAX], midnight[CTL_TIME_MAX];
 	size_t i;
 
 	json_array_foreach(consumers, i, c) {
@@ -306,12 +306,13 @@ status_print(json_t *st)
 	}
 	status_age(status_int(st, "uptime_seconds"), up, sizeof(up));
 	printf("cmdrelayd %s, up %s (started %s)\n", json_string_value(json_object_get(st, "version")), up,
-	    json_string_value(json_object_get(st, "started_at")));
+	    ctl_wire_time(ctl, json_string_value(json_object_get(st, "started_at")), started, sizeof(started)));
 	if (json_is_true(json_object_get(broker, "connected")))
 		printf("broker:    connected to %s:%lld (%s) since %s, session %s\n",
 		    json_string_value(json_object_get(broker, "host")), (long long)status_int(broker, "port"),
 		    json_string_value(json_object_get(broker, "protocol")),
-		    json_string_value(json_object_get(broker, "connected_since")),
+		    ctl_wire_time(ctl, json_string_value(json_object_get(broker, "connected_since")), since,
+		    sizeof(since)),
 		    json_is_true(json_object_get(broker, "session_present")) ? "present" : "new");
 	else
 		printf("broker:    DISCONNECTED from %s:%lld\n", json_string_value(json_object_get(broker, "host")),
@@ -320,7 +321,7 @@ status_print(json_t *st)
 	printf("today:       %lld received, %lld accepted, %lld duplicates, %lld possible repeats "
 	    "(since %s)\n", (long long)status_int(today, "received"), (long long)status_int(today, "accepted"),
 	    (long long)status_int(today, "duplicates"), (long long)status_int(today, "possible_repeats"),
-	    json_string_value(json_object_get(today, "since")));
+	    ctl_wire_time(ctl, json_string_value(json_object_get(today, "since")), midnight, sizeof(midnight)));
 	printf("since start: %lld received, %lld accepted, %lld retained replays, %lld redeliveries, "
 	    "%lld commit failures\n", (long long)status_int(st, "received"), (long long)status_int(st, "accepted"),
 	    (long long)status_int(dups, "retained_replay"), (long long)status_int(dups, "redelivery"),
@@ -355,7 +356,7 @@ cmd_status(struct ctl *ctl, int argc, char *argv[])
 	if (json)
 		print_reply(reply, JSON_COMPACT);
 	else
-		status_print(reply);
+		status_print(ctl, reply);
 	json_decref(reply);
 	return 0;
 }

@@ -29,6 +29,7 @@
 #define TAIL_DRAIN_MAX_MS 50
 
 struct tail {
+	const struct ctl *ctl;
 	const char *name, *filter, *from, *exec;
 	bool json, ack, once;
 	bool resume;		/* last is known: later connections start there */
@@ -82,14 +83,16 @@ tail_escaped(FILE *out, const char *text, size_t len)
 }
 
 static void
-tail_print(json_t *cmd)
+tail_print(const struct tail *t, json_t *cmd)
 {
-	json_t *payload = json_object_get(cmd, "payload"), *when = json_object_get(cmd, "received_at");
-	json_t *topic = json_object_get(cmd, "topic");
+	json_t *payload = json_object_get(cmd, "payload"), *topic = json_object_get(cmd, "topic");
 	const char *enc = json_string_value(json_object_get(cmd, "encoding"));
+	char buf[CTL_TIME_MAX];
+	const char *when = ctl_wire_time(t->ctl, json_string_value(json_object_get(cmd, "received_at")),
+	    buf, sizeof(buf));
 
 	printf("%-6" JSON_INTEGER_FORMAT " ", json_integer_value(json_object_get(cmd, "id")));
-	tail_escaped(stdout, json_string_value(when), json_string_length(when));
+	tail_escaped(stdout, when, strlen(when));
 	putchar(' ');
 	tail_escaped(stdout, json_string_value(topic), json_string_length(topic));
 	printf(" %s", enc && strcmp(enc, "base64") == 0 ? "base64:" : "");
@@ -179,7 +182,7 @@ tail_handle(struct tail *t, json_t *cmd)
 		puts(text);
 		free(text);
 	} else {
-		tail_print(cmd);
+		tail_print(t, cmd);
 	}
 	if (fflush(stdout) == EOF || ferror(stdout) || (t->name && t->ack && tail_wait_taken() == -1)) {
 		int err = errno;
@@ -305,7 +308,7 @@ cmd_tail(struct ctl *ctl, int argc, char *argv[])
 		{ "once", no_argument, NULL, 'o' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct tail t = { .ack = true };
+	struct tail t = { .ctl = ctl, .ack = true };
 	const char *path;
 	long delay = TAIL_RETRY_MIN_MS;
 	bool connected = false;

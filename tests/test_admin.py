@@ -751,7 +751,7 @@ def test_query_default_runs_have_header(known):
 # cmdrelayctl history
 # --------------------------------------------------------------------------
 
-HISTORY_HEADER = (f"{'ID':<6} {'RECEIVED':<24} {'DEVICE':<14} {'STATUS':<9} {'REASON':<15} "
+HISTORY_HEADER = (f"{'ID':<6} {'RECEIVED':<29} {'DEVICE':<14} {'STATUS':<9} {'REASON':<15} "
                   f"{'DUP_OF':<6} {'RET':<3} {'DUP':<3} PAYLOAD")
 
 
@@ -762,7 +762,7 @@ def table_ids(text):
 
 
 def test_history_table(known):
-    text = ok(ctl("--db", known.db, "history"))
+    text = ok(ctl("--db", known.db, "history", "--utc"))
     lines = text.splitlines()
     assert lines[0] == HISTORY_HEADER
     assert len(lines) == 1 + len(NAMES)
@@ -1271,7 +1271,8 @@ def test_live_stats_and_tail(known, mosquitto, uid, tmp_path):
         new_id = known.id("b_on") + 1
         line = t2.out.wait(1)[0]
         assert line.split() == [str(new_id), line.split()[1], live_topic, "hello", "live"]
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line.split()[1])
+        # people's time: local, with its offset (JSON above stays UTC)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", line.split()[1])
         assert json.loads(t1.out.wait(len(ACCEPTED) + 1)[-1])["id"] == new_id
 
         # a named tail resumes after the consumer's ack, and acknowledges

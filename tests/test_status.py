@@ -83,7 +83,7 @@ def test_today_counts_come_from_the_history_since_local_midnight(mosquitto, uid,
         assert st["today"] == want and st["received"] == 2, st
         stats = json.loads(ok(ctl("--socket", sock, "stats", "--json")))
         assert stats["today"] == want and stats["accepted"] == 2, stats
-        text = ok(ctl("--socket", sock, "status"))
+        text = ok(ctl("--socket", sock, "--utc", "status"))
         assert (f"today:       5 received, 4 accepted, 1 duplicates, 1 possible repeats (since "
                 f"{iso_utc(midnight)})") in text, text
         assert "since start: 2 received, 2 accepted" in text, text
@@ -134,5 +134,48 @@ def test_status_line_carries_the_status_facts(mosquitto, uid, tmp_path):
         statuses = relay.notify.seen("STATUS=")
         assert all(len(s) < 300 and "\n" not in s for s in statuses), statuses
         assert all(a != b for a, b in zip(statuses, statuses[1:])), statuses
+    finally:
+        relay.stop()
+
+
+def ms_of(iso):
+    return int(datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def test_times_for_people_are_local_with_their_offset_or_utc(mosquitto, uid, tmp_path, monkeypatch):
+    """history, tail and status print local time with its offset (summer
+    time too), --utc prints UTC with Z; JSON is UTC either way."""
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    relay = Relay(tmp_path / "relay", mosquitto, f"tz-{uid}", [f"/tz/{uid}/set"])
+    relay.start(wait_subscribed=False)
+    relay.stop()
+    winter, summer = "2026-12-02T02:04:05.123Z", "2026-07-01T12:00:00.000Z"
+    insert(relay.db_path, [(ms_of(winter), "accepted", None, None), (ms_of(summer), "accepted", None, None)])
+    local = ["2026-12-02T03:04:05.123+01:00", "2026-07-01T14:00:00.000+02:00"]
+
+    def column(*args):
+        return [ln.split()[1] for ln in ok(ctl("--db", relay.db_path, *args)).splitlines()[1:]]
+    assert column("history") == local
+    assert column("history", "--utc") == column("--utc", "history") == [winter, summer]
+    assert [json.loads(ln)["received_at"] for ln in
+            ok(ctl("--db", relay.db_path, "history", "--json")).splitlines()] == [winter, summer]
+
+    relay.start(wait_subscribed=False)
+    try:
+        sock = relay.workdir / "cmdrelay.sock"
+        for utc, want in (([], local), (["--utc"], [winter, summer])):
+            p = subprocess.Popen([str(CMDRELAYCTL), "--socket", str(sock), *utc, "tail", "--from", "0"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            try:
+                assert [p.stdout.readline().split()[1] for _ in want] == want
+            finally:
+                p.kill()
+                p.wait(10)
+        started = json.loads(ok(ctl("--socket", sock, "status", "--json")))["started_at"]
+        assert started.endswith("Z")
+        shown = re.search(r"\(started (\S+)\)", ok(ctl("--socket", sock, "status"))).group(1)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0[12]:00", shown), shown
+        assert ms_of(shown) == ms_of(started)
+        assert f"(started {started})" in ok(ctl("--socket", sock, "status", "--utc"))
     finally:
         relay.stop()

@@ -41,8 +41,8 @@ static const struct ctl_command {
 	  "          [--status accepted|duplicate|all] [--limit N] [--json]" },
 	{ "consumers", cmd_consumers, "[--json] | consumers delete NAME\n"
 	  "  consumers reset NAME --to ID|--live|--oldest" },
-	{ "publish", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain]" },
-	{ "inject", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain]" },
+	{ "publish", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain] [--escaped]" },
+	{ "inject", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain] [--escaped]" },
 	{ "outbox", cmd_outbox, "[--status queued|sent|failed|all] [--limit N] [--json]" },
 	{ "tail", cmd_tail, "[--consumer NAME [--no-ack]] [--filter F] [--from stored|live|ID] [--json]\n"
 	  "       [--exec CMD] [--once]" },
@@ -267,74 +267,6 @@ ctl_wire_time(const struct ctl *ctl, const char *iso, char *buf, size_t len)
 	return buf;
 }
 
-int
-ctl_utf8_sequence(const unsigned char *p, int len)
-{
-	int n = p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : p[0] >= 0xe0 ? 3 : p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : 0;
-
-	if (n == 0 || n > len)
-		return 0;
-	for (int i = 1; i < n; i++)
-		if ((p[i] & 0xc0) != 0x80)
-			return 0;
-	if ((p[0] == 0xe0 && p[1] < 0xa0) || (p[0] == 0xed && p[1] > 0x9f) ||
-	    (p[0] == 0xf0 && p[1] < 0x90) || (p[0] == 0xf4 && p[1] > 0x8f))
-		return 0;	/* overlong, surrogate, beyond U+10FFFF */
-	return n;
-}
-
-/*
- * How one payload byte shows in the table: n bytes copied, or \xNN. C1
- * controls (U+0080..U+009F, 0xc2 0x80..0x9f) are escapes for a terminal
- * (0xc2 0x9b is CSI) as much as the C0 ones are.
- */
-static int
-cell_char(const unsigned char *p, int len, int *width)
-{
-	int n = p[0] >= 0x20 && p[0] < 0x7f ? 1 : p[0] >= 0x80 ? ctl_utf8_sequence(p, len) : 0;
-
-	if (n == 2 && p[0] == 0xc2 && p[1] < 0xa0)
-		n = 0;
-
-	*width = n ? 1 : 4;
-	return n;
-}
-
-/*
- * Payload as one table cell: valid UTF-8 as it is, control bytes and
- * anything else as \xNN; longer than PAYLOAD_COLUMN characters, cut with
- * "..." at the end.
- */
-static void
-payload_cell(const unsigned char *p, int len, char *out, size_t outlen)
-{
-	int i, w, n, total = 0, limit;
-	size_t o = 0;
-
-	for (i = 0; i < len; i += n ? n : 1) {
-		n = cell_char(p + i, len - i, &w);
-		total += w;
-	}
-	limit = total <= PAYLOAD_COLUMN ? PAYLOAD_COLUMN : PAYLOAD_COLUMN - 3;
-	for (i = 0, total = 0; i < len; i += n ? n : 1) {
-		n = cell_char(p + i, len - i, &w);
-		if (total + w > limit || o + 8 >= outlen)
-			break;
-		if (n) {
-			memcpy(out + o, p + i, (size_t)n);
-			o += (size_t)n;
-		} else {
-			o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", p[i]);
-		}
-		total += w;
-	}
-	if (i < len) {
-		memcpy(out + o, "...", 3);
-		o += 3;
-	}
-	out[o] = '\0';
-}
-
 static long
 parse_limit(const char *arg)
 {
@@ -380,16 +312,16 @@ history_row(const struct ctl *ctl, FILE *out, sqlite3_stmt *s, bool json)
 		free(line);
 		json_decref(o);
 	} else {
-		char cell[PAYLOAD_COLUMN * 4 + 8];
-		payload_cell(payload, plen, cell, sizeof(cell));
 		ctl_time(ctl, sqlite3_column_int64(s, 1), when, sizeof(when));
-		fprintf(out, "%-6lld %-*s %-14s %-9s %-15s %-6s %-3d %-3d %s\n",
+		fprintf(out, "%-6lld %-*s %-14s %-9s %-15s %-6s %-3d %-3d ",
 		    (long long)sqlite3_column_int64(s, 0), CTL_TIME_WIDTH, when,
 		    sqlite3_column_type(s, 10) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 10),
 		    (const char *)sqlite3_column_text(s, 7),
 		    sqlite3_column_type(s, 8) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 8),
 		    sqlite3_column_type(s, 9) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 9),
-		    sqlite3_column_int(s, 5), sqlite3_column_int(s, 6), cell);
+		    sqlite3_column_int(s, 5), sqlite3_column_int(s, 6));
+		ctl_render(out, payload, (size_t)plen, PAYLOAD_COLUMN);
+		fputc('\n', out);
 	}
 }
 
@@ -627,13 +559,13 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 			free(line);
 			json_decref(o);
 		} else {
-			char cell[PAYLOAD_COLUMN * 4 + 8];
-			payload_cell(payload, plen, cell, sizeof(cell));
-			printf("%-6lld %-*s %-6s %-*s %-3d %-3d %-8d %s %s\n",
+			printf("%-6lld %-*s %-6s %-*s %-3d %-3d %-8d %s ",
 			    (long long)sqlite3_column_int64(s, 0), CTL_TIME_WIDTH, queued,
 			    (const char *)sqlite3_column_text(s, 6), CTL_TIME_WIDTH, sent, sqlite3_column_int(s, 4),
 			    sqlite3_column_int(s, 5), sqlite3_column_int(s, 8),
-			    (const char *)sqlite3_column_text(s, 2), cell);
+			    (const char *)sqlite3_column_text(s, 2));
+			ctl_render(stdout, payload, (size_t)plen, PAYLOAD_COLUMN);
+			putchar('\n');
 		}
 	}
 	if (rc != SQLITE_DONE)

@@ -47,8 +47,15 @@ const char *ctl_wire_time(const struct ctl *ctl, const char *iso, char *buf, siz
 
 /* Connects to the consumer socket; -1 (errno set) when nobody listens. */
 int ctl_connect_socket(const char *path);
-/* Bytes in a valid UTF-8 sequence at p (at most len), 0 when it is not one. */
-int ctl_utf8_sequence(const unsigned char *p, int len);
+/*
+ * Bytes from outside (payloads, topics, broker and relay texts) for a
+ * terminal, the one human rendering: UTF-8 as it is, \ as \\, and C0, DEL,
+ * C1 and bytes that are not UTF-8 as \xNN. width > 0: at most width
+ * characters, cut with "..." when longer.
+ */
+void ctl_render(FILE *out, const void *bytes, size_t len, int width);
+/* That rendering read back into out (strlen(text) bytes of room); -1 and *outlen the offset of a bad escape. */
+int ctl_unescape(const char *text, unsigned char *out, size_t *outlen);
 
 /* Exits with EX_NOPERM and the group to join when err says the socket's mode kept us out. */
 void ctl_socket_refused(const char *path, int err);

@@ -201,12 +201,14 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 void
 ctl_die_refused(json_t *reply)
 {
-	char why[512];
+	json_t *message = json_object_get(reply, "message");
 
-	snprintf(why, sizeof(why), "%s: %s", json_string_value(json_object_get(reply, "code")),
-	    json_string_value(json_object_get(reply, "message")));
+	/* The relay's message may quote our bytes back: rendered like a payload. */
+	fprintf(stderr, "cmdrelayctl: cmdrelayd refused it: %s: ", json_string_value(json_object_get(reply, "code")));
+	ctl_render(stderr, json_string_value(message), json_string_length(message), 0);
+	fputc('\n', stderr);
 	json_decref(reply);
-	ctl_die(1, "cmdrelayd refused it: %s", why);
+	exit(1);
 }
 
 int
@@ -215,11 +217,14 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	static const struct option opts[] = {
 		{ "retain", no_argument, NULL, 'r' },
 		{ "qos", required_argument, NULL, 'q' },
+		{ "escaped", no_argument, NULL, 'e' },
 		{ NULL, 0, NULL, 0 },
 	};
 	json_t *msg, *reply, *topic, *payload;
 	const char *type, *encoding;
-	bool retain = false, inject = strcmp(argv[0], "inject") == 0;	/* inject: the same, inward */
+	unsigned char *bytes;
+	size_t len;
+	bool escaped = false, retain = false, inject = strcmp(argv[0], "inject") == 0;	/* inject: the same, inward */
 	int qos = 1;
 	FILE *in;
 	int ch, fd;
@@ -235,6 +240,9 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 				ctl_die(EX_USAGE_STATUS, "--qos: '%s' is not 0 or 1", optarg);
 			qos = optarg[0] - '0';
 			break;
+		case 'e':
+			escaped = true;
+			break;
 		default:
 			ctl_usage(EX_USAGE_STATUS);
 		}
@@ -244,9 +252,18 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	if ((topic = json_string(argv[optind])) == NULL)
 		ctl_die(EX_USAGE_STATUS, "TOPIC must be UTF-8");
 	json_decref(topic);
+	/* --escaped: PAYLOAD as history and tail show it (\\, \xNN), so that a shown payload goes back as it was. */
+	len = strlen(argv[optind + 1]);
+	if ((bytes = malloc(len + 1)) == NULL)
+		ctl_die(1, "out of memory");
+	memcpy(bytes, argv[optind + 1], len);
+	if (escaped && ctl_unescape(argv[optind + 1], bytes, &len) == -1)
+		ctl_die(EX_USAGE_STATUS, "--escaped: PAYLOAD has a bad escape at byte %zu ('%.4s'); "
+		    "only \\\\ and \\xNN are escapes", len + 1, argv[optind + 1] + len);
 	in = ctl_open_daemon(ctl, &fd);
 	/* A payload that is not UTF-8 travels as base64. */
-	payload = wire_payload(argv[optind + 1], strlen(argv[optind + 1]), &encoding);
+	payload = wire_payload(bytes, len, &encoding);
+	free(bytes);
 	msg = json_pack("{s:s, s:s, s:o, s:s, s:i, s:b}", "op", inject ? "inject" : "publish",
 	    "topic", argv[optind],
 	    "payload", payload, "encoding", encoding, "qos", qos, "retain", retain);
@@ -285,6 +302,18 @@ status_age(json_int_t secs, char *buf, size_t len)
 	else
 		snprintf(buf, len, "%lld%c %lld%c", (long long)(secs / units[i].secs), units[i].unit,
 		    (long long)(secs % units[i].secs / units[i + 1].secs), units[i + 1].unit);
+}
+
+/* label, then text rendered for a terminal ("none" when NULL). */
+static void
+status_line(const char *label, json_t *text)
+{
+	fputs(label, stdout);
+	if (text)
+		ctl_render(stdout, json_string_value(text), json_string_length(text), 0);
+	else
+		fputs("none", stdout);
+	putchar('\n');
 }
 
 /* The daemon's answer to "is it connected, since when, to what", for people. */
@@ -333,9 +362,10 @@ status_print(const struct ctl *ctl, json_t *st)
 	if (json_is_true(json_object_get(st, "store_corrupt")))
 		printf("HISTORY CORRUPT: nothing is acknowledged; restart cmdrelayd to recover it\n");
 	if (status_int(st, "store_corruptions") > 0)
-		printf("CORRUPTION RECOVERED (cmdrelayctl store ack-corruption when seen): %s\n",
-		    json_string_value(json_object_get(st, "store_corruption")));
-	printf("last error: %s\n", err && *err ? err : "none");
+		status_line("CORRUPTION RECOVERED (cmdrelayctl store ack-corruption when seen): ",
+		    json_object_get(st, "store_corruption"));
+	/* The broker's words (an MQTT 5 reason string) may carry anything. */
+	status_line("last error: ", err && *err ? json_object_get(broker, "last_error") : NULL);
 }
 
 int

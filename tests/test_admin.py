@@ -1281,7 +1281,8 @@ def test_live_stats_and_tail(known, mosquitto, uid, tmp_path):
         assert t3.welcomed() == f"cmdrelayctl: following as consumer lamp after #{known.id('a_reboot1')}"
         got = t3.out.wait(len(LAMP_PENDING))
         assert [int(x.split()[0]) for x in got] == [known.id(n) for n in known.by_id(LAMP_PENDING)]
-        assert got[known.by_id(LAMP_PENDING).index("c_bin")].endswith(f"{TC} base64:AP8Q")
+        # the same rendering as history's: \xNN, not base64
+        assert got[known.by_id(LAMP_PENDING).index("c_bin")].endswith(f"{TC} \\x00\\xff\\x10")
         _wait(lambda: relay.query("SELECT acked_id FROM consumers WHERE name = 'lamp'") ==
               [(known.id("b_on"),)], 10, "lamp's acks")
         lamp = [c for c in json_lines(ctl("-c", conf, "consumers", "--json")) if c["consumer"] == "lamp"]

@@ -116,10 +116,10 @@ def test_status_line_carries_the_status_facts(mosquitto, uid, tmp_path):
                            f"STATUS=connected to {where}; since {since}, session new; today 1 accepted,"
                            " 0 duplicates, 0 possible repeats; since start 1 received, 1 accepted;"
                            " consumers 1/1 connected, 1 behind", 10,
-                           f"the STATUS line; seen {relay.notify.seen('STATUS=')[-3:]}")
+                           "the STATUS line with every fact")
         # the consumer left without acknowledging: seen within the refresh, no relay event needed
         relay.wait_for(lambda: relay.notify.seen("STATUS=")[-1].endswith("; consumers 0/1 connected, 1 behind"),
-                       10, f"the consumer gone; seen {relay.notify.seen('STATUS=')[-2:]}")
+                       10, "the consumer gone")
         mosquitto.stop()
         relay.wait_for(lambda: re.match(rf"STATUS=disconnected from {re.escape(where)} \(.+\); today 1 accepted",
                                         relay.notify.seen("STATUS=")[-1]), 10, "disconnected")
@@ -129,7 +129,7 @@ def test_status_line_carries_the_status_facts(mosquitto, uid, tmp_path):
         relay.wait_for(lambda: re.match(rf"STATUS=connected to {re.escape(where)}; since 20\S+, session new;"
                                         r" SESSION LOST: [^;]+; today 1 accepted",
                                         relay.notify.seen("STATUS=")[-1]), 10,
-                       f"reconnected; seen {relay.notify.seen('STATUS=')[-2:]}")
+                       "reconnected")
         # one short line, sent only when it changed
         statuses = relay.notify.seen("STATUS=")
         assert all(len(s) < 300 and "\n" not in s for s in statuses), statuses

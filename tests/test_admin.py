@@ -897,14 +897,24 @@ CONSUMERS = [  # name, filter, acked (SPEC name or None), lag
 ]
 
 
-def test_consumers_table(known):
-    lines = ok(ctl("--db", known.db, "consumers")).splitlines()
-    assert lines[0] == f"{'CONSUMER':<20} {'FILTER':<36} {'ACKED':<8} {'LAG':<8} {'LAST ACK':<24} CONNECTED"
+def test_consumers_table(known, monkeypatch):
+    lines = ok(ctl("--db", known.db, "consumers", "--utc")).splitlines()
+    assert lines[0] == f"{'CONSUMER':<20} {'FILTER':<36} {'ACKED':<8} {'LAG':<8} {'LAST ACK':<29} CONNECTED"
     # a cursor that never acknowledged has an empty LAST ACK; nobody is connected
     assert [ln.split() for ln in lines[1:]] == [
         [name, filt, str(known.id(acked)) if acked else "0", str(lag)] +
         ([CONSUMER_UPDATED[name][:-1] + ".000Z"] if acked else []) + ["-"]
         for name, filt, acked, lag in CONSUMERS]
+    # without --utc, local time with its offset (November in Berlin: +01:00)
+    import datetime
+    import zoneinfo
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    local = [ln.split()[4] for ln in ok(ctl("--db", known.db, "consumers")).splitlines()[1:]
+             if len(ln.split()) == 6]
+    assert local == [datetime.datetime.fromisoformat(CONSUMER_UPDATED[name].replace("Z", "+00:00"))
+                     .astimezone(berlin).isoformat(timespec="milliseconds")
+                     for name, filt, acked, lag in CONSUMERS if acked]
 
 
 def test_consumers_json(known):

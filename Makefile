@@ -34,7 +34,7 @@ export PYTEST_ADDOPTS ?= \
 endif
 
 B ?= build
-COMMON := log config config_lists config_file topic event dedup store store_consumers store_outbox store_session store_dedup store_salvage mqtt relay wire server request consumer consumer_admin retention metrics uplink
+COMMON := log config config_lists config_file topic event dedup store store_consumers store_outbox store_session store_dedup store_salvage store_today mqtt relay wire server request consumer consumer_admin retention metrics uplink
 COMMON_OBJS := $(COMMON:%=$(B)/%.o) $(B)/migrations.o
 MIGRATIONS := $(sort $(wildcard sql/[0-9][0-9][0-9]_*.sql))
 
@@ -59,7 +59,7 @@ $(B)/cmdrelayd: $(B)/cmdrelayd.o $(COMMON_OBJS)
 
 # The admin CLI reads the config and the history and talks to the socket:
 # it links only that, not the daemon.
-CTL := cmdrelayctl ctl_socket ctl_tail ctl_consumers log config config_lists config_file topic wire
+CTL := cmdrelayctl ctl_render ctl_socket ctl_tail ctl_consumers log config config_lists config_file topic wire store_today
 $(B)/cmdrelayctl: $(CTL:%=$(B)/%.o)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 
@@ -211,7 +211,7 @@ $(FB)/%.o: daemon/%.c daemon/*.h | $(FB)
 
 $(FB)/fuzz_config: tests/fuzz/fuzz_config.c $(FB)/config.o $(FB)/config_lists.o $(FB)/config_file.o $(FB)/log.o $(FB)/topic.o
 $(FB)/fuzz_topic: tests/fuzz/fuzz_topic.c $(FB)/topic.o
-$(FB)/fuzz_request: tests/fuzz/fuzz_request.c $(FB)/request.o
+$(FB)/fuzz_request: tests/fuzz/fuzz_request.c $(FB)/request.o $(FB)/wire.o
 $(FUZZ_BINS): | $(FB)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $(PKG_CFLAGS) -o $@ $^ $(PKG_LIBS)
 

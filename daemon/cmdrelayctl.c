@@ -16,6 +16,7 @@
 
 #include "config.h"
 #include "ctl.h"
+#include "store.h"
 #include "topic.h"
 #include "version.h"
 #include "wire.h"
@@ -40,8 +41,8 @@ static const struct ctl_command {
 	  "          [--status accepted|duplicate|all] [--limit N] [--json]" },
 	{ "consumers", cmd_consumers, "[--json] | consumers delete NAME\n"
 	  "  consumers reset NAME --to ID|--live|--oldest" },
-	{ "publish", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain]" },
-	{ "inject", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain]" },
+	{ "publish", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain] [--escaped]" },
+	{ "inject", cmd_publish, "TOPIC PAYLOAD [--qos 0|1] [--retain] [--escaped]" },
 	{ "outbox", cmd_outbox, "[--status queued|sent|failed|all] [--limit N] [--json]" },
 	{ "tail", cmd_tail, "[--consumer NAME [--no-ack]] [--filter F] [--from stored|live|ID] [--json]\n"
 	  "       [--exec CMD] [--once]" },
@@ -52,9 +53,10 @@ static const struct ctl_command {
 };
 #define NCOMMANDS (sizeof(ctl_commands) / sizeof(ctl_commands[0]))
 
-#define USAGE_GLOBAL "[-c FILE] [--db PATH] [--socket PATH]"
+#define USAGE_GLOBAL "[-c FILE] [--db PATH] [--socket PATH] [--utc]"
 #define USAGE_NOTES \
-	"Global options may stand anywhere. T is ISO 8601 (2026-11-25T18:00:00Z,\n" \
+	"Global options may stand anywhere. Times print in local time with the offset,\n" \
+	"in UTC with --utc; JSON is always UTC. T is ISO 8601 (2026-11-25T18:00:00Z,\n" \
 	"2026-12-01T21:00:00+01:00, 2026-11-25), today, yesterday or an age (90s, 2h, 7d).\n" \
 	"Exit status: 0 ok, 1 database or socket error,\n" \
 	"64 usage, 66 no history database, 69 cmdrelayd unreachable, 77 permission denied,\n" \
@@ -150,16 +152,9 @@ ctl_open_history(struct ctl *ctl)
 static bool
 parse_day(const char *text, int64_t *out_ms)
 {
-	time_t now = time(NULL);
-	struct tm tm;
-
 	if (strcmp(text, "today") != 0 && strcmp(text, "yesterday") != 0)
 		return false;
-	localtime_r(&now, &tm);
-	tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
-	tm.tm_mday -= text[0] == 'y';
-	tm.tm_isdst = -1;	/* mktime finds whether that midnight was summer time */
-	*out_ms = (int64_t)mktime(&tm) * 1000;
+	*out_ms = store_local_midnight((int64_t)time(NULL) * 1000, -(text[0] == 'y'));
 	return true;
 }
 
@@ -195,8 +190,8 @@ parse_offset(const char *p, long *east)
  * it (2026-11-25T18:24:44.123Z; seconds and fraction optional), with "Z" or
  * an offset (+01:00); a date or time without either is UTC.
  */
-static bool
-parse_time(const char *text, int64_t *out_ms)
+bool
+ctl_parse_time(const char *text, int64_t *out_ms)
 {
 	static const char *const formats[] = {
 		"%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d",
@@ -242,72 +237,34 @@ parse_time(const char *text, int64_t *out_ms)
 	return false;
 }
 
-int
-ctl_utf8_sequence(const unsigned char *p, int len)
+void
+ctl_time(const struct ctl *ctl, int64_t unix_ms, char *buf, size_t len)
 {
-	int n = p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : p[0] >= 0xe0 ? 3 : p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : 0;
+	time_t secs = (time_t)(unix_ms / 1000);
+	struct tm tm;
+	long east;
+	size_t n;
 
-	if (n == 0 || n > len)
-		return 0;
-	for (int i = 1; i < n; i++)
-		if ((p[i] & 0xc0) != 0x80)
-			return 0;
-	if ((p[0] == 0xe0 && p[1] < 0xa0) || (p[0] == 0xed && p[1] > 0x9f) ||
-	    (p[0] == 0xf0 && p[1] < 0x90) || (p[0] == 0xf4 && p[1] > 0x8f))
-		return 0;	/* overlong, surrogate, beyond U+10FFFF */
-	return n;
+	if (ctl->utc) {
+		wire_time(unix_ms, buf, len);
+		return;
+	}
+	localtime_r(&secs, &tm);
+	n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
+	east = tm.tm_gmtoff;
+	snprintf(buf + n, len - n, ".%03d%c%02ld:%02ld", (int)(unix_ms % 1000), east < 0 ? '-' : '+',
+	    labs(east) / 3600, labs(east) % 3600 / 60);
 }
 
-/*
- * How one payload byte shows in the table: n bytes copied, or \xNN. C1
- * controls (U+0080..U+009F, 0xc2 0x80..0x9f) are escapes for a terminal
- * (0xc2 0x9b is CSI) as much as the C0 ones are.
- */
-static int
-cell_char(const unsigned char *p, int len, int *width)
+const char *
+ctl_wire_time(const struct ctl *ctl, const char *iso, char *buf, size_t len)
 {
-	int n = p[0] >= 0x20 && p[0] < 0x7f ? 1 : p[0] >= 0x80 ? ctl_utf8_sequence(p, len) : 0;
+	int64_t ms;
 
-	if (n == 2 && p[0] == 0xc2 && p[1] < 0xa0)
-		n = 0;
-
-	*width = n ? 1 : 4;
-	return n;
-}
-
-/*
- * Payload as one table cell: valid UTF-8 as it is, control bytes and
- * anything else as \xNN; longer than PAYLOAD_COLUMN characters, cut with
- * "..." at the end.
- */
-static void
-payload_cell(const unsigned char *p, int len, char *out, size_t outlen)
-{
-	int i, w, n, total = 0, limit;
-	size_t o = 0;
-
-	for (i = 0; i < len; i += n ? n : 1) {
-		n = cell_char(p + i, len - i, &w);
-		total += w;
-	}
-	limit = total <= PAYLOAD_COLUMN ? PAYLOAD_COLUMN : PAYLOAD_COLUMN - 3;
-	for (i = 0, total = 0; i < len; i += n ? n : 1) {
-		n = cell_char(p + i, len - i, &w);
-		if (total + w > limit || o + 8 >= outlen)
-			break;
-		if (n) {
-			memcpy(out + o, p + i, (size_t)n);
-			o += (size_t)n;
-		} else {
-			o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", p[i]);
-		}
-		total += w;
-	}
-	if (i < len) {
-		memcpy(out + o, "...", 3);
-		o += 3;
-	}
-	out[o] = '\0';
+	if (iso == NULL || !ctl_parse_time(iso, &ms))
+		return iso ? iso : "-";
+	ctl_time(ctl, ms, buf, len);
+	return buf;
 }
 
 static long
@@ -325,17 +282,19 @@ parse_limit(const char *arg)
 
 /* One history row, as a table line or JSON. */
 static void
-history_row(FILE *out, sqlite3_stmt *s, bool json)
+history_row(const struct ctl *ctl, FILE *out, sqlite3_stmt *s, bool json)
 {
 	const char *row_topic = (const char *)sqlite3_column_text(s, 2);
 	const unsigned char *payload = sqlite3_column_blob(s, 3);
 	int plen = sqlite3_column_bytes(s, 3);
-	char when[40];
+	char when[CTL_TIME_MAX];
 
-	wire_time(sqlite3_column_int64(s, 1), when, sizeof(when));
 	if (json) {
 		const char *encoding;
-		json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:b, s:s}",
+		json_t *o;
+
+		wire_time(sqlite3_column_int64(s, 1), when, sizeof(when));
+		o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:b, s:s}",
 		    "id", (json_int_t)sqlite3_column_int64(s, 0), "received_at", when,
 		    "topic", row_topic, "payload", wire_payload(payload, (size_t)plen, &encoding),
 		    "qos", sqlite3_column_int(s, 4), "retained", sqlite3_column_int(s, 5),
@@ -353,15 +312,16 @@ history_row(FILE *out, sqlite3_stmt *s, bool json)
 		free(line);
 		json_decref(o);
 	} else {
-		char cell[PAYLOAD_COLUMN * 4 + 8];
-		payload_cell(payload, plen, cell, sizeof(cell));
-		fprintf(out, "%-6lld %-24s %-14s %-9s %-15s %-6s %-3d %-3d %s\n",
-		    (long long)sqlite3_column_int64(s, 0), when,
+		ctl_time(ctl, sqlite3_column_int64(s, 1), when, sizeof(when));
+		fprintf(out, "%-6lld %-*s %-14s %-9s %-15s %-6s %-3d %-3d ",
+		    (long long)sqlite3_column_int64(s, 0), CTL_TIME_WIDTH, when,
 		    sqlite3_column_type(s, 10) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 10),
 		    (const char *)sqlite3_column_text(s, 7),
 		    sqlite3_column_type(s, 8) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 8),
 		    sqlite3_column_type(s, 9) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 9),
-		    sqlite3_column_int(s, 5), sqlite3_column_int(s, 6), cell);
+		    sqlite3_column_int(s, 5), sqlite3_column_int(s, 6));
+		ctl_render(out, payload, (size_t)plen, PAYLOAD_COLUMN);
+		fputc('\n', out);
 	}
 }
 
@@ -442,7 +402,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 			break;
 		case 's':
 		case 'u':
-			if (!parse_time(optarg, ch == 's' ? &since : &until))
+			if (!ctl_parse_time(optarg, ch == 's' ? &since : &until))
 				ctl_die(EX_USAGE_STATUS, "--%s: '%s' is not ISO 8601 (2026-12-01T21:00:00+01:00), "
 				    "today, yesterday or an age like 2h",
 				    ch == 's' ? "since" : "until", optarg);
@@ -483,7 +443,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	history_bind(s, &filter);
 	history_range(ctl, db, &filter, limit, &first, &last);
 	if (!json)
-		printf("%-6s %-24s %-14s %-9s %-15s %-6s %-3s %-3s %s\n", "ID", "RECEIVED", "DEVICE",
+		printf("%-6s %-*s %-14s %-9s %-15s %-6s %-3s %-3s %s\n", "ID", CTL_TIME_WIDTH, "RECEIVED", "DEVICE",
 		    "STATUS", "REASON", "DUP_OF", "RET", "DUP", "PAYLOAD");
 	sqlite3_bind_int(s, 8, HISTORY_PAGE);
 	for (int n = HISTORY_PAGE; n == HISTORY_PAGE && first <= last; ) {
@@ -497,7 +457,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		sqlite3_bind_int64(s, 7, last);
 		for (n = 0; (rc = sqlite3_step(s)) == SQLITE_ROW; n++) {
 			first = sqlite3_column_int64(s, 0) + 1;
-			history_row(out, s, json);
+			history_row(ctl, out, s, json);
 		}
 		if (rc != SQLITE_DONE)
 			ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
@@ -569,16 +529,19 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 	sqlite3_bind_text(s, 1, status, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(s, 2, limit);
 	if (!json)
-		printf("%-6s %-24s %-6s %-24s %-3s %-3s %-8s %s\n", "ID", "QUEUED", "STATUS", "SENT",
+		printf("%-6s %-*s %-6s %-*s %-3s %-3s %-8s %s\n", "ID", CTL_TIME_WIDTH, "QUEUED", "STATUS",
+		    CTL_TIME_WIDTH, "SENT",
 		    "QOS", "RET", "ATTEMPTS", "TOPIC / PAYLOAD");
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		const unsigned char *payload = sqlite3_column_blob(s, 3);
 		int plen = sqlite3_column_bytes(s, 3);
-		char queued[40], sent[40] = "-";
+		char queued[CTL_TIME_MAX], sent[CTL_TIME_MAX] = "-";
+		/* JSON in UTC, as the socket protocol has it; the table for people */
+		const struct ctl *as = json ? &(const struct ctl){ .utc = true } : ctl;
 
-		wire_time(sqlite3_column_int64(s, 1), queued, sizeof(queued));
+		ctl_time(as, sqlite3_column_int64(s, 1), queued, sizeof(queued));
 		if (sqlite3_column_type(s, 7) != SQLITE_NULL)
-			wire_time(sqlite3_column_int64(s, 7), sent, sizeof(sent));
+			ctl_time(as, sqlite3_column_int64(s, 7), sent, sizeof(sent));
 		if (json) {
 			const char *encoding;
 			json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:s, s:s?, s:i, s:s}",
@@ -596,13 +559,13 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 			free(line);
 			json_decref(o);
 		} else {
-			char cell[PAYLOAD_COLUMN * 4 + 8];
-			payload_cell(payload, plen, cell, sizeof(cell));
-			printf("%-6lld %-24s %-6s %-24s %-3d %-3d %-8d %s %s\n",
-			    (long long)sqlite3_column_int64(s, 0), queued,
-			    (const char *)sqlite3_column_text(s, 6), sent, sqlite3_column_int(s, 4),
+			printf("%-6lld %-*s %-6s %-*s %-3d %-3d %-8d %s ",
+			    (long long)sqlite3_column_int64(s, 0), CTL_TIME_WIDTH, queued,
+			    (const char *)sqlite3_column_text(s, 6), CTL_TIME_WIDTH, sent, sqlite3_column_int(s, 4),
 			    sqlite3_column_int(s, 5), sqlite3_column_int(s, 8),
-			    (const char *)sqlite3_column_text(s, 2), cell);
+			    (const char *)sqlite3_column_text(s, 2));
+			ctl_render(stdout, payload, (size_t)plen, PAYLOAD_COLUMN);
+			putchar('\n');
 		}
 	}
 	if (rc != SQLITE_DONE)
@@ -650,6 +613,10 @@ ctl_take_globals(struct ctl *ctl, int argc, char *argv[])
 				break;
 		}
 		if (g == sizeof(globals) / sizeof(globals[0])) {
+			if (strcmp(argv[i], "--utc") == 0) {
+				ctl->utc = true;
+				continue;
+			}
 			if (strcmp(argv[i], "--version") == 0) {
 				printf("cmdrelayctl %s\n", CMDRELAY_VERSION);
 				exit(0);

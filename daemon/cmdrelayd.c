@@ -47,6 +47,8 @@ usage(int status)
 
 /* STATUS= at most this often: counts change with every commit. */
 #define STATUS_INTERVAL_MS 1000
+/* Consumers connect, leave and acknowledge without a relay event: their part is looked at this often. */
+#define STATUS_REFRESH_MS 5000
 /* After damage is found: time for consumers to read the history_corrupt line before the exit. */
 #define CORRUPT_EXIT_MS 1000
 
@@ -60,6 +62,7 @@ struct daemon_state {
 	struct event_timer watchdog;
 	uint64_t watchdog_ms;
 	struct event_timer status_timer;
+	struct event_timer status_refresh;
 	struct event_timer corrupt_timer;
 	bool corrupt_exit;	/* the grace after finding damage is over */
 	uint64_t status_sent_ms;
@@ -74,6 +77,23 @@ on_corrupt_timer(void *arg)
 	d->corrupt_exit = true;
 }
 
+/* "; consumers 1/2 connected, 1 behind": the named ones, from the stats reply. */
+static void
+status_consumers(struct daemon_state *d, char *buf, size_t len)
+{
+	json_t *stats = consumers_stats(d->consumers), *list = json_object_get(stats, "consumers"), *c;
+	size_t i, connected = 0, behind = 0, n = strlen(buf);
+
+	json_array_foreach(list, i, c) {
+		connected += json_is_true(json_object_get(c, "connected"));
+		behind += json_integer_value(json_object_get(c, "lag")) > 0;
+	}
+	if (stats != NULL)
+		snprintf(buf + n, len - n, "; consumers %zu/%zu connected, %zu behind", connected,
+		    json_array_size(list), behind);
+	json_decref(stats);
+}
+
 static void
 send_status(void *arg)
 {
@@ -81,6 +101,7 @@ send_status(void *arg)
 	char status[sizeof(d->status_sent)];
 
 	relay_status(d->relay, status, sizeof(status));
+	status_consumers(d, status, sizeof(status));
 	if (strcmp(status, d->status_sent) == 0)
 		return;
 	sd_notifyf(0, "STATUS=%s", status);
@@ -98,6 +119,15 @@ notify_status(void *arg)
 		send_status(d);
 	else if (d->status_timer.due_ms == 0)
 		event_timer_arm(d->loop, &d->status_timer, next - now);
+}
+
+static void
+on_status_refresh(void *arg)
+{
+	struct daemon_state *d = arg;
+
+	notify_status(d);
+	event_timer_arm(d->loop, &d->status_refresh, STATUS_REFRESH_MS);
 }
 
 static void
@@ -322,6 +352,8 @@ main(int argc, char *argv[])
 	log_info("started %s, history %s", CMDRELAY_VERSION, d.cfg->store.path);
 	sd_notify(0, "READY=1");
 	notify_status(&d);
+	event_timer_init(&d.status_refresh, on_status_refresh, &d);
+	event_timer_arm(d.loop, &d.status_refresh, STATUS_REFRESH_MS);
 
 	/*
 	 * Damage found while running: nothing more is committed (G6), and the
@@ -340,6 +372,7 @@ main(int argc, char *argv[])
 	}
 
 	event_timer_disarm(d.loop, &d.corrupt_timer);
+	event_timer_disarm(d.loop, &d.status_refresh);
 	corrupt = store_corrupt(relay_store(d.relay));
 	if (corrupt) {
 		log_errx("%s is corrupt (%s); nothing more is acknowledged; exiting so that the restart"

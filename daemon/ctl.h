@@ -3,6 +3,7 @@
 #define CMDRELAY_CTL_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include <stdio.h>
 
@@ -22,7 +23,13 @@ struct ctl {
 	const char *socket_path;	/* --socket, else socket.path */
 	struct config *cfg;		/* loaded when first needed */
 	bool check_secrets;		/* load the password and TLS files too */
+	bool utc;			/* --utc: times for people in UTC, not local time */
 };
+
+/* Room for a time as people see it: 2026-12-02T03:04:05.123+01:00. */
+#define CTL_TIME_MAX 40
+/* TIME_WIDTH characters: the table column that holds one. */
+#define CTL_TIME_WIDTH 29
 
 void ctl_usage(int status) __attribute__((noreturn));
 void ctl_die(int status, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
@@ -31,10 +38,24 @@ const char *ctl_socket_path(struct ctl *ctl);
 /* The history, read-only; exits with a clear message when it is missing. */
 sqlite3 *ctl_open_history(struct ctl *ctl);
 
+/* T of --since/--until (ISO 8601, today, yesterday, an age) as Unix ms; false when it is none. */
+bool ctl_parse_time(const char *text, int64_t *out_ms);
+/* A time for people: local with its offset, or UTC (Z) with --utc. JSON stays UTC. */
+void ctl_time(const struct ctl *ctl, int64_t unix_ms, char *buf, size_t len);
+/* The same for a time the daemon sent (UTC ISO 8601); shown as it came when it is none. */
+const char *ctl_wire_time(const struct ctl *ctl, const char *iso, char *buf, size_t len);
+
 /* Connects to the consumer socket; -1 (errno set) when nobody listens. */
 int ctl_connect_socket(const char *path);
-/* Bytes in a valid UTF-8 sequence at p (at most len), 0 when it is not one. */
-int ctl_utf8_sequence(const unsigned char *p, int len);
+/*
+ * Bytes from outside (payloads, topics, broker and relay texts) for a
+ * terminal, the one human rendering: UTF-8 as it is, \ as \\, and C0, DEL,
+ * C1 and bytes that are not UTF-8 as \xNN. width > 0: at most width
+ * characters, cut with "..." when longer.
+ */
+void ctl_render(FILE *out, const void *bytes, size_t len, int width);
+/* That rendering read back into out (strlen(text) bytes of room); -1 and *outlen the offset of a bad escape. */
+int ctl_unescape(const char *text, unsigned char *out, size_t *outlen);
 
 /* Exits with EX_NOPERM and the group to join when err says the socket's mode kept us out. */
 void ctl_socket_refused(const char *path, int err);

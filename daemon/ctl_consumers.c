@@ -166,8 +166,8 @@ cmd_consumers(struct ctl *ctl, int argc, char *argv[])
 		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
 	connected = consumers_connected(ctl);
 	if (!json)
-		printf("%-20s %-36s %-8s %-8s %-24s %s\n", "CONSUMER", "FILTER", "ACKED", "LAG", "LAST ACK",
-		    "CONNECTED");
+		printf("%-20s %-36s %-8s %-8s %-*s %s\n", "CONSUMER", "FILTER", "ACKED", "LAG", CTL_TIME_WIDTH,
+		    "LAST ACK", "CONNECTED");
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		const char *name = (const char *)sqlite3_column_text(s, 0);
 		const char *filter = (const char *)sqlite3_column_text(s, 1);
@@ -184,13 +184,16 @@ cmd_consumers(struct ctl *ctl, int argc, char *argv[])
 			free(line);
 			json_decref(o);
 		} else {
-			printf("%-20s %-36s %-8lld %-8lld %-24s ", name, filter,
+			char last[CTL_TIME_MAX], since[CTL_TIME_MAX];
+
+			printf("%-20s %-36s %-8lld %-8lld %-*s ", name, filter,
 			    (long long)sqlite3_column_int64(s, 2), (long long)sqlite3_column_int64(s, 3),
-			    acked_at ? acked_at : "");
+			    CTL_TIME_WIDTH, acked_at ? ctl_wire_time(ctl, acked_at, last, sizeof(last)) : "");
 			if (conn)
 				printf("pid %" JSON_INTEGER_FORMAT " since %s\n",
 				    json_integer_value(json_object_get(conn, "pid")),
-				    json_string_value(json_object_get(conn, "since")));
+				    ctl_wire_time(ctl, json_string_value(json_object_get(conn, "since")), since,
+				    sizeof(since)));
 			else
 				printf("-\n");
 		}

@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -120,6 +121,7 @@ static json_t *
 stats_from_history(struct ctl *ctl)
 {
 	sqlite3 *db = ctl_open_history(ctl);
+	struct store_day today;
 	sqlite3_stmt *s;
 	json_t *reply, *consumers;
 
@@ -135,6 +137,11 @@ stats_from_history(struct ctl *ctl)
 	    "retained_replay", (json_int_t)sqlite3_column_int64(s, 2),
 	    "redelivery", (json_int_t)sqlite3_column_int64(s, 3)));
 	sqlite3_finalize(s);
+	if (store_day_count(db, (int64_t)time(NULL) * 1000, &today) == -1) {
+		json_decref(reply);
+		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	}
+	json_object_set_new(reply, "today", wire_day(&today));
 	if (sqlite3_prepare_v2(db, "SELECT consumer, filter, acked_id, lag FROM consumer_lag ORDER BY consumer",
 	    -1, &s, NULL) != SQLITE_OK) {
 		json_decref(reply);
@@ -194,12 +201,14 @@ cmd_stats(struct ctl *ctl, int argc, char *argv[])
 void
 ctl_die_refused(json_t *reply)
 {
-	char why[512];
+	json_t *message = json_object_get(reply, "message");
 
-	snprintf(why, sizeof(why), "%s: %s", json_string_value(json_object_get(reply, "code")),
-	    json_string_value(json_object_get(reply, "message")));
+	/* The relay's message may quote our bytes back: rendered like a payload. */
+	fprintf(stderr, "cmdrelayctl: cmdrelayd refused it: %s: ", json_string_value(json_object_get(reply, "code")));
+	ctl_render(stderr, json_string_value(message), json_string_length(message), 0);
+	fputc('\n', stderr);
 	json_decref(reply);
-	ctl_die(1, "cmdrelayd refused it: %s", why);
+	exit(1);
 }
 
 int
@@ -208,11 +217,14 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	static const struct option opts[] = {
 		{ "retain", no_argument, NULL, 'r' },
 		{ "qos", required_argument, NULL, 'q' },
+		{ "escaped", no_argument, NULL, 'e' },
 		{ NULL, 0, NULL, 0 },
 	};
 	json_t *msg, *reply, *topic, *payload;
 	const char *type, *encoding;
-	bool retain = false, inject = strcmp(argv[0], "inject") == 0;	/* inject: the same, inward */
+	unsigned char *bytes;
+	size_t len;
+	bool escaped = false, retain = false, inject = strcmp(argv[0], "inject") == 0;	/* inject: the same, inward */
 	int qos = 1;
 	FILE *in;
 	int ch, fd;
@@ -228,6 +240,9 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 				ctl_die(EX_USAGE_STATUS, "--qos: '%s' is not 0 or 1", optarg);
 			qos = optarg[0] - '0';
 			break;
+		case 'e':
+			escaped = true;
+			break;
 		default:
 			ctl_usage(EX_USAGE_STATUS);
 		}
@@ -237,9 +252,18 @@ cmd_publish(struct ctl *ctl, int argc, char *argv[])
 	if ((topic = json_string(argv[optind])) == NULL)
 		ctl_die(EX_USAGE_STATUS, "TOPIC must be UTF-8");
 	json_decref(topic);
+	/* --escaped: PAYLOAD as history and tail show it (\\, \xNN), so that a shown payload goes back as it was. */
+	len = strlen(argv[optind + 1]);
+	if ((bytes = malloc(len + 1)) == NULL)
+		ctl_die(1, "out of memory");
+	memcpy(bytes, argv[optind + 1], len);
+	if (escaped && ctl_unescape(argv[optind + 1], bytes, &len) == -1)
+		ctl_die(EX_USAGE_STATUS, "--escaped: PAYLOAD has a bad escape at byte %zu ('%.4s'); "
+		    "only \\\\ and \\xNN are escapes", len + 1, argv[optind + 1] + len);
 	in = ctl_open_daemon(ctl, &fd);
 	/* A payload that is not UTF-8 travels as base64. */
-	payload = wire_payload(argv[optind + 1], strlen(argv[optind + 1]), &encoding);
+	payload = wire_payload(bytes, len, &encoding);
+	free(bytes);
 	msg = json_pack("{s:s, s:s, s:o, s:s, s:i, s:b}", "op", inject ? "inject" : "publish",
 	    "topic", argv[optind],
 	    "payload", payload, "encoding", encoding, "qos", qos, "retain", retain);
@@ -280,15 +304,28 @@ status_age(json_int_t secs, char *buf, size_t len)
 		    (long long)(secs % units[i].secs / units[i + 1].secs), units[i + 1].unit);
 }
 
+/* label, then text rendered for a terminal ("none" when NULL). */
+static void
+status_line(const char *label, json_t *text)
+{
+	fputs(label, stdout);
+	if (text)
+		ctl_render(stdout, json_string_value(text), json_string_length(text), 0);
+	else
+		fputs("none", stdout);
+	putchar('\n');
+}
+
 /* The daemon's answer to "is it connected, since when, to what", for people. */
 static void
-status_print(json_t *st)
+status_print(const struct ctl *ctl, json_t *st)
 {
 	json_t *broker = json_object_get(st, "broker"), *dups = json_object_get(st, "duplicates");
+	json_t *today = json_object_get(st, "today");
 	json_t *consumers = json_object_get(st, "consumers"), *c;
 	const char *err = json_string_value(json_object_get(broker, "last_error"));
 	json_int_t connected = 0, behind = 0, lag = 0;
-	char up[32];
+	char up[32], started[CTL_TIME_MAX], since[CTL_TIME_MAX], midnight[CTL_TIME_MAX];
 	size_t i;
 
 	json_array_foreach(consumers, i, c) {
@@ -298,17 +335,22 @@ status_print(json_t *st)
 	}
 	status_age(status_int(st, "uptime_seconds"), up, sizeof(up));
 	printf("cmdrelayd %s, up %s (started %s)\n", json_string_value(json_object_get(st, "version")), up,
-	    json_string_value(json_object_get(st, "started_at")));
+	    ctl_wire_time(ctl, json_string_value(json_object_get(st, "started_at")), started, sizeof(started)));
 	if (json_is_true(json_object_get(broker, "connected")))
 		printf("broker:    connected to %s:%lld (%s) since %s, session %s\n",
 		    json_string_value(json_object_get(broker, "host")), (long long)status_int(broker, "port"),
 		    json_string_value(json_object_get(broker, "protocol")),
-		    json_string_value(json_object_get(broker, "connected_since")),
+		    ctl_wire_time(ctl, json_string_value(json_object_get(broker, "connected_since")), since,
+		    sizeof(since)),
 		    json_is_true(json_object_get(broker, "session_present")) ? "present" : "new");
 	else
 		printf("broker:    DISCONNECTED from %s:%lld\n", json_string_value(json_object_get(broker, "host")),
 		    (long long)status_int(broker, "port"));
 	printf("client id: %s\n", json_string_value(json_object_get(broker, "client_id")));
+	printf("today:       %lld received, %lld accepted, %lld duplicates, %lld possible repeats "
+	    "(since %s)\n", (long long)status_int(today, "received"), (long long)status_int(today, "accepted"),
+	    (long long)status_int(today, "duplicates"), (long long)status_int(today, "possible_repeats"),
+	    ctl_wire_time(ctl, json_string_value(json_object_get(today, "since")), midnight, sizeof(midnight)));
 	printf("since start: %lld received, %lld accepted, %lld retained replays, %lld redeliveries, "
 	    "%lld commit failures\n", (long long)status_int(st, "received"), (long long)status_int(st, "accepted"),
 	    (long long)status_int(dups, "retained_replay"), (long long)status_int(dups, "redelivery"),
@@ -320,9 +362,10 @@ status_print(json_t *st)
 	if (json_is_true(json_object_get(st, "store_corrupt")))
 		printf("HISTORY CORRUPT: nothing is acknowledged; restart cmdrelayd to recover it\n");
 	if (status_int(st, "store_corruptions") > 0)
-		printf("CORRUPTION RECOVERED (cmdrelayctl store ack-corruption when seen): %s\n",
-		    json_string_value(json_object_get(st, "store_corruption")));
-	printf("last error: %s\n", err && *err ? err : "none");
+		status_line("CORRUPTION RECOVERED (cmdrelayctl store ack-corruption when seen): ",
+		    json_object_get(st, "store_corruption"));
+	/* The broker's words (an MQTT 5 reason string) may carry anything. */
+	status_line("last error: ", err && *err ? json_object_get(broker, "last_error") : NULL);
 }
 
 int
@@ -343,7 +386,7 @@ cmd_status(struct ctl *ctl, int argc, char *argv[])
 	if (json)
 		print_reply(reply, JSON_COMPACT);
 	else
-		status_print(reply);
+		status_print(ctl, reply);
 	json_decref(reply);
 	return 0;
 }

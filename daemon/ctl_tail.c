@@ -21,6 +21,7 @@
 #include <jansson.h>
 
 #include "ctl.h"
+#include "wire.h"
 
 /* Reconnect backoff: quick after a restart, at most one try every 5 s. */
 #define TAIL_RETRY_MIN_MS 100
@@ -29,6 +30,7 @@
 #define TAIL_DRAIN_MAX_MS 50
 
 struct tail {
+	const struct ctl *ctl;
 	const char *name, *filter, *from, *exec;
 	bool json, ack, once;
 	bool resume;		/* last is known: later connections start there */
@@ -57,43 +59,41 @@ tail_send(int fd, json_t *msg)
 	return rc;
 }
 
-/* Broker-controlled text for a terminal: control characters (C0, DEL, C1) and \ as escapes. */
+/* A JSON string for a terminal; the payload of a command by its encoding. */
 static void
-tail_escaped(FILE *out, const char *text, size_t len)
+tail_render(FILE *out, json_t *str, const char *encoding)
 {
-	const unsigned char *p = (const unsigned char *)text;
-	size_t i = 0;
+	size_t len = json_string_length(str), n;
+	unsigned char *bytes;
 
-	while (i < len) {
-		int n = p[i] >= 0x80 ? ctl_utf8_sequence(p + i, (int)(len - i)) : 1;
-
-		if (p[i] == '\\')
-			fputs("\\\\", out);
-		else if (p[i] >= 0x20 && p[i] < 0x7f)
-			fputc(p[i], out);
-		else if (n == 2 && p[i] == 0xc2 && p[i + 1] < 0xa0)
-			fprintf(out, "\\u%04x", p[i + 1]);	/* C1: U+0080 to U+009F */
-		else if (n > 1)
-			fwrite(p + i, 1, (size_t)n, out);
-		else
-			fprintf(out, "\\x%02x", p[i]);
-		i += (size_t)(n > 0 ? n : 1);
+	if (encoding == NULL || strcmp(encoding, "base64") != 0) {
+		ctl_render(out, json_string_value(str), len, 0);
+		return;
 	}
+	if ((bytes = malloc(len / 4 * 3 + 1)) == NULL)
+		ctl_die(1, "out of memory");
+	if (wire_base64_decode(json_string_value(str), len, bytes, len / 4 * 3, &n) == 0)
+		ctl_render(out, bytes, n, 0);
+	else
+		ctl_render(out, json_string_value(str), len, 0);	/* the relay's, as it came */
+	free(bytes);
 }
 
 static void
-tail_print(json_t *cmd)
+tail_print(const struct tail *t, json_t *cmd)
 {
-	json_t *payload = json_object_get(cmd, "payload"), *when = json_object_get(cmd, "received_at");
-	json_t *topic = json_object_get(cmd, "topic");
+	json_t *payload = json_object_get(cmd, "payload"), *topic = json_object_get(cmd, "topic");
 	const char *enc = json_string_value(json_object_get(cmd, "encoding"));
+	char buf[CTL_TIME_MAX];
+	const char *when = ctl_wire_time(t->ctl, json_string_value(json_object_get(cmd, "received_at")),
+	    buf, sizeof(buf));
 
 	printf("%-6" JSON_INTEGER_FORMAT " ", json_integer_value(json_object_get(cmd, "id")));
-	tail_escaped(stdout, json_string_value(when), json_string_length(when));
+	ctl_render(stdout, when, strlen(when), 0);
 	putchar(' ');
-	tail_escaped(stdout, json_string_value(topic), json_string_length(topic));
-	printf(" %s", enc && strcmp(enc, "base64") == 0 ? "base64:" : "");
-	tail_escaped(stdout, json_string_value(payload), json_string_length(payload));
+	tail_render(stdout, topic, NULL);
+	putchar(' ');
+	tail_render(stdout, payload, enc);
 	putchar('\n');
 }
 
@@ -179,7 +179,7 @@ tail_handle(struct tail *t, json_t *cmd)
 		puts(text);
 		free(text);
 	} else {
-		tail_print(cmd);
+		tail_print(t, cmd);
 	}
 	if (fflush(stdout) == EOF || ferror(stdout) || (t->name && t->ack && tail_wait_taken() == -1)) {
 		int err = errno;
@@ -200,7 +200,7 @@ tail_die_on_error(json_t *msg)
 		return;
 	fprintf(stderr, "cmdrelayctl: cmdrelayd says %s: ", json_string_value(json_object_get(msg, "code")));
 	/* The relay's message may quote a client's bytes: escaped too. */
-	tail_escaped(stderr, json_string_value(message), json_string_length(message));
+	tail_render(stderr, message, NULL);
 	fputc('\n', stderr);
 	json_decref(msg);
 	exit(1);
@@ -305,7 +305,7 @@ cmd_tail(struct ctl *ctl, int argc, char *argv[])
 		{ "once", no_argument, NULL, 'o' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct tail t = { .ack = true };
+	struct tail t = { .ctl = ctl, .ack = true };
 	const char *path;
 	long delay = TAIL_RETRY_MIN_MS;
 	bool connected = false;

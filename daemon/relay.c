@@ -3,6 +3,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <sys/stat.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +58,7 @@ struct relay {
 	bool session_present;
 	uint64_t session_lost;	/* connects on which the broker had dropped our session */
 	bool session_lost_now;	/* the last connect was one of them: shown until a clean one */
+	struct store_day today;	/* since the local midnight, injected commands included */
 };
 
 static void
@@ -86,6 +88,31 @@ relay_store(struct relay *r)
 	return r->store;
 }
 
+/* Recounts today's counts from the history when the local day is not the one counted; true then. */
+static bool
+relay_today_recount(struct relay *r)
+{
+	int64_t now = (int64_t)event_wall_ms();
+
+	if (now >= r->today.since_ms && now < r->today.until_ms)
+		return false;
+	if (store_today(r->store, now, &r->today) == -1)
+		log_warnx("history: %s; today's counts start at 0", store_errmsg(r->store));
+	return true;
+}
+
+/* A commit of c: into today's counts (the recount of a new day has it already). */
+static void
+relay_today_add(struct relay *r, const struct relay_counters *c)
+{
+	if (relay_today_recount(r))
+		return;
+	r->today.received += c->received;
+	for (int i = 0; i < DEDUP_NREASONS; i++)
+		*(dedup_reasons[i].accepted ? &r->today.accepted : &r->today.duplicates) += c->by_reason[i];
+	r->today.possible_repeats += c->by_reason[DEDUP_POSSIBLE_REPEAT];
+}
+
 /* The history's size on disk: the database and its WAL. */
 static int64_t
 file_bytes(const char *db)
@@ -103,7 +130,7 @@ file_bytes(const char *db)
 }
 
 void
-relay_stats(const struct relay *r, json_t *obj)
+relay_stats(struct relay *r, json_t *obj)
 {
 	bool connected = mqtt_is_connected(r->mqtt);
 	char started[40], since[40];
@@ -137,6 +164,8 @@ relay_stats(const struct relay *r, json_t *obj)
 			json_object_set_new(dups, dedup_reasons[i].stats_name,
 			    json_integer((json_int_t)r->total.by_reason[i]));
 	}
+	relay_today_recount(r);
+	json_object_set_new(obj, "today", wire_day(&r->today));
 	json_object_set_new(obj, "received", json_integer((json_int_t)r->total.received));
 	json_object_set_new(obj, "accepted", json_integer((json_int_t)accepted));
 	json_object_set_new(obj, "possible_repeats",
@@ -154,41 +183,56 @@ relay_stats(const struct relay *r, json_t *obj)
 	uplink_stats(r->uplink, obj);
 }
 
+/* Appends to the STATUS= line; what does not fit is cut, the alarms in front kept. */
+static void __attribute__((format(printf, 4, 5)))
+status_append(char *buf, size_t len, size_t *n, const char *fmt, ...)
+{
+	va_list ap;
+	int added;
+
+	if (*n + 1 >= len)
+		return;
+	va_start(ap, fmt);
+	added = vsnprintf(buf + *n, len - *n, fmt, ap);
+	va_end(ap);
+	if (added > 0)
+		*n = *n + (size_t)added < len ? *n + (size_t)added : len - 1;
+}
+
 void
-relay_status(const struct relay *r, char *buf, size_t len)
+relay_status(struct relay *r, char *buf, size_t len)
 {
 	const struct config_endpoint *e = mqtt_endpoint(r->mqtt);
 	const char *err = mqtt_last_error(r->mqtt);
-	int n;
+	bool connected = mqtt_is_connected(r->mqtt);
+	char since[40];
+	size_t n = 0;
 
-	if (store_corrupt(r->store) || store_corruptions(r->store) > 0) {
-		n = snprintf(buf, len, "%s; ", store_corrupt(r->store) ? "HISTORY CORRUPT, nothing is acknowledged" :
+	buf[0] = '\0';
+	if (store_corrupt(r->store) || store_corruptions(r->store) > 0)
+		status_append(buf, len, &n, "%s; ", store_corrupt(r->store) ?
+		    "HISTORY CORRUPT, nothing is acknowledged" :
 		    "history recovered from corruption (cmdrelayctl store ack-corruption)");
-		if (n < 0 || (size_t)n >= len)
-			return;
-		buf += n;
-		len -= (size_t)n;
-	}
-	if (mqtt_is_connected(r->mqtt))
-		n = snprintf(buf, len, "connected to %s:%d", e->host, (int)e->port);
+	if (connected)
+		status_append(buf, len, &n, "connected to %s:%d", e->host, (int)e->port);
 	else
-		n = snprintf(buf, len, "disconnected%s %s:%d%s%s",
+		status_append(buf, len, &n, "disconnected%s %s:%d%s%s%s",
 		    r->cfg->broker.nhosts > 1 ? ", trying" : " from", e->host,
-		    (int)e->port, *err ? " (" : "", *err ? err : "");
-	if (n > 0 && (size_t)n < len && !mqtt_is_connected(r->mqtt) && *err)
-		n += snprintf(buf + n, len - (size_t)n, ")");
-	if (n > 0 && (size_t)n < len && *mqtt_left(r->mqtt))
-		n += snprintf(buf + n, len - (size_t)n, "; left %s", mqtt_left(r->mqtt));
-	if (n > 0 && (size_t)n < len && r->session_lost_now)
-		n += snprintf(buf + n, len - (size_t)n,
-		    "; SESSION LOST: commands queued while away may be lost");
-	if (n > 0 && (size_t)n < len)
-		snprintf(buf + n, len - (size_t)n,
-		    "; %" PRIu64 " received, %" PRIu64 " accepted, %" PRIu64 " retained replays, %"
-		    PRIu64 " redeliveries, %" PRIu64 " possible repeats", r->total.received,
-		    r->total.by_reason[DEDUP_NEW] + r->total.by_reason[DEDUP_POSSIBLE_REPEAT],
-		    r->total.by_reason[DEDUP_RETAINED_REPLAY], r->total.by_reason[DEDUP_REDELIVERY],
-		    r->total.by_reason[DEDUP_POSSIBLE_REPEAT]);
+		    (int)e->port, *err ? " (" : "", err, *err ? ")" : "");
+	if (*mqtt_left(r->mqtt))
+		status_append(buf, len, &n, "; left %s", mqtt_left(r->mqtt));
+	if (connected) {
+		wire_time((int64_t)r->connected_wall_ms, since, sizeof(since));
+		status_append(buf, len, &n, "; since %s, session %s", since,
+		    r->session_present ? "present" : "new");
+	}
+	if (r->session_lost_now)
+		status_append(buf, len, &n, "; SESSION LOST: commands queued while away may be lost");
+	relay_today_recount(r);
+	status_append(buf, len, &n, "; today %" PRIu64 " accepted, %" PRIu64 " duplicates, %" PRIu64
+	    " possible repeats; since start %" PRIu64 " received, %" PRIu64 " accepted",
+	    r->today.accepted, r->today.duplicates, r->today.possible_repeats, r->total.received,
+	    r->total.by_reason[DEDUP_NEW] + r->total.by_reason[DEDUP_POSSIBLE_REPEAT]);
 }
 
 static void
@@ -520,6 +564,10 @@ relay_inject(struct relay *r, const struct delivery *d, int64_t *row)
 	if (rc == -1)
 		store_rollback(r->store);
 	topic_fields_clear(&fields);
+	if (rc == 0) {
+		const struct relay_counters one = { .received = 1, .by_reason[DEDUP_NEW] = 1 };
+		relay_today_add(r, &one);
+	}
 	if (rc == 0 && r->commit_fn)
 		r->commit_fn(r->commit_arg);
 	return rc;
@@ -632,6 +680,7 @@ on_commit(void *arg)
 	for (int i = 0; i < DEDUP_NREASONS; i++)
 		r->total.by_reason[i] += r->staged.by_reason[i];
 	r->total.oversized += r->staged.oversized;
+	relay_today_add(r, &r->staged);
 	r->committed_row = r->staged_row;
 	/* Not fatal: without the mark a crash only leaves more to flag. */
 	if (store_puback_mark(r->store, r->connection, r->committed_row) == -1)
@@ -736,6 +785,7 @@ relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t e
 		return NULL;
 	}
 	uplink_attach(r->uplink, r->mqtt);
+	relay_today_recount(r);
 	return r;
 }
 

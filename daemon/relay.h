@@ -40,13 +40,13 @@ int relay_reload(struct relay *r, const struct config *cfg, char *err, size_t er
 void relay_stop(struct relay *r);
 
 /* One line for systemd's STATUS=: connection, counts, last error. */
-void relay_status(const struct relay *r, char *buf, size_t len);
+void relay_status(struct relay *r, char *buf, size_t len);
 /* Called whenever the line above would change. */
 void relay_on_status_change(struct relay *r, void (*fn)(void *arg), void *arg);
 /* Called after each commit that added rows. */
 void relay_on_commit(struct relay *r, void (*fn)(void *arg), void *arg);
 /* Adds connection state and counters to a stats object. */
-void relay_stats(const struct relay *r, json_t *obj);
+void relay_stats(struct relay *r, json_t *obj);
 struct store *relay_store(struct relay *r);
 /* Records d as an accepted command marked injected, committed; -2 while a broker batch is open. */
 int relay_inject(struct relay *r, const struct delivery *d, int64_t *row);

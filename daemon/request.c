@@ -7,7 +7,8 @@
 
 #include <jansson.h>
 #include <mosquitto.h>
-#include <openssl/evp.h>
+
+#include "wire.h"
 
 static int __attribute__((format(printf, 4, 5)))
 request_fail(struct request_error *err, const char *code, bool fatal, const char *fmt, ...)
@@ -185,34 +186,6 @@ request_parse_cursor(json_t *msg, struct request *req, struct request_error *err
 	return 0;
 }
 
-/* Strict base64 into out; -1 when text is not base64 or does not fit. */
-static int
-request_decode_base64(const char *text, size_t len, unsigned char *out, size_t outmax, size_t *outlen)
-{
-	int n, pad = 0;
-
-	if (len % 4 != 0 || len / 4 * 3 > outmax)
-		return -1;
-	/* EVP_DecodeBlock would take '=' anywhere: only the last two may be. */
-	for (size_t i = 0; i < len; i++) {
-		char c = text[i];
-		bool alpha = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-		    c == '+' || c == '/';
-		if (!alpha && !(c == '=' && i >= len - 2 && (i == len - 1 || text[len - 1] == '=')))
-			return -1;
-	}
-	if (len == 0) {
-		*outlen = 0;
-		return 0;
-	}
-	if ((n = EVP_DecodeBlock(out, (const unsigned char *)text, (int)len)) < 0)
-		return -1;
-	/* EVP_DecodeBlock counts the padding as zero bytes. */
-	pad = (text[len - 1] == '=') + (text[len - 2] == '=');
-	*outlen = (size_t)n - (size_t)pad;
-	return 0;
-}
-
 /* publish and inject: a message, and what its topic and payload must be. */
 static int
 request_parse_publish(json_t *msg, struct request *req, struct request_error *err)
@@ -243,7 +216,7 @@ request_parse_publish(json_t *msg, struct request *req, struct request_error *er
 		memcpy(req->publish.payload, json_string_value(jpayload), json_string_length(jpayload));
 		req->publish.payloadlen = json_string_length(jpayload);
 	} else if (enc && strcmp(enc, "base64") == 0) {
-		if (request_decode_base64(json_string_value(jpayload), json_string_length(jpayload),
+		if (wire_base64_decode(json_string_value(jpayload), json_string_length(jpayload),
 		    req->publish.payload, sizeof(req->publish.payload), &req->publish.payloadlen) == -1)
 			return request_fail(err, "bad_request", false, "%s: payload is not base64", op);
 	} else {

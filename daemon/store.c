@@ -764,6 +764,14 @@ store_last_id(struct store *st)
 }
 
 int
+store_today(struct store *st, int64_t now_ms, struct store_day *day)
+{
+	if (store_day_count(st->db, now_ms, day) == -1)
+		return store_fail(st, "counting today's rows");
+	return 0;
+}
+
+int
 store_fetch(struct store *st, const char *filter, int64_t after_id, int64_t upto_id, int limit,
     store_command_fn *fn, void *arg)
 {

@@ -12,6 +12,7 @@
 #define STORE_ERR_MAX 512
 
 struct store;
+struct sqlite3;
 
 struct store_subscription {
 	char *filter;
@@ -141,6 +142,17 @@ typedef int store_consumer_fn(const struct store_consumer *c, void *arg);
 /* Every named consumer with its lag (as view consumer_lag, bounded), by name. */
 int store_consumers(struct store *st, store_consumer_fn *fn, void *arg);
 int64_t store_last_id(struct store *st);
+
+/* The rows of one local day: [since_ms, until_ms), its midnights. */
+struct store_day {
+	int64_t since_ms, until_ms;
+	uint64_t received, accepted, duplicates, possible_repeats;
+};
+/* The local midnight days after (before, when negative) the one that began unix_ms's day. */
+int64_t store_local_midnight(int64_t unix_ms, int days);
+/* The day of now_ms so far, through the received_at index; for cmdrelayctl's read-only handle. */
+int store_day_count(struct sqlite3 *db, int64_t now_ms, struct store_day *day);
+int store_today(struct store *st, int64_t now_ms, struct store_day *day);
 /* Marks a cursor as in use now. */
 int store_consumer_touch(struct store *st, const char *name);
 /* Removes the cursors last used before before_ms, calling fn for each; returns how many. */

@@ -26,6 +26,33 @@ wire_payload(const void *payload, size_t len, const char **encoding)
 	return s;
 }
 
+int
+wire_base64_decode(const char *text, size_t len, unsigned char *out, size_t outmax, size_t *outlen)
+{
+	int n, pad = 0;
+
+	if (len % 4 != 0 || len / 4 * 3 > outmax)
+		return -1;
+	/* EVP_DecodeBlock would take '=' anywhere: only the last two may be. */
+	for (size_t i = 0; i < len; i++) {
+		char c = text[i];
+		bool alpha = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+		    c == '+' || c == '/';
+		if (!alpha && !(c == '=' && i >= len - 2 && (i == len - 1 || text[len - 1] == '=')))
+			return -1;
+	}
+	if (len == 0) {
+		*outlen = 0;
+		return 0;
+	}
+	if ((n = EVP_DecodeBlock(out, (const unsigned char *)text, (int)len)) < 0)
+		return -1;
+	/* EVP_DecodeBlock counts the padding as zero bytes. */
+	pad = (text[len - 1] == '=') + (text[len - 2] == '=');
+	*outlen = (size_t)n - (size_t)pad;
+	return 0;
+}
+
 void
 wire_time(int64_t unix_ms, char *buf, size_t len)
 {
@@ -36,6 +63,17 @@ wire_time(int64_t unix_ms, char *buf, size_t len)
 	gmtime_r(&secs, &tm);
 	n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
 	snprintf(buf + n, len - n, ".%03dZ", (int)(unix_ms % 1000));
+}
+
+json_t *
+wire_day(const struct store_day *day)
+{
+	char since[40];
+
+	wire_time(day->since_ms, since, sizeof(since));
+	return json_pack("{s:s, s:I, s:I, s:I, s:I}", "since", since,
+	    "received", (json_int_t)day->received, "accepted", (json_int_t)day->accepted,
+	    "duplicates", (json_int_t)day->duplicates, "possible_repeats", (json_int_t)day->possible_repeats);
 }
 
 json_t *

@@ -751,7 +751,7 @@ def test_query_default_runs_have_header(known):
 # cmdrelayctl history
 # --------------------------------------------------------------------------
 
-HISTORY_HEADER = (f"{'ID':<6} {'RECEIVED':<24} {'DEVICE':<14} {'STATUS':<9} {'REASON':<15} "
+HISTORY_HEADER = (f"{'ID':<6} {'RECEIVED':<29} {'DEVICE':<14} {'STATUS':<9} {'REASON':<15} "
                   f"{'DUP_OF':<6} {'RET':<3} {'DUP':<3} PAYLOAD")
 
 
@@ -762,7 +762,7 @@ def table_ids(text):
 
 
 def test_history_table(known):
-    text = ok(ctl("--db", known.db, "history"))
+    text = ok(ctl("--db", known.db, "history", "--utc"))
     lines = text.splitlines()
     assert lines[0] == HISTORY_HEADER
     assert len(lines) == 1 + len(NAMES)
@@ -897,14 +897,24 @@ CONSUMERS = [  # name, filter, acked (SPEC name or None), lag
 ]
 
 
-def test_consumers_table(known):
-    lines = ok(ctl("--db", known.db, "consumers")).splitlines()
-    assert lines[0] == f"{'CONSUMER':<20} {'FILTER':<36} {'ACKED':<8} {'LAG':<8} {'LAST ACK':<24} CONNECTED"
+def test_consumers_table(known, monkeypatch):
+    lines = ok(ctl("--db", known.db, "consumers", "--utc")).splitlines()
+    assert lines[0] == f"{'CONSUMER':<20} {'FILTER':<36} {'ACKED':<8} {'LAG':<8} {'LAST ACK':<29} CONNECTED"
     # a cursor that never acknowledged has an empty LAST ACK; nobody is connected
     assert [ln.split() for ln in lines[1:]] == [
         [name, filt, str(known.id(acked)) if acked else "0", str(lag)] +
         ([CONSUMER_UPDATED[name][:-1] + ".000Z"] if acked else []) + ["-"]
         for name, filt, acked, lag in CONSUMERS]
+    # without --utc, local time with its offset (November in Berlin: +01:00)
+    import datetime
+    import zoneinfo
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    local = [ln.split()[4] for ln in ok(ctl("--db", known.db, "consumers")).splitlines()[1:]
+             if len(ln.split()) == 6]
+    assert local == [datetime.datetime.fromisoformat(CONSUMER_UPDATED[name].replace("Z", "+00:00"))
+                     .astimezone(berlin).isoformat(timespec="milliseconds")
+                     for name, filt, acked, lag in CONSUMERS if acked]
 
 
 def test_consumers_json(known):
@@ -914,9 +924,22 @@ def test_consumers_json(known):
         for name, filt, acked, lag in CONSUMERS]
 
 
+def _today(known):
+    """stats' "today": the rows since the local midnight (TZ of this run)."""
+    import datetime
+    midnight = datetime.datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+    since = int(midnight.timestamp()) * 1000
+    names = [n for n in NAMES if known.times[n] >= since]
+    return {"since": iso_ms(since), "received": len(names),
+            "accepted": len([n for n in names if n in ACCEPTED]),
+            "duplicates": len([n for n in names if n in DUPLICATES]),
+            "possible_repeats": len([n for n in names if SPEC[n][3] == "possible_repeat"])}
+
+
 def _stats_from_history(known):
     return {"type": "stats", "source": "history (cmdrelayd is not running)", "received": len(NAMES),
             "accepted": len(ACCEPTED), "duplicates": {"retained_replay": 4, "redelivery": 1},
+            "today": _today(known),
             "consumers": [{"name": name, "filter": filt, "acked_id": known.id(acked) if acked else 0,
                            "lag": lag, "connected": False} for name, filt, acked, lag in CONSUMERS]}
 
@@ -1258,7 +1281,8 @@ def test_live_stats_and_tail(known, mosquitto, uid, tmp_path):
         new_id = known.id("b_on") + 1
         line = t2.out.wait(1)[0]
         assert line.split() == [str(new_id), line.split()[1], live_topic, "hello", "live"]
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line.split()[1])
+        # people's time: local, with its offset (JSON above stays UTC)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", line.split()[1])
         assert json.loads(t1.out.wait(len(ACCEPTED) + 1)[-1])["id"] == new_id
 
         # a named tail resumes after the consumer's ack, and acknowledges
@@ -1267,7 +1291,8 @@ def test_live_stats_and_tail(known, mosquitto, uid, tmp_path):
         assert t3.welcomed() == f"cmdrelayctl: following as consumer lamp after #{known.id('a_reboot1')}"
         got = t3.out.wait(len(LAMP_PENDING))
         assert [int(x.split()[0]) for x in got] == [known.id(n) for n in known.by_id(LAMP_PENDING)]
-        assert got[known.by_id(LAMP_PENDING).index("c_bin")].endswith(f"{TC} base64:AP8Q")
+        # the same rendering as history's: \xNN, not base64
+        assert got[known.by_id(LAMP_PENDING).index("c_bin")].endswith(f"{TC} \\x00\\xff\\x10")
         _wait(lambda: relay.query("SELECT acked_id FROM consumers WHERE name = 'lamp'") ==
               [(known.id("b_on"),)], 10, "lamp's acks")
         lamp = [c for c in json_lines(ctl("-c", conf, "consumers", "--json")) if c["consumer"] == "lamp"]

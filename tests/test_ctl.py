@@ -28,7 +28,7 @@ def ctl(*args, user=None):
 def test_every_subcommand_has_help(command):
     r = ctl(command, "--help")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(f"usage: cmdrelayctl [-c FILE] [--db PATH] [--socket PATH] {command}")
+    assert r.stdout.startswith(f"usage: cmdrelayctl [-c FILE] [--db PATH] [--socket PATH] [--utc] {command}")
     assert "77 permission denied" in r.stdout
 
 

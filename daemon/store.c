@@ -474,6 +474,12 @@ store_stmt(struct store *st, enum store_part part, int i)
 	return st->parts[part][i];
 }
 
+int
+store_run(struct store *st, enum store_part part, int i, int64_t *out)
+{
+	return store_step(st, st->parts[part][i], out);
+}
+
 static int
 store_open(struct store *st, const char *path)
 {

@@ -49,39 +49,27 @@ static const char *const consumers_sql[CSTMT_COUNT] = {
 
 const struct store_sql store_consumers_sql = { consumers_sql, CSTMT_COUNT };
 
-static sqlite3_stmt *
-store_consumers_stmt(struct store *st, enum consumers_stmt_id i)
-{
-	return store_stmt(st, STORE_PART_CONSUMERS, (int)i);
-}
-
-static int
-store_consumers_run(struct store *st, enum consumers_stmt_id i, int64_t *out)
-{
-	return store_step(st, store_consumers_stmt(st, i), out);
-}
-
 int
 store_consumer_open(struct store *st, const char *name, const char *filter,
     const struct store_start *start, int64_t max_cursors, int64_t *resume_after, int64_t *sent_id)
 {
-	sqlite3_stmt *put = store_consumers_stmt(st, CSTMT_PUT);
+	sqlite3_stmt *put = store_stmt(st, STORE_PART_CONSUMERS, CSTMT_PUT);
 	int64_t acked = 0, room;
 
 	if (store_begin(st) == -1)
 		return -1;
-	sqlite3_bind_text(store_consumers_stmt(st, CSTMT_ROOM), 1, name, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(store_consumers_stmt(st, CSTMT_ROOM), 2, max_cursors);
-	if (store_consumers_run(st, CSTMT_ROOM, &room) == -1)
+	sqlite3_bind_text(store_stmt(st, STORE_PART_CONSUMERS, CSTMT_ROOM), 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(store_stmt(st, STORE_PART_CONSUMERS, CSTMT_ROOM), 2, max_cursors);
+	if (store_run(st, STORE_PART_CONSUMERS, CSTMT_ROOM, &room) == -1)
 		goto fail;
 	if (!room) {
 		store_rollback(st);
 		return -2;
 	}
-	sqlite3_bind_text(store_consumers_stmt(st, CSTMT_GET), 1, name, -1, SQLITE_STATIC);
-	sqlite3_bind_text(store_consumers_stmt(st, CSTMT_SENT_GET), 1, name, -1, SQLITE_STATIC);
-	if (store_consumers_run(st, CSTMT_GET, &acked) == -1 ||
-	    store_consumers_run(st, CSTMT_SENT_GET, sent_id) == -1 || store_register_filter(st, filter) == -1)
+	sqlite3_bind_text(store_stmt(st, STORE_PART_CONSUMERS, CSTMT_GET), 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_text(store_stmt(st, STORE_PART_CONSUMERS, CSTMT_SENT_GET), 1, name, -1, SQLITE_STATIC);
+	if (store_run(st, STORE_PART_CONSUMERS, CSTMT_GET, &acked) == -1 ||
+	    store_run(st, STORE_PART_CONSUMERS, CSTMT_SENT_GET, sent_id) == -1 || store_register_filter(st, filter) == -1)
 		goto fail;
 	switch (start->from) {
 	case STORE_FROM_STORED: {
@@ -107,7 +95,7 @@ store_consumer_open(struct store *st, const char *name, const char *filter,
 	sqlite3_bind_text(put, 2, filter, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(put, 3, acked);
 	sqlite3_bind_int64(put, 4, (int64_t)event_wall_ms());
-	if (store_consumers_run(st, CSTMT_PUT, NULL) == -1 || store_commit(st) == -1)
+	if (store_run(st, STORE_PART_CONSUMERS, CSTMT_PUT, NULL) == -1 || store_commit(st) == -1)
 		goto fail;
 	*resume_after = acked;
 	return 0;
@@ -119,12 +107,12 @@ fail:
 int
 store_consumer_ack(struct store *st, const char *name, int64_t id)
 {
-	sqlite3_stmt *s = store_consumers_stmt(st, CSTMT_ACK);
+	sqlite3_stmt *s = store_stmt(st, STORE_PART_CONSUMERS, CSTMT_ACK);
 
 	sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(s, 2, id);
 	sqlite3_bind_int64(s, 3, (int64_t)event_wall_ms());
-	return store_consumers_run(st, CSTMT_ACK, NULL);
+	return store_run(st, STORE_PART_CONSUMERS, CSTMT_ACK, NULL);
 }
 
 /*
@@ -138,12 +126,12 @@ store_consumer_sent(struct store *st, const char *name, int64_t id)
 {
 	int rc;
 
-	sqlite3_bind_text(store_consumers_stmt(st, CSTMT_SENT), 1, name, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(store_consumers_stmt(st, CSTMT_SENT), 2, id);
-	if (store_consumers_run(st, CSTMT_SYNC_NORMAL, NULL) == -1)
+	sqlite3_bind_text(store_stmt(st, STORE_PART_CONSUMERS, CSTMT_SENT), 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(store_stmt(st, STORE_PART_CONSUMERS, CSTMT_SENT), 2, id);
+	if (store_run(st, STORE_PART_CONSUMERS, CSTMT_SYNC_NORMAL, NULL) == -1)
 		return -1;
-	rc = store_consumers_run(st, CSTMT_SENT, NULL);
-	if (store_consumers_run(st, CSTMT_SYNC_FULL, NULL) == -1)
+	rc = store_run(st, STORE_PART_CONSUMERS, CSTMT_SENT, NULL);
+	if (store_run(st, STORE_PART_CONSUMERS, CSTMT_SYNC_FULL, NULL) == -1)
 		return -1;
 	return rc;
 }
@@ -151,15 +139,15 @@ store_consumer_sent(struct store *st, const char *name, int64_t id)
 int
 store_consumer_touch(struct store *st, const char *name)
 {
-	sqlite3_bind_text(store_consumers_stmt(st, CSTMT_TOUCH), 1, name, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(store_consumers_stmt(st, CSTMT_TOUCH), 2, (int64_t)event_wall_ms());
-	return store_consumers_run(st, CSTMT_TOUCH, NULL);
+	sqlite3_bind_text(store_stmt(st, STORE_PART_CONSUMERS, CSTMT_TOUCH), 1, name, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(store_stmt(st, STORE_PART_CONSUMERS, CSTMT_TOUCH), 2, (int64_t)event_wall_ms());
+	return store_run(st, STORE_PART_CONSUMERS, CSTMT_TOUCH, NULL);
 }
 
 int
 store_consumers_expire(struct store *st, int64_t before_ms, store_consumer_fn *fn, void *arg)
 {
-	sqlite3_stmt *s = store_consumers_stmt(st, CSTMT_EXPIRE);
+	sqlite3_stmt *s = store_stmt(st, STORE_PART_CONSUMERS, CSTMT_EXPIRE);
 	int n = 0, rc;
 
 	sqlite3_bind_int64(s, 1, before_ms);
@@ -183,7 +171,7 @@ store_consumer_set(struct store *st, const char *name, const struct store_start 
     int64_t *acked_id)
 {
 	enum consumers_stmt_id id = start ? CSTMT_MOVE : CSTMT_DELETE;
-	sqlite3_stmt *s = store_consumers_stmt(st, id);
+	sqlite3_stmt *s = store_stmt(st, STORE_PART_CONSUMERS, id);
 	int64_t newest;
 
 	if ((newest = store_last_id(st)) < 0)
@@ -196,7 +184,7 @@ store_consumer_set(struct store *st, const char *name, const struct store_start 
 		sqlite3_bind_int64(s, 2, *acked_id);
 		sqlite3_bind_int64(s, 3, (int64_t)event_wall_ms());
 	}
-	if (store_consumers_run(st, id, NULL) == -1)
+	if (store_run(st, STORE_PART_CONSUMERS, id, NULL) == -1)
 		return -1;
 	return sqlite3_changes(store_db(st)) == 0 ? -2 : 0;
 }

@@ -55,8 +55,9 @@ struct store_sql {
 	int n;
 };
 extern const struct store_sql store_consumers_sql, store_outbox_sql, store_session_sql;
-/* The prepared statement i of a part's table. */
+/* The prepared statement i of a part's table, and store_step() of it. */
 sqlite3_stmt *store_stmt(struct store *st, enum store_part part, int i);
+int store_run(struct store *st, enum store_part part, int i, int64_t *out);
 /* Notes which known topics a filter no consumer had matches (filter_topics). */
 int store_register_filter(struct store *st, const char *filter);
 

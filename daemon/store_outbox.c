@@ -30,26 +30,14 @@ static const char *const outbox_sql[OSTMT_COUNT] = {
 
 const struct store_sql store_outbox_sql = { outbox_sql, OSTMT_COUNT };
 
-static sqlite3_stmt *
-store_outbox_stmt(struct store *st, enum outbox_stmt_id i)
-{
-	return store_stmt(st, STORE_PART_OUTBOX, (int)i);
-}
-
-static int
-store_outbox_run(struct store *st, enum outbox_stmt_id i, int64_t *out)
-{
-	return store_step(st, store_outbox_stmt(st, i), out);
-}
-
 int
 store_outbox_add(struct store *st, const struct outbox_msg *msg, const char *origin,
     int64_t max_queued, int64_t *id)
 {
-	sqlite3_stmt *s = store_outbox_stmt(st, OSTMT_ADD);
+	sqlite3_stmt *s = store_stmt(st, STORE_PART_OUTBOX, OSTMT_ADD);
 	int64_t queued;
 
-	if (store_outbox_run(st, OSTMT_QUEUED, &queued) == -1)
+	if (store_run(st, STORE_PART_OUTBOX, OSTMT_QUEUED, &queued) == -1)
 		return -1;
 	if (queued >= max_queued)
 		return -2;
@@ -59,7 +47,7 @@ store_outbox_add(struct store *st, const struct outbox_msg *msg, const char *ori
 	sqlite3_bind_int(s, 4, msg->qos);
 	sqlite3_bind_int(s, 5, msg->retain);
 	sqlite3_bind_text(s, 6, origin, -1, SQLITE_STATIC);
-	if (store_outbox_run(st, OSTMT_ADD, NULL) == -1)
+	if (store_run(st, STORE_PART_OUTBOX, OSTMT_ADD, NULL) == -1)
 		return -1;
 	*id = sqlite3_last_insert_rowid(store_db(st));
 	return 0;
@@ -68,7 +56,7 @@ store_outbox_add(struct store *st, const struct outbox_msg *msg, const char *ori
 int
 store_outbox_next(struct store *st, int64_t after_id, int limit, store_outbox_fn *fn, void *arg)
 {
-	sqlite3_stmt *s = store_outbox_stmt(st, OSTMT_NEXT);
+	sqlite3_stmt *s = store_stmt(st, STORE_PART_OUTBOX, OSTMT_NEXT);
 	int n = 0, rc;
 
 	sqlite3_bind_int64(s, 1, after_id);
@@ -95,21 +83,21 @@ store_outbox_next(struct store *st, int64_t after_id, int limit, store_outbox_fn
 int
 store_outbox_handed(struct store *st, int64_t id)
 {
-	sqlite3_bind_int64(store_outbox_stmt(st, OSTMT_HANDED), 1, id);
-	return store_outbox_run(st, OSTMT_HANDED, NULL);
+	sqlite3_bind_int64(store_stmt(st, STORE_PART_OUTBOX, OSTMT_HANDED), 1, id);
+	return store_run(st, STORE_PART_OUTBOX, OSTMT_HANDED, NULL);
 }
 
 int
 store_outbox_sent(struct store *st, int64_t id)
 {
-	sqlite3_bind_int64(store_outbox_stmt(st, OSTMT_SENT), 1, id);
-	sqlite3_bind_int64(store_outbox_stmt(st, OSTMT_SENT), 2, (int64_t)event_wall_ms());
-	return store_outbox_run(st, OSTMT_SENT, NULL);
+	sqlite3_bind_int64(store_stmt(st, STORE_PART_OUTBOX, OSTMT_SENT), 1, id);
+	sqlite3_bind_int64(store_stmt(st, STORE_PART_OUTBOX, OSTMT_SENT), 2, (int64_t)event_wall_ms());
+	return store_run(st, STORE_PART_OUTBOX, OSTMT_SENT, NULL);
 }
 
 int
 store_outbox_failed(struct store *st, int64_t id)
 {
-	sqlite3_bind_int64(store_outbox_stmt(st, OSTMT_FAILED), 1, id);
-	return store_outbox_run(st, OSTMT_FAILED, NULL);
+	sqlite3_bind_int64(store_stmt(st, STORE_PART_OUTBOX, OSTMT_FAILED), 1, id);
+	return store_run(st, STORE_PART_OUTBOX, OSTMT_FAILED, NULL);
 }

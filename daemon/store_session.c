@@ -25,18 +25,6 @@ static const char *const session_sql[SSTMT_COUNT] = {
 
 const struct store_sql store_session_sql = { session_sql, SSTMT_COUNT };
 
-static sqlite3_stmt *
-store_session_stmt(struct store *st, enum session_stmt_id i)
-{
-	return store_stmt(st, STORE_PART_SESSION, (int)i);
-}
-
-static int
-store_session_run(struct store *st, enum session_stmt_id i, int64_t *out)
-{
-	return store_step(st, store_session_stmt(st, i), out);
-}
-
 int
 store_subscriptions_load(struct store *st, const char *session_key,
     struct store_subscription **out, size_t *n)
@@ -107,14 +95,14 @@ store_subscriptions_forget(struct store *st, const char *session_key)
 int
 store_subscription_set(struct store *st, const char *filter, int qos)
 {
-	sqlite3_bind_text(store_session_stmt(st, SSTMT_SET), 1, filter, -1, SQLITE_STATIC);
-	sqlite3_bind_int(store_session_stmt(st, SSTMT_SET), 2, qos);
-	return store_session_run(st, SSTMT_SET, NULL);
+	sqlite3_bind_text(store_stmt(st, STORE_PART_SESSION, SSTMT_SET), 1, filter, -1, SQLITE_STATIC);
+	sqlite3_bind_int(store_stmt(st, STORE_PART_SESSION, SSTMT_SET), 2, qos);
+	return store_run(st, STORE_PART_SESSION, SSTMT_SET, NULL);
 }
 
 int
 store_subscription_del(struct store *st, const char *filter)
 {
-	sqlite3_bind_text(store_session_stmt(st, SSTMT_DEL), 1, filter, -1, SQLITE_STATIC);
-	return store_session_run(st, SSTMT_DEL, NULL);
+	sqlite3_bind_text(store_stmt(st, STORE_PART_SESSION, SSTMT_DEL), 1, filter, -1, SQLITE_STATIC);
+	return store_run(st, STORE_PART_SESSION, SSTMT_DEL, NULL);
 }

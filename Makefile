@@ -59,7 +59,7 @@ $(B)/cmdrelayd: $(B)/cmdrelayd.o $(COMMON_OBJS)
 
 # The admin CLI reads the config and the history and talks to the socket:
 # it links only that, not the daemon.
-CTL := cmdrelayctl ctl_render ctl_socket ctl_tail ctl_consumers log config config_lists config_file topic wire store_today
+CTL := cmdrelayctl ctl_history ctl_time ctl_render ctl_socket ctl_tail ctl_consumers log config config_lists config_file topic wire store_today
 $(B)/cmdrelayctl: $(CTL:%=$(B)/%.o)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 

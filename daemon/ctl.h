@@ -68,6 +68,8 @@ json_t *ctl_read_json(FILE *in);
 /* An error reply: its code and message, exit status 1. */
 void ctl_die_refused(json_t *reply) __attribute__((noreturn));
 
+int cmd_history(struct ctl *ctl, int argc, char *argv[]);
+int cmd_outbox(struct ctl *ctl, int argc, char *argv[]);
 int cmd_consumers(struct ctl *ctl, int argc, char *argv[]);
 int cmd_tail(struct ctl *ctl, int argc, char *argv[]);
 int cmd_stats(struct ctl *ctl, int argc, char *argv[]);

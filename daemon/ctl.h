@@ -53,7 +53,7 @@ int ctl_connect_socket(const char *path);
  * C1 and bytes that are not UTF-8 as \xNN. width > 0: at most width
  * characters, cut with "..." when longer.
  */
-void ctl_render(FILE *out, const void *bytes, size_t len, int width);
+int ctl_render(FILE *out, const void *bytes, size_t len, int width);	/* characters shown */
 /* That rendering read back into out (strlen(text) bytes of room); -1 and *outlen the offset of a bad escape. */
 int ctl_unescape(const char *text, unsigned char *out, size_t *outlen);
 

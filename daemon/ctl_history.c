@@ -18,6 +18,7 @@
 #include "wire.h"
 
 #define PAYLOAD_COLUMN 40	/* characters */
+#define DEVICE_COLUMN 14	/* characters: a serial number such as 012C000003AX */
 #define HISTORY_MAX_LIMIT 1000000
 /* Rows read per read transaction: a few hundred KiB to print, then the snapshot is let go. */
 #define HISTORY_PAGE 256
@@ -43,6 +44,7 @@ history_row(const struct ctl *ctl, FILE *out, sqlite3_stmt *s, bool json)
 	const unsigned char *payload = sqlite3_column_blob(s, 3);
 	int plen = sqlite3_column_bytes(s, 3);
 	char when[CTL_TIME_MAX];
+	int shown;
 
 	if (json) {
 		const char *encoding;
@@ -68,9 +70,11 @@ history_row(const struct ctl *ctl, FILE *out, sqlite3_stmt *s, bool json)
 		json_decref(o);
 	} else {
 		ctl_time(ctl, sqlite3_column_int64(s, 1), when, sizeof(when));
-		fprintf(out, "%-6lld %-*s %-14s %-9s %-15s %-6s %-3d %-3d ",
-		    (long long)sqlite3_column_int64(s, 0), CTL_TIME_WIDTH, when,
-		    sqlite3_column_type(s, 10) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 10),
+		fprintf(out, "%-6lld %-*s ", (long long)sqlite3_column_int64(s, 0), CTL_TIME_WIDTH, when);
+		/* a topic level the broker sent: rendered, or a hostile one could drive the terminal */
+		shown = sqlite3_column_type(s, 10) == SQLITE_NULL ? fprintf(out, "-") :
+		    ctl_render(out, sqlite3_column_text(s, 10), (size_t)sqlite3_column_bytes(s, 10), DEVICE_COLUMN);
+		fprintf(out, "%*s %-9s %-15s %-6s %-3d %-3d ", shown < DEVICE_COLUMN ? DEVICE_COLUMN - shown : 0, "",
 		    (const char *)sqlite3_column_text(s, 7),
 		    sqlite3_column_type(s, 8) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 8),
 		    sqlite3_column_type(s, 9) == SQLITE_NULL ? "-" : (const char *)sqlite3_column_text(s, 9),

@@ -61,7 +61,7 @@ render_unit(const unsigned char *p, size_t len, char *text, int *width)
 	return 1;
 }
 
-void
+int
 ctl_render(FILE *out, const void *bytes, size_t len, int width)
 {
 	const unsigned char *p = bytes;
@@ -79,8 +79,11 @@ ctl_render(FILE *out, const void *bytes, size_t len, int width)
 		fputs(text, out);
 		total += w;
 	}
-	if (i < len)
+	if (i < len) {
 		fputs("...", out);
+		total += 3;
+	}
+	return total;
 }
 
 static int

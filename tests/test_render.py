@@ -4,9 +4,11 @@ non-UTF-8 bytes as \\xNN), JSON carries them as base64,
 and publish/inject --escaped take the shown form back."""
 import base64
 import json
+import sqlite3
 import subprocess
+import types
 
-from brokers import publish
+from brokers import free_port, publish
 from relay import CMDRELAYCTL, Relay
 
 PAYLOAD = b"\x00\xff\x10 \\ \x1b[2J \xc2\x9b caf\xc3\xa9"
@@ -64,5 +66,30 @@ def test_one_rendering_of_a_binary_payload_everywhere(mosquitto, uid, tmp_path):
         assert ok(ctl(relay, "inject", topic, "a\\x41")) == "injected as #3\n"
         assert relay.query("SELECT payload FROM messages WHERE id = 3") == [(b"a\\x41",)]
         assert cell(ok(ctl(relay, "history", "--since", "1h", "--limit", "1"))) == "a\\\\x41"
+    finally:
+        relay.stop()
+
+
+def test_a_hostile_device_level_cannot_drive_the_terminal(tmp_path, uid):
+    """The DEVICE column is a topic level some broker sent: a level with an
+    escape sequence (RabbitMQ passes C0/C1 in topics; an admin may write
+    rows) shows as \\xNN, cut to the column, and the table stays aligned."""
+    nobroker = types.SimpleNamespace(host="127.0.0.1", port=free_port())   # nothing listens
+    relay = Relay(tmp_path / "relay", nobroker, f"rd-{uid}", ["/cf/v1/+/+/+/set"])
+    relay.start(wait_subscribed=False)
+    try:
+        con = sqlite3.connect(str(relay.db_path))
+        for dev in ("\x1b]0;owned\x07\x1b[2J", "D1"):
+            con.execute("INSERT INTO messages (received_at, topic, payload, payload_hash, qos, retain, dup,"
+                        " mid, connection, status, device, age_ms) VALUES (0, 't', x'6f6e', 0, 1, 0, 0, 1, 1,"
+                        " 'accepted', ?, 0)",
+                        (dev,))
+        con.commit()
+        con.close()
+        out = ok(ctl(relay, "--utc", "history"))
+        assert "\x1b" not in out and "\x07" not in out
+        header, hostile, plain = out.splitlines()
+        assert hostile.split()[2] == "\\x1b]0;owne..."
+        assert hostile.index(" accepted ") == plain.index(" accepted ") == header.index("STATUS") - 1
     finally:
         relay.stop()

@@ -100,13 +100,22 @@ int store_mark_injected(struct store *st, int64_t row);
 /* Notes that row id's payload of payloadlen bytes was too large to keep. */
 int store_mark_oversize(struct store *st, int64_t id, size_t payloadlen);
 
+/* What retention keeps (store.retention, store.max_topics). */
+struct store_retention {
+	int64_t max_age_ms;
+	int64_t max_rows;
+	int64_t max_topics;
+};
+
 /*
- * Deletes up to limit rows that retention lets go: older than max_age_ms on
- * the age clock (wall-clock steps do not age a row), or beyond the newest keep_rows and acknowledged by every
- * consumer whose filter matches; never a topic's newest accepted command.
- * Returns how many, -1 on error.
+ * Deletes up to limit rows that retention lets go, in one transaction:
+ * older than max_age_ms on the age clock (wall-clock steps do not age a
+ * row), or beyond the newest max_rows and acknowledged by every consumer
+ * whose filter matches; never the newest accepted command of one of the
+ * max_topics topics that accepted one last. A topic without accepted rows
+ * left goes from topics and filter_topics. Returns how many, -1 on error.
  */
-int store_prune(struct store *st, int64_t max_age_ms, int64_t keep_rows, int limit);
+int store_prune(struct store *st, const struct store_retention *r, int limit);
 /* Records the age clock, so that after a reboot it goes on from here. */
 int store_age_clock_save(struct store *st);
 

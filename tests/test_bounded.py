@@ -8,7 +8,7 @@ import socket
 import sqlite3
 import time
 
-from brokers import publish
+from brokers import drop_session, publish
 from consumer_client import ConsumerClient
 from relay import Relay
 
@@ -458,4 +458,77 @@ def test_unused_cursors_expire_logged_and_counted(mosquitto, tmp_path, uid):
     assert relay.query("SELECT name FROM consumers") == [("recent",)]
     with ConsumerClient.connect(sock(relay)) as c:
         assert c.stats()["cursors_expired"] == 1
+    relay.stop()
+
+
+def many_topics(relay, n):
+    """n topics of one accepted command each, newer than what is there,
+    with their topics rows (the daemon is stopped)."""
+    db = sqlite3.connect(relay.db_path)
+    now = int(time.time() * 1000)
+    with db:
+        db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+                   " INSERT INTO messages (received_at, topic, payload, payload_hash, qos, retain,"
+                   " dup, mid, connection, status, age_ms) SELECT ?, '/cf/v1/AAA/012C/many' || i || '/set',"
+                   " CAST('x' AS BLOB), i, 1, 0, 0, 0, 0, 'accepted', ? FROM n", (n, now, now))
+        db.execute("INSERT OR IGNORE INTO topics (topic, last_accepted) SELECT topic, max(id)"
+                   " FROM messages WHERE topic LIKE '%/many%' GROUP BY topic")
+    db.close()
+
+
+def test_distinct_topics_do_not_defeat_retention(mosquitto, tmp_path, uid):
+    """100,000 topics of one command each, all acknowledged, max_rows 1000,
+    store.max_topics 2000: the history is pruned down to max_rows plus the
+    newest command of the 2000 most recently active topics, topics and
+    filter_topics shrink with it, and no retention slice holds the loop
+    long (the old code kept every topic's newest row: 0 rows pruned, 61 ms
+    per idle pass). A retained command whose topic's newest row retention
+    removed is replayed after a SUBSCRIBE: it is accepted (nothing proves it
+    a repeat any more, G3) and reaches the consumer once (issue 12 item 6)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
+                  store={"path": str(tmp_path / "relay" / "history.db"), "max_topics": 2000,
+                         "retention": {"max_rows": 1000, "max_age": "90d"}})
+    relay.start()
+    publish(mosquitto, topic, b"retained", retain=True)
+    relay.wait_count(1)
+    with ConsumerClient.connect(sock(relay)) as c:
+        c.hello(consumer="lamp", filter="/cf/v1/AAA/012C/+/set")
+        assert [x["payload"] for x in c.collect(count=1, timeout=10)] == ["retained"]
+        c.ack(1)
+        assert c.no_command(0.3)
+    relay.stop()
+    many_topics(relay, 100_000)
+    db = sqlite3.connect(relay.db_path)
+    with db:    # lamp's filter matches them all: filter_topics has 100,001 rows
+        db.execute("INSERT OR IGNORE INTO filter_topics (filter, topic) SELECT '/cf/v1/AAA/012C/+/set', topic"
+                   " FROM topics")
+        db.execute("UPDATE consumers SET acked_id = (SELECT max(id) FROM messages)")
+    db.close()
+    relay.start()
+    relay.wait_for(lambda: relay.count() <= 1000 + 2000, 60, "pruning down to max_rows + max_topics")
+    relay.wait_for(lambda: relay.query("SELECT count(*) FROM topics")[0][0] <= 1000 + 2000, 30,
+                   "topics pruned")
+    assert relay.query("SELECT count(*) FROM filter_topics")[0][0] <= 1000 + 2000
+    assert relay.count("id = 1") == 0, "the oldest-active topic kept its exemption"
+    with ConsumerClient.connect(sock(relay)) as c:
+        ret = c.stats()["retention"]
+    print(f"\nretention after 100,000 topics: {ret}")
+    assert ret["pruned"] >= 100_001 - 3000, ret
+    assert ret["longest_slice_ms"] < 100, ret
+    time.sleep(1.5)     # idle passes over the bounded state
+    with ConsumerClient.connect(sock(relay)) as c:
+        assert c.stats()["retention"]["longest_slice_ms"] < 100
+
+    relay.stop()
+    drop_session(mosquitto, f"gateway-{uid}")
+    relay.start()
+    relay.wait_for(lambda: relay.count(f"topic = '{topic}'") == 1, 20, "the replay recorded")
+    row = relay.rows()[-1]
+    assert (row["topic"], bytes(row["payload"]), row["retain"], row["status"]) == \
+        (topic, b"retained", 1, "accepted"), row
+    with ConsumerClient.connect(sock(relay)) as c:
+        c.hello(consumer="lamp", filter="/cf/v1/AAA/012C/+/set")
+        got = c.collect(timeout=10)
+        assert [(x["id"], x["payload"]) for x in got] == [(row["id"], "retained")]
     relay.stop()

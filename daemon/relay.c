@@ -228,6 +228,9 @@ relay_status(struct relay *r, char *buf, size_t len)
 	}
 	if (r->session_lost_now)
 		status_append(buf, len, &n, "; SESSION LOST: commands queued while away may be lost");
+	if (store_wal_bytes(r->cfg->store.path) > STORE_WAL_PINNED)
+		status_append(buf, len, &n, "; WAL %" PRId64 " MiB: a reader pins it",
+		    store_wal_bytes(r->cfg->store.path) >> 20);
 	relay_today_recount(r);
 	status_append(buf, len, &n, "; today %" PRIu64 " accepted, %" PRIu64 " duplicates, %" PRIu64
 	    " possible repeats; since start %" PRIu64 " received, %" PRIu64 " accepted",

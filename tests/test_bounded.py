@@ -411,8 +411,8 @@ def test_admin_write_lock_does_not_stall_the_loop(mosquitto, tmp_path, uid):
 def test_daemon_says_when_a_reader_pins_the_wal(mosquitto, tmp_path, uid):
     """A reader holding a snapshot while 80 MiB of commands arrive: the WAL
     passes 64 MiB and the daemon says so in its log (and metrics/stats
-    wal_bytes), once; when the reader ends, it says the WAL is back
-    (issue 12 item 9)."""
+    wal_bytes), once, and in its systemd STATUS until it is over; when the
+    reader ends, it says the WAL is back (issue 12 item 9)."""
     topic = f"/cf/v1/AAA/012C/{uid}/set"
     relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
                   store={"path": str(tmp_path / "relay" / "history.db"), "max_payload": 4 << 20})
@@ -428,12 +428,17 @@ def test_daemon_says_when_a_reader_pins_the_wal(mosquitto, tmp_path, uid):
         relay.wait_log("holds an old snapshot", 20)
         with ConsumerClient.connect(sock(relay)) as c:
             assert c.stats()["wal_bytes"] > 64 << 20
+        relay.wait_for(lambda: "a reader pins it" in relay.notify.seen("STATUS=")[-1], 10,
+                       "STATUS saying the WAL is pinned")
     finally:
         reader.execute("COMMIT")
         reader.close()
     publish(mosquitto, topic, b"after")       # a commit, then a checkpoint that resets the WAL
     relay.wait_log("the WAL is back to", 20)
     assert relay.log().count("holds an old snapshot") == 1
+    publish(mosquitto, topic, b"after that")  # the next status change shows it over
+    relay.wait_for(lambda: "a reader pins it" not in relay.notify.seen("STATUS=")[-1], 10,
+                   "STATUS without the pinned WAL")
     relay.stop()
 
 

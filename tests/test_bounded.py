@@ -537,3 +537,62 @@ def test_distinct_topics_do_not_defeat_retention(mosquitto, tmp_path, uid):
         got = c.collect(timeout=10)
         assert [(x["id"], x["payload"]) for x in got] == [(row["id"], "retained")]
     relay.stop()
+
+
+def test_write_lock_holds_ingest_back_and_keeps_the_broker(mosquitto, tmp_path, uid):
+    """An admin holds the write lock for 3 s while commands arrive: the
+    relay stops reading from the broker rather than dropping it (the old
+    code failed the messages and reconnected: commit_failures and a
+    "dropped the connection" line), stats answers within 1 s meanwhile,
+    and once the lock is gone every command is committed and delivered
+    once, on the same connection. Killed under the lock, it has
+    acknowledged nothing: the broker gives every command to the next start
+    (G1) (issue 12 item 10)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
+    relay.start()
+    lamp = ConsumerClient.connect(sock(relay))
+    lamp.hello(consumer="lamp", filter=topic, from_="live")
+    since = lamp.stats()["broker"]["connected_since"]
+    admin = sqlite3.connect(relay.db_path, isolation_level=None, timeout=10)
+    admin.execute("BEGIN IMMEDIATE")
+    admin.execute("UPDATE meta SET value = value WHERE key = 'connection'")
+    t_lock = time.monotonic()
+    try:
+        for i in range(5):
+            publish(mosquitto, topic, b"during lock %d" % i)
+        relay.wait_log("locked by another writer", 5)
+        worst = 0
+        while time.monotonic() - t_lock < 3:
+            t0 = time.monotonic()
+            lamp.stats(timeout=10)
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.2)
+        assert worst < 1, f"stats took {worst:.1f} s under the lock"
+    finally:
+        admin.execute("ROLLBACK")
+    got = lamp.collect(count=5, timeout=10, ack_every=5)
+    assert [c["payload"] for c in got] == ["during lock %d" % i for i in range(5)]
+    assert lamp.no_command(0.5)
+    stats = lamp.stats()
+    assert stats["commit_failures"] == 0 and stats["broker"]["connected_since"] == since, stats
+    assert "dropped the connection" not in relay.log()
+    relay.wait_log("writable again after", 5)
+
+    admin.execute("BEGIN IMMEDIATE")
+    admin.execute("UPDATE meta SET value = value WHERE key = 'connection'")
+    try:
+        for i in range(5):
+            publish(mosquitto, topic, b"before the crash %d" % i)
+        time.sleep(1)
+        relay.kill()
+    finally:
+        admin.execute("ROLLBACK")
+        admin.close()
+    lamp.close()
+    relay.start()
+    relay.wait_count(10, "status = 'accepted'", timeout=20)
+    time.sleep(0.5)
+    assert [r["payload"] for r in relay.accepted()] == \
+        [b"during lock %d" % i for i in range(5)] + [b"before the crash %d" % i for i in range(5)]
+    relay.stop()

@@ -147,6 +147,8 @@ struct store_consumer {
 };
 /* History rows one consumer's lag may count in the daemon: about a millisecond. */
 #define STORE_LAG_SCAN 4096
+/* Topics a filter may match for its lag to be counted per topic: a seek each. */
+#define STORE_LAG_TOPICS 64
 typedef int store_consumer_fn(const struct store_consumer *c, void *arg);
 /* Every named consumer with its lag (as view consumer_lag, bounded), by name. */
 int store_consumers(struct store *st, store_consumer_fn *fn, void *arg);

@@ -596,3 +596,38 @@ def test_write_lock_holds_ingest_back_and_keeps_the_broker(mosquitto, tmp_path, 
     assert [r["payload"] for r in relay.accepted()] == \
         [b"during lock %d" % i for i in range(5)] + [b"before the crash %d" % i for i in range(5)]
     relay.stop()
+
+
+def test_lag_is_exact_when_small_and_bounded_when_not(mosquitto, tmp_path, uid):
+    """A 1,000,000-row history; 10 consumers at #0 of the busy topic and one
+    whose filter matches a quiet topic with 3 commands spread over it: a
+    stats reply stays under 100 ms (about 10 here; 100-190 before); the busy ones read lag 4096, not
+    exact; the quiet one reads its exact lag, 3 (the old code walked 4096
+    rows after its ack: 1, not exact) (issue 12 item 4)."""
+    busy = f"/cf/v1/AAA/012C/{uid}/set"
+    quiet = f"/cf/v1/AAA/012C/{uid}-quiet/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [busy, quiet])
+    relay.start()
+    relay.stop()
+    for topic, n in ((quiet, 1), (busy, 500_000), (quiet, 1), (busy, 500_000), (quiet, 1)):
+        bulk_history(relay, topic, n)
+    db = sqlite3.connect(relay.db_path)
+    now = int(time.time() * 1000)
+    with db:
+        db.executemany("INSERT INTO consumers (name, filter, acked_id, updated_at) VALUES (?, ?, 0, ?)",
+                       [(f"away{i}", busy, now) for i in range(10)] + [("rare", quiet, now)])
+        db.executemany("INSERT INTO filter_topics (filter, topic) VALUES (?, ?)", [(busy, busy), (quiet, quiet)])
+    db.close()
+    relay.start()
+    with ConsumerClient.connect(sock(relay)) as c:
+        times = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            stats = c.stats(timeout=30)
+            times.append(time.monotonic() - t0)
+    print(f"\nstats on 1,000,003 rows with 11 consumers: {[round(t * 1000) for t in times]} ms")
+    assert sorted(times)[1] < 0.1, f"stats took {times}"
+    lag = {x["name"]: (x["lag"], x["lag_exact"]) for x in stats["consumers"]}
+    assert lag.pop("rare") == (3, True)
+    assert set(lag.values()) == {(4096, False)}
+    relay.stop()

@@ -15,19 +15,22 @@ from relay import Relay
 BULK_ROWS = 200_000
 
 
-def bulk_history(relay, topic, n):
+def bulk_history(relay, topic, n, distinct=False):
     """n accepted commands on topic, inserted through the schema in one
-    transaction (the daemon is stopped)."""
+    transaction (the daemon is stopped); distinct: each on a topic of its
+    own, topic + its number."""
     db = sqlite3.connect(relay.db_path)
     now = int(time.time() * 1000)
+    each = "? || i" if distinct else "?"
+    before = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
     with db:
         db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
                    " INSERT INTO messages (received_at, topic, payload, payload_hash, qos, retain,"
-                   " dup, mid, connection, status) SELECT ?, ?, CAST('old ' || i AS BLOB), i,"
+                   f" dup, mid, connection, status) SELECT ?, {each}, CAST('old ' || i AS BLOB), i,"
                    " 1, 0, 0, 0, 0, 'accepted' FROM n", (n, now, topic))
-        db.execute("INSERT OR IGNORE INTO topics (topic) VALUES (?)", (topic,))
-        db.execute("UPDATE topics SET last_accepted = (SELECT max(id) FROM messages) WHERE topic = ?",
-                   (topic,))
+        db.execute("INSERT INTO topics (topic, last_accepted) SELECT topic, max(id) FROM messages"
+                   " WHERE id > ? GROUP BY topic ON CONFLICT (topic) DO UPDATE"
+                   " SET last_accepted = excluded.last_accepted", (before,))
     db.close()
 
 
@@ -466,21 +469,6 @@ def test_unused_cursors_expire_logged_and_counted(mosquitto, tmp_path, uid):
     relay.stop()
 
 
-def many_topics(relay, n):
-    """n topics of one accepted command each, newer than what is there,
-    with their topics rows (the daemon is stopped)."""
-    db = sqlite3.connect(relay.db_path)
-    now = int(time.time() * 1000)
-    with db:
-        db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
-                   " INSERT INTO messages (received_at, topic, payload, payload_hash, qos, retain,"
-                   " dup, mid, connection, status, age_ms) SELECT ?, '/cf/v1/AAA/012C/many' || i || '/set',"
-                   " CAST('x' AS BLOB), i, 1, 0, 0, 0, 0, 'accepted', ? FROM n", (n, now, now))
-        db.execute("INSERT OR IGNORE INTO topics (topic, last_accepted) SELECT topic, max(id)"
-                   " FROM messages WHERE topic LIKE '%/many%' GROUP BY topic")
-    db.close()
-
-
 def test_distinct_topics_do_not_defeat_retention(mosquitto, tmp_path, uid):
     """100,000 topics of one command each, all acknowledged, max_rows 1000,
     store.max_topics 2000: the history is pruned down to max_rows plus the
@@ -503,7 +491,7 @@ def test_distinct_topics_do_not_defeat_retention(mosquitto, tmp_path, uid):
         c.ack(1)
         assert c.no_command(0.3)
     relay.stop()
-    many_topics(relay, 100_000)
+    bulk_history(relay, "/cf/v1/AAA/012C/many", 100_000, distinct=True)
     db = sqlite3.connect(relay.db_path)
     with db:    # lamp's filter matches them all: filter_topics has 100,001 rows
         db.execute("INSERT OR IGNORE INTO filter_topics (filter, topic) SELECT '/cf/v1/AAA/012C/+/set', topic"

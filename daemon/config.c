@@ -50,6 +50,11 @@ static const struct config_key config_keys[] = {
 	/* 4 MiB: a command line (escaped or base64) stays within the socket's output bound. */
 	{ "store.on_corruption", KEY_STRING, 1, 16, "recover", CFG(store.on_corruption), true },
 	{ "store.max_payload", KEY_INT, 1, 4 * 1024 * 1024, "262144", CFG(store.max_payload), false },
+	/*
+	 * Topics whose newest command outlives retention, for the retained-replay
+	 * proof: a gateway's devices; each costs a pass a look-up (0.4 us).
+	 */
+	{ "store.max_topics", KEY_INT, 100, 100000, "10000", CFG(store.max_topics), false },
 	{ "store.retention", KEY_SECTION, 0, 0, NULL, 0, false },
 	{ "store.retention.max_age", KEY_DURATION, 3600 * 1000, 3650 * DAY_MS, "90d", CFG(store.max_age_ms), false },
 	{ "store.retention.max_rows", KEY_INT, 1000, 1000000000, "10000000", CFG(store.max_rows), false },

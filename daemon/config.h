@@ -69,6 +69,7 @@ struct config {
 		char *path;
 		int64_t max_age_ms;
 		int64_t max_rows;
+		int64_t max_topics;	/* topics whose newest command retention keeps */
 		int64_t max_payload;
 		char *on_corruption;	/* "recover" (move aside, salvage) or "stop" */
 	} store;

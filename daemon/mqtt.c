@@ -34,6 +34,12 @@
  * in time the broker redelivers, and the dedup knows it (broker_unacked).
  */
 #define MQTT_STOP_FLUSH_MS 1000
+/*
+ * Between read passes refused by a locked history: each try may wait out
+ * the history's busy_timeout (100 ms), so the loop stays mostly free.
+ */
+#define STORAGE_RETRY_MIN_MS 50
+#define STORAGE_RETRY_MAX_MS 1000
 
 enum mqtt_state {
 	MQTT_IDLE,		/* waiting for the reconnect timer */
@@ -55,6 +61,8 @@ struct mqtt {
 	uint64_t connected_at_ms;	/* of the current connection; 0: none */
 	struct event_timer reconnect_timer;
 	struct event_timer misc_timer;
+	struct event_timer storage_timer;	/* a refused read pass is tried again */
+	uint64_t storage_retry_ms;	/* its delay now; 0: reading */
 	size_t batch_messages;
 	bool batch_failed;
 	bool dropping;		/* closing unacknowledged: ignore what is still read */
@@ -389,6 +397,15 @@ read_pass(struct mqtt *m)
 
 	m->batch_messages = 0;
 	m->batch_failed = false;
+	if (m->h.ready(m->h.arg) == -1) {
+		/* The socket is not watched meanwhile (before_sleep): its data waits in the kernel. */
+		m->storage_retry_ms = m->storage_retry_ms ? m->storage_retry_ms * 2 : STORAGE_RETRY_MIN_MS;
+		if (m->storage_retry_ms > STORAGE_RETRY_MAX_MS)
+			m->storage_retry_ms = STORAGE_RETRY_MAX_MS;
+		event_timer_arm(m->loop, &m->storage_timer, m->storage_retry_ms);
+		return MOSQ_ERR_SUCCESS;
+	}
+	m->storage_retry_ms = 0;
 	for (size_t i = 0; i < MQTT_MAX_BATCH; i++) {
 		if ((rc = mosquitto_loop_read(m->mosq, 1)) != MOSQ_ERR_SUCCESS ||
 		    mosquitto_socket(m->mosq) != fd || !socket_has_data(fd))
@@ -397,13 +414,10 @@ read_pass(struct mqtt *m)
 	if (m->abort_reason) {
 		const char *why = m->abort_reason;
 		m->abort_reason = NULL;
-		if (m->batch_messages)
-			m->h.abort(m->h.arg);
+		m->h.abort(m->h.arg);
 		drop_connection(m, why);
 		return rc;
 	}
-	if (m->batch_messages == 0)
-		return rc;
 	if (m->batch_failed) {
 		m->h.abort(m->h.arg);
 		drop_connection(m, "could not store a message; dropped the connection unacknowledged");
@@ -497,6 +511,8 @@ before_sleep(void *arg)
 	struct mqtt *m = arg;
 	int fd = mosquitto_socket(m->mosq);
 
+	if (m->storage_timer.due_ms)
+		fd = -1;	/* waiting for the history: not even POLLHUP, which would spin */
 	if (fd != m->watched_fd && m->watched_fd >= 0)
 		event_io_del(m->loop, m->watched_fd);
 	m->watched_fd = fd;
@@ -513,6 +529,13 @@ on_misc_timer(void *arg)
 	if (mosquitto_socket(m->mosq) >= 0)
 		mosquitto_loop_misc(m->mosq);
 	event_timer_arm(m->loop, &m->misc_timer, 1000);
+}
+
+/* before_sleep watches the socket again: a pass is tried when it is readable. */
+static void
+on_storage_timer(void *arg)
+{
+	(void)arg;
 }
 
 static void
@@ -610,6 +633,7 @@ mqtt_new(struct event_loop *loop, const struct config *cfg, const struct mqtt_ha
 	m->state = MQTT_IDLE;
 	event_timer_init(&m->reconnect_timer, on_reconnect_timer, m);
 	event_timer_init(&m->misc_timer, on_misc_timer, m);
+	event_timer_init(&m->storage_timer, on_storage_timer, m);
 	m->v5 = strcmp(cfg->broker.protocol, "mqttv5") == 0;
 	snprintf(m->publish_log_prefix, sizeof(m->publish_log_prefix), "Client %s", cfg->broker.client_id);
 	/* clean_session = false: the broker keeps our queue while we are away. */
@@ -633,6 +657,7 @@ mqtt_free(struct mqtt *m)
 		return;
 	event_timer_disarm(m->loop, &m->reconnect_timer);
 	event_timer_disarm(m->loop, &m->misc_timer);
+	event_timer_disarm(m->loop, &m->storage_timer);
 	if (m->watched_fd >= 0)
 		event_io_del(m->loop, m->watched_fd);
 	event_clear_before_sleep(m->loop, m);

@@ -25,6 +25,13 @@ struct mqtt;
 struct mqtt_handler {
 	void (*connected)(void *arg, bool session_present);
 	void (*disconnected)(void *arg, const char *why);
+	/*
+	 * Before a read pass: 0 to read (a transaction may be open: commit or
+	 * abort follows the pass, messages or not), -1 while the history is
+	 * locked by another writer: nothing is read, so nothing waits for a
+	 * PUBACK, and the pass is tried again from a timer.
+	 */
+	int (*ready)(void *arg);
 	/* One PUBLISH of the current read pass; -1 fails the pass. */
 	int (*message)(void *arg, const struct delivery *d);
 	/*

@@ -38,6 +38,7 @@ struct relay {
 	struct dedup_state dedup;
 	char session_key[512];
 	bool in_txn;
+	uint64_t busy_since_ms;	/* another writer holds the history; 0: not */
 	struct relay_counters total, staged;
 	uint64_t last_commit_us;
 	int64_t staged_row, committed_row;	/* the newest row in, and after, the transaction */
@@ -228,6 +229,9 @@ relay_status(struct relay *r, char *buf, size_t len)
 	}
 	if (r->session_lost_now)
 		status_append(buf, len, &n, "; SESSION LOST: commands queued while away may be lost");
+	if (store_wal_bytes(r->cfg->store.path) > STORE_WAL_PINNED)
+		status_append(buf, len, &n, "; WAL %" PRId64 " MiB: a reader pins it",
+		    store_wal_bytes(r->cfg->store.path) >> 20);
 	relay_today_recount(r);
 	status_append(buf, len, &n, "; today %" PRIu64 " accepted, %" PRIu64 " duplicates, %" PRIu64
 	    " possible repeats; since start %" PRIu64 " received, %" PRIu64 " accepted",
@@ -574,19 +578,50 @@ relay_inject(struct relay *r, const struct delivery *d, int64_t *row)
 }
 
 static int
+relay_begin(struct relay *r)
+{
+	if (store_begin(r->store) == -1)
+		return -1;
+	r->in_txn = true;
+	r->staged = (struct relay_counters){ 0 };
+	return relay_write_confirmed(r);
+}
+
+/*
+ * The transaction opens before the pass reads: a history locked by another
+ * writer (an admin's sqlite3) holds reading back instead of failing the
+ * messages read, which would cost the broker connection (G6).
+ */
+static int
+on_ready(void *arg)
+{
+	struct relay *r = arg;
+
+	if (r->in_txn || relay_begin(r) == 0) {
+		if (r->busy_since_ms)
+			log_info("history: writable again after %" PRIu64 " ms; reading from the broker",
+			    event_now_ms() - r->busy_since_ms);
+		r->busy_since_ms = 0;
+		return 0;
+	}
+	if (!store_busy(r->store))
+		return 0;	/* on_message meets it too, and takes the G6 path */
+	if (!r->busy_since_ms) {
+		log_warnx("history: locked by another writer (%s); nothing is read from the broker, "
+		    "so nothing waits for a PUBACK, until it is free", store_errmsg(r->store));
+		r->busy_since_ms = event_now_ms();
+	}
+	return -1;
+}
+
+static int
 on_message(void *arg, const struct delivery *d)
 {
 	struct relay *r = arg;
 	struct dedup_verdict v;
 
-	if (!r->in_txn) {
-		if (store_begin(r->store) == -1)
-			goto fail;
-		r->in_txn = true;
-		r->staged = (struct relay_counters){ 0 };
-		if (relay_write_confirmed(r) == -1)
-			goto fail;
-	}
+	if (!r->in_txn && relay_begin(r) == -1)
+		goto fail;
 	if (!mqtt_dup_readable(r->mqtt))
 		r->dedup.ids_kept = false;
 	if (dedup_decide(&r->dedup, store_dedup_source(r->store), d, &v) == -1 ||
@@ -608,6 +643,8 @@ on_abort(void *arg)
 {
 	struct relay *r = arg;
 
+	if (!r->in_txn)
+		return;
 	store_rollback(r->store);
 	r->in_txn = false;
 	r->total.commit_failures++;
@@ -667,6 +704,8 @@ on_commit(void *arg)
 
 	uint64_t t0 = event_now_us();
 
+	if (!r->in_txn)
+		return 0;
 	r->in_txn = false;
 	if (store_commit(r->store) == -1) {
 		log_errx("history: %s", store_errmsg(r->store));
@@ -675,6 +714,8 @@ on_commit(void *arg)
 		status_changed(r);
 		return -1;
 	}
+	if (r->staged.received == 0)
+		return 0;	/* a pass without messages: no PUBACKs to cover */
 	r->last_commit_us = event_now_us() - t0;
 	r->total.received += r->staged.received;
 	for (int i = 0; i < DEDUP_NREASONS; i++)
@@ -706,6 +747,7 @@ handler(struct relay *r)
 	static struct mqtt_handler h = {
 		.connected = on_connected,
 		.disconnected = on_disconnected,
+		.ready = on_ready,
 		.message = on_message,
 		.commit = on_commit,
 		.abort = on_abort,

@@ -48,12 +48,13 @@ on_timer(void *arg)
 {
 	struct retention *ret = arg;
 	uint64_t start = event_now_ms(), took;
+	const struct store_retention keep = { .max_age_ms = ret->cfg->store.max_age_ms,
+		.max_rows = ret->cfg->store.max_rows, .max_topics = ret->cfg->store.max_topics };
 	int n = 0;
 
 	do {
 		uint64_t t0 = event_now_ms();
-		n = store_prune(ret->store, ret->cfg->store.max_age_ms, ret->cfg->store.max_rows,
-		    ret->batch);
+		n = store_prune(ret->store, &keep, ret->batch);
 		took = event_now_ms() - t0;
 		if (n < 0) {
 			if (!ret->failing)
@@ -117,9 +118,10 @@ retention_set_config(struct retention *ret, const struct config *cfg)
 void
 retention_stats(const struct retention *ret, json_t *obj)
 {
-	json_object_set_new(obj, "retention", json_pack("{s:I, s:I, s:I, s:I, s:i}",
+	json_object_set_new(obj, "retention", json_pack("{s:I, s:I, s:I, s:I, s:I, s:i}",
 	    "max_age_ms", (json_int_t)ret->cfg->store.max_age_ms,
 	    "max_rows", (json_int_t)ret->cfg->store.max_rows,
+	    "max_topics", (json_int_t)ret->cfg->store.max_topics,
 	    "pruned", (json_int_t)ret->pruned, "longest_slice_ms", (json_int_t)ret->longest_slice_ms,
 	    "largest_batch", ret->largest_batch));
 }

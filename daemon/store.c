@@ -36,9 +36,6 @@ enum stmt_id {
 	STMT_FETCH_ALL,
 	STMT_MAX_ID,
 	STMT_TOPIC_LAST,
-	STMT_PRUNE_AGE,
-	STMT_PRUNE_ROWS,
-	STMT_PRUNE_OUTBOX,
 	STMT_COUNT
 };
 
@@ -79,24 +76,6 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	    " ORDER BY id LIMIT ?3",
 	[STMT_MAX_ID] = "SELECT coalesce(max(id), 0) FROM messages",
 	[STMT_TOPIC_LAST] = "UPDATE topics SET last_accepted = ?2 WHERE topic = ?1",
-	/* Older than max_age: gone, unless it is a topic's newest command. */
-	[STMT_PRUNE_AGE] =
-	    "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
-	    " WHERE age_ms < age_clock() - ?1"
-	    " AND id NOT IN (SELECT last_accepted FROM topics WHERE last_accepted IS NOT NULL)"
-	    " ORDER BY age_ms LIMIT ?2)",
-	/* Beyond the newest max_rows: gone, unless a consumer still needs it. */
-	[STMT_PRUNE_ROWS] =
-	    "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m"
-	    " WHERE m.id <= (SELECT max(id) FROM messages) - ?1"
-	    " AND m.id NOT IN (SELECT last_accepted FROM topics WHERE last_accepted IS NOT NULL)"
-	    " AND NOT EXISTS (SELECT 1 FROM consumers c JOIN filter_topics f ON f.filter = c.filter"
-	    "   WHERE f.topic = m.topic AND m.id > c.acked_id AND m.status = 'accepted')"
-	    " ORDER BY m.id LIMIT ?2)",
-	/* Sent uplink messages older than max_age: gone; queued ones never. */
-	[STMT_PRUNE_OUTBOX] =
-	    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
-	    " WHERE status = 'sent' AND sent_age_ms < age_clock() - ?1 ORDER BY id LIMIT ?2)",
 };
 
 static int store_corruption_load(struct store *st);
@@ -106,6 +85,7 @@ static const struct store_sql *const store_parts[STORE_NPARTS] = {
 	[STORE_PART_CONSUMERS] = &store_consumers_sql,
 	[STORE_PART_OUTBOX] = &store_outbox_sql,
 	[STORE_PART_SESSION] = &store_session_sql,
+	[STORE_PART_PRUNE] = &store_prune_sql,
 };
 
 struct store {
@@ -887,26 +867,3 @@ store_mark_injected(struct store *st, int64_t row)
 	return step_int(st, STMT_MARK_INJECTED, NULL);
 }
 
-int
-store_prune(struct store *st, int64_t max_age_ms, int64_t keep_rows, int limit)
-{
-	int n;
-
-	sqlite3_bind_int64(st->stmt[STMT_PRUNE_AGE], 1, max_age_ms);
-	sqlite3_bind_int(st->stmt[STMT_PRUNE_AGE], 2, limit);
-	if (step_int(st, STMT_PRUNE_AGE, NULL) == -1)
-		return -1;
-	if ((n = sqlite3_changes(st->db)) == limit)
-		return n;
-	sqlite3_bind_int64(st->stmt[STMT_PRUNE_OUTBOX], 1, max_age_ms);
-	sqlite3_bind_int(st->stmt[STMT_PRUNE_OUTBOX], 2, limit - n);
-	if (step_int(st, STMT_PRUNE_OUTBOX, NULL) == -1)
-		return -1;
-	if ((n += sqlite3_changes(st->db)) == limit)
-		return n;
-	sqlite3_bind_int64(st->stmt[STMT_PRUNE_ROWS], 1, keep_rows);
-	sqlite3_bind_int(st->stmt[STMT_PRUNE_ROWS], 2, limit - n);
-	if (step_int(st, STMT_PRUNE_ROWS, NULL) == -1)
-		return -1;
-	return n + sqlite3_changes(st->db);
-}

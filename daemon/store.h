@@ -100,13 +100,22 @@ int store_mark_injected(struct store *st, int64_t row);
 /* Notes that row id's payload of payloadlen bytes was too large to keep. */
 int store_mark_oversize(struct store *st, int64_t id, size_t payloadlen);
 
+/* What retention keeps (store.retention, store.max_topics). */
+struct store_retention {
+	int64_t max_age_ms;
+	int64_t max_rows;
+	int64_t max_topics;
+};
+
 /*
- * Deletes up to limit rows that retention lets go: older than max_age_ms on
- * the age clock (wall-clock steps do not age a row), or beyond the newest keep_rows and acknowledged by every
- * consumer whose filter matches; never a topic's newest accepted command.
- * Returns how many, -1 on error.
+ * Deletes up to limit rows that retention lets go, in one transaction:
+ * older than max_age_ms on the age clock (wall-clock steps do not age a
+ * row), or beyond the newest max_rows and acknowledged by every consumer
+ * whose filter matches; never the newest accepted command of one of the
+ * max_topics topics that accepted one last. A topic without accepted rows
+ * left goes from topics and filter_topics. Returns how many, -1 on error.
  */
-int store_prune(struct store *st, int64_t max_age_ms, int64_t keep_rows, int limit);
+int store_prune(struct store *st, const struct store_retention *r, int limit);
 /* Records the age clock, so that after a reboot it goes on from here. */
 int store_age_clock_save(struct store *st);
 
@@ -138,6 +147,8 @@ struct store_consumer {
 };
 /* History rows one consumer's lag may count in the daemon: about a millisecond. */
 #define STORE_LAG_SCAN 4096
+/* Topics a filter may match for its lag to be counted per topic: a seek each. */
+#define STORE_LAG_TOPICS 64
 typedef int store_consumer_fn(const struct store_consumer *c, void *arg);
 /* Every named consumer with its lag (as view consumer_lag, bounded), by name. */
 int store_consumers(struct store *st, store_consumer_fn *fn, void *arg);

@@ -190,10 +190,14 @@ store_consumer_set(struct store *st, const char *name, const struct store_start 
 }
 
 /*
- * The lag as consumer_lag counts it, but over at most STORE_LAG_SCAN rows
- * after the ack (or the oldest row kept): the daemon answers stats and
- * writes metrics from its loop, where a count over a long history would
- * stall everything else.
+ * The lag as consumer_lag counts it, with bounded work: the daemon answers
+ * stats and writes metrics from its loop, where a count over a long
+ * history would stall everything else. A filter of at most
+ * STORE_LAG_TOPICS topics is counted through messages_topic_id, a seek per
+ * topic and at most STORE_LAG_SCAN + 1 rows: exact up to STORE_LAG_SCAN,
+ * however far behind the ack is. A wider one walks at most STORE_LAG_SCAN
+ * rows after the ack (or the oldest row kept): exact when that reaches
+ * the newest row.
  */
 int
 store_consumers(struct store *st, store_consumer_fn *fn, void *arg)
@@ -202,15 +206,26 @@ store_consumers(struct store *st, store_consumer_fn *fn, void *arg)
 	int rc;
 
 	if (sqlite3_prepare_v2(store_db(st),
-	    "WITH b AS (SELECT coalesce(min(id), 1) - 1 AS lo, coalesce(max(id), 0) AS hi FROM messages),"
-	    " c AS (SELECT name, filter, acked_id, max(acked_id, lo) AS start, hi FROM consumers, b)"
-	    " SELECT name, filter, acked_id,"
-	    " (SELECT count(*) FROM messages m WHERE m.id > c.start AND m.id <= c.start + ?1"
-	    "   AND +m.status = 'accepted' AND m.oversize IS NULL"
-	    "   AND +m.topic IN (SELECT topic FROM filter_topics f WHERE f.filter = c.filter)),"
-	    " hi - start <= ?1 FROM c ORDER BY name", -1, &s, NULL) != SQLITE_OK)
+	    /* Two subqueries: min() and max() together would scan every row. */
+	    "WITH b AS (SELECT coalesce((SELECT min(id) FROM messages), 1) - 1 AS lo,"
+	    "   coalesce((SELECT max(id) FROM messages), 0) AS hi),"
+	    " c AS (SELECT name, filter, acked_id, max(acked_id, lo) AS start, hi,"
+	    "   (SELECT count(*) FROM (SELECT 1 FROM filter_topics f WHERE f.filter = consumers.filter"
+	    "     LIMIT ?2 + 1)) <= ?2 AS narrow FROM consumers, b),"
+	    " l AS MATERIALIZED (SELECT name, filter, acked_id, narrow, hi - start <= ?1 AS walked_all,"
+	    "   CASE WHEN narrow THEN (SELECT count(*) FROM (SELECT 1 FROM filter_topics f"
+	    "     JOIN messages m INDEXED BY messages_topic_id ON m.topic = f.topic"
+	    "     WHERE f.filter = c.filter AND m.id > c.start AND m.status = 'accepted'"
+	    "     AND m.oversize IS NULL LIMIT ?1 + 1))"
+	    "   ELSE (SELECT count(*) FROM messages m WHERE m.id > c.start AND m.id <= c.start + ?1"
+	    "     AND +m.status = 'accepted' AND m.oversize IS NULL"
+	    "     AND +m.topic IN (SELECT topic FROM filter_topics f WHERE f.filter = c.filter)) END AS n"
+	    "   FROM c)"
+	    " SELECT name, filter, acked_id, min(n, ?1), CASE WHEN narrow THEN n <= ?1 ELSE walked_all END"
+	    " FROM l ORDER BY name", -1, &s, NULL) != SQLITE_OK)
 		return store_fail(st, "reading the consumers");
 	sqlite3_bind_int(s, 1, STORE_LAG_SCAN);
+	sqlite3_bind_int(s, 2, STORE_LAG_TOPICS);
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		struct store_consumer c = {
 			.name = (const char *)sqlite3_column_text(s, 0),

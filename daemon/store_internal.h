@@ -48,13 +48,15 @@ enum store_part {
 	STORE_PART_CONSUMERS,	/* store_consumers.c */
 	STORE_PART_OUTBOX,	/* store_outbox.c */
 	STORE_PART_SESSION,	/* store_session.c */
+	STORE_PART_PRUNE,	/* store_prune.c */
 	STORE_NPARTS
 };
 struct store_sql {
 	const char *const *sql;
 	int n;
 };
-extern const struct store_sql store_consumers_sql, store_outbox_sql, store_session_sql;
+extern const struct store_sql store_consumers_sql, store_outbox_sql, store_session_sql,
+    store_prune_sql;
 /* The prepared statement i of a part's table, and store_step() of it. */
 sqlite3_stmt *store_stmt(struct store *st, enum store_part part, int i);
 int store_run(struct store *st, enum store_part part, int i, int64_t *out);

@@ -8,26 +8,29 @@ import socket
 import sqlite3
 import time
 
-from brokers import publish
+from brokers import drop_session, publish
 from consumer_client import ConsumerClient
 from relay import Relay
 
 BULK_ROWS = 200_000
 
 
-def bulk_history(relay, topic, n):
+def bulk_history(relay, topic, n, distinct=False):
     """n accepted commands on topic, inserted through the schema in one
-    transaction (the daemon is stopped)."""
+    transaction (the daemon is stopped); distinct: each on a topic of its
+    own, topic + its number."""
     db = sqlite3.connect(relay.db_path)
     now = int(time.time() * 1000)
+    each = "? || i" if distinct else "?"
+    before = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
     with db:
         db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
                    " INSERT INTO messages (received_at, topic, payload, payload_hash, qos, retain,"
-                   " dup, mid, connection, status) SELECT ?, ?, CAST('old ' || i AS BLOB), i,"
+                   f" dup, mid, connection, status) SELECT ?, {each}, CAST('old ' || i AS BLOB), i,"
                    " 1, 0, 0, 0, 0, 'accepted' FROM n", (n, now, topic))
-        db.execute("INSERT OR IGNORE INTO topics (topic) VALUES (?)", (topic,))
-        db.execute("UPDATE topics SET last_accepted = (SELECT max(id) FROM messages) WHERE topic = ?",
-                   (topic,))
+        db.execute("INSERT INTO topics (topic, last_accepted) SELECT topic, max(id) FROM messages"
+                   " WHERE id > ? GROUP BY topic ON CONFLICT (topic) DO UPDATE"
+                   " SET last_accepted = excluded.last_accepted", (before,))
     db.close()
 
 
@@ -411,8 +414,8 @@ def test_admin_write_lock_does_not_stall_the_loop(mosquitto, tmp_path, uid):
 def test_daemon_says_when_a_reader_pins_the_wal(mosquitto, tmp_path, uid):
     """A reader holding a snapshot while 80 MiB of commands arrive: the WAL
     passes 64 MiB and the daemon says so in its log (and metrics/stats
-    wal_bytes), once; when the reader ends, it says the WAL is back
-    (issue 12 item 9)."""
+    wal_bytes), once, and in its systemd STATUS until it is over; when the
+    reader ends, it says the WAL is back (issue 12 item 9)."""
     topic = f"/cf/v1/AAA/012C/{uid}/set"
     relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
                   store={"path": str(tmp_path / "relay" / "history.db"), "max_payload": 4 << 20})
@@ -428,12 +431,17 @@ def test_daemon_says_when_a_reader_pins_the_wal(mosquitto, tmp_path, uid):
         relay.wait_log("holds an old snapshot", 20)
         with ConsumerClient.connect(sock(relay)) as c:
             assert c.stats()["wal_bytes"] > 64 << 20
+        relay.wait_for(lambda: "a reader pins it" in relay.notify.seen("STATUS=")[-1], 10,
+                       "STATUS saying the WAL is pinned")
     finally:
         reader.execute("COMMIT")
         reader.close()
     publish(mosquitto, topic, b"after")       # a commit, then a checkpoint that resets the WAL
     relay.wait_log("the WAL is back to", 20)
     assert relay.log().count("holds an old snapshot") == 1
+    publish(mosquitto, topic, b"after that")  # the next status change shows it over
+    relay.wait_for(lambda: "a reader pins it" not in relay.notify.seen("STATUS=")[-1], 10,
+                   "STATUS without the pinned WAL")
     relay.stop()
 
 
@@ -458,4 +466,156 @@ def test_unused_cursors_expire_logged_and_counted(mosquitto, tmp_path, uid):
     assert relay.query("SELECT name FROM consumers") == [("recent",)]
     with ConsumerClient.connect(sock(relay)) as c:
         assert c.stats()["cursors_expired"] == 1
+    relay.stop()
+
+
+def test_distinct_topics_do_not_defeat_retention(mosquitto, tmp_path, uid):
+    """100,000 topics of one command each, all acknowledged, max_rows 1000,
+    store.max_topics 2000: the history is pruned down to max_rows plus the
+    newest command of the 2000 most recently active topics, topics and
+    filter_topics shrink with it, and no retention slice holds the loop
+    long (the old code kept every topic's newest row: 0 rows pruned, 61 ms
+    per idle pass). A retained command whose topic's newest row retention
+    removed is replayed after a SUBSCRIBE: it is accepted (nothing proves it
+    a repeat any more, G3) and reaches the consumer once (issue 12 item 6)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic],
+                  store={"path": str(tmp_path / "relay" / "history.db"), "max_topics": 2000,
+                         "retention": {"max_rows": 1000, "max_age": "90d"}})
+    relay.start()
+    publish(mosquitto, topic, b"retained", retain=True)
+    relay.wait_count(1)
+    with ConsumerClient.connect(sock(relay)) as c:
+        c.hello(consumer="lamp", filter="/cf/v1/AAA/012C/+/set")
+        assert [x["payload"] for x in c.collect(count=1, timeout=10)] == ["retained"]
+        c.ack(1)
+        assert c.no_command(0.3)
+    relay.stop()
+    bulk_history(relay, "/cf/v1/AAA/012C/many", 100_000, distinct=True)
+    db = sqlite3.connect(relay.db_path)
+    with db:    # lamp's filter matches them all: filter_topics has 100,001 rows
+        db.execute("INSERT OR IGNORE INTO filter_topics (filter, topic) SELECT '/cf/v1/AAA/012C/+/set', topic"
+                   " FROM topics")
+        db.execute("UPDATE consumers SET acked_id = (SELECT max(id) FROM messages)")
+    db.close()
+    relay.start()
+    relay.wait_for(lambda: relay.count() <= 1000 + 2000, 60, "pruning down to max_rows + max_topics")
+    relay.wait_for(lambda: relay.query("SELECT count(*) FROM topics")[0][0] <= 1000 + 2000, 30,
+                   "topics pruned")
+    assert relay.query("SELECT count(*) FROM filter_topics")[0][0] <= 1000 + 2000
+    assert relay.count("id = 1") == 0, "the oldest-active topic kept its exemption"
+    with ConsumerClient.connect(sock(relay)) as c:
+        ret = c.stats()["retention"]
+    print(f"\nretention after 100,000 topics: {ret}")
+    assert ret["pruned"] >= 100_001 - 3000, ret
+    assert ret["longest_slice_ms"] < 100, ret
+    time.sleep(1.5)     # idle passes over the bounded state
+    with ConsumerClient.connect(sock(relay)) as c:
+        assert c.stats()["retention"]["longest_slice_ms"] < 100
+
+    relay.stop()
+    drop_session(mosquitto, f"gateway-{uid}")
+    relay.start()
+    relay.wait_for(lambda: relay.count(f"topic = '{topic}'") == 1, 20, "the replay recorded")
+    row = relay.rows()[-1]
+    assert (row["topic"], bytes(row["payload"]), row["retain"], row["status"]) == \
+        (topic, b"retained", 1, "accepted"), row
+    with ConsumerClient.connect(sock(relay)) as c:
+        c.hello(consumer="lamp", filter="/cf/v1/AAA/012C/+/set")
+        got = c.collect(timeout=10)
+        assert [(x["id"], x["payload"]) for x in got] == [(row["id"], "retained")]
+    relay.stop()
+
+
+def test_write_lock_holds_ingest_back_and_keeps_the_broker(mosquitto, tmp_path, uid):
+    """An admin holds the write lock for 3 s while commands arrive: the
+    relay stops reading from the broker rather than dropping it (the old
+    code failed the messages and reconnected: commit_failures and a
+    "dropped the connection" line), stats answers within 1 s meanwhile,
+    and once the lock is gone every command is committed and delivered
+    once, on the same connection. Killed under the lock, it has
+    acknowledged nothing: the broker gives every command to the next start
+    (G1) (issue 12 item 10)."""
+    topic = f"/cf/v1/AAA/012C/{uid}/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [topic])
+    relay.start()
+    lamp = ConsumerClient.connect(sock(relay))
+    lamp.hello(consumer="lamp", filter=topic, from_="live")
+    since = lamp.stats()["broker"]["connected_since"]
+    admin = sqlite3.connect(relay.db_path, isolation_level=None, timeout=10)
+    admin.execute("BEGIN IMMEDIATE")
+    admin.execute("UPDATE meta SET value = value WHERE key = 'connection'")
+    t_lock = time.monotonic()
+    try:
+        for i in range(5):
+            publish(mosquitto, topic, b"during lock %d" % i)
+        relay.wait_log("locked by another writer", 5)
+        worst = 0
+        while time.monotonic() - t_lock < 3:
+            t0 = time.monotonic()
+            lamp.stats(timeout=10)
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.2)
+        assert worst < 1, f"stats took {worst:.1f} s under the lock"
+    finally:
+        admin.execute("ROLLBACK")
+    got = lamp.collect(count=5, timeout=10, ack_every=5)
+    assert [c["payload"] for c in got] == ["during lock %d" % i for i in range(5)]
+    assert lamp.no_command(0.5)
+    stats = lamp.stats()
+    assert stats["commit_failures"] == 0 and stats["broker"]["connected_since"] == since, stats
+    assert "dropped the connection" not in relay.log()
+    relay.wait_log("writable again after", 5)
+
+    admin.execute("BEGIN IMMEDIATE")
+    admin.execute("UPDATE meta SET value = value WHERE key = 'connection'")
+    try:
+        for i in range(5):
+            publish(mosquitto, topic, b"before the crash %d" % i)
+        time.sleep(1)
+        relay.kill()
+    finally:
+        admin.execute("ROLLBACK")
+        admin.close()
+    lamp.close()
+    relay.start()
+    relay.wait_count(10, "status = 'accepted'", timeout=20)
+    time.sleep(0.5)
+    assert [r["payload"] for r in relay.accepted()] == \
+        [b"during lock %d" % i for i in range(5)] + [b"before the crash %d" % i for i in range(5)]
+    relay.stop()
+
+
+def test_lag_is_exact_when_small_and_bounded_when_not(mosquitto, tmp_path, uid):
+    """A 1,000,000-row history; 10 consumers at #0 of the busy topic and one
+    whose filter matches a quiet topic with 3 commands spread over it: a
+    stats reply stays under 100 ms (about 10 here; 100-190 before); the busy ones read lag 4096, not
+    exact; the quiet one reads its exact lag, 3 (the old code walked 4096
+    rows after its ack: 1, not exact) (issue 12 item 4)."""
+    busy = f"/cf/v1/AAA/012C/{uid}/set"
+    quiet = f"/cf/v1/AAA/012C/{uid}-quiet/set"
+    relay = Relay(tmp_path / "relay", mosquitto, f"gateway-{uid}", [busy, quiet])
+    relay.start()
+    relay.stop()
+    for topic, n in ((quiet, 1), (busy, 500_000), (quiet, 1), (busy, 500_000), (quiet, 1)):
+        bulk_history(relay, topic, n)
+    db = sqlite3.connect(relay.db_path)
+    now = int(time.time() * 1000)
+    with db:
+        db.executemany("INSERT INTO consumers (name, filter, acked_id, updated_at) VALUES (?, ?, 0, ?)",
+                       [(f"away{i}", busy, now) for i in range(10)] + [("rare", quiet, now)])
+        db.executemany("INSERT INTO filter_topics (filter, topic) VALUES (?, ?)", [(busy, busy), (quiet, quiet)])
+    db.close()
+    relay.start()
+    with ConsumerClient.connect(sock(relay)) as c:
+        times = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            stats = c.stats(timeout=30)
+            times.append(time.monotonic() - t0)
+    print(f"\nstats on 1,000,003 rows with 11 consumers: {[round(t * 1000) for t in times]} ms")
+    assert sorted(times)[1] < 0.1, f"stats took {times}"
+    lag = {x["name"]: (x["lag"], x["lag_exact"]) for x in stats["consumers"]}
+    assert lag.pop("rare") == (3, True)
+    assert set(lag.values()) == {(4096, False)}
     relay.stop()

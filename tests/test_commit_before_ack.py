@@ -483,69 +483,46 @@ def test_puback_only_after_commit(setup):
           f"{len(conn.pubacks)} PUBACKs in {recvs_with_pubacks} recv() calls")
 
 
-def test_no_puback_when_commit_fails(setup):
-    """G6 in small: the history's write lock is held by someone else, so the
-    relay cannot store the batch. No PUBACK may leave; the relay drops the
-    connection, reconnects by itself, and the redelivered messages are then
-    committed and acknowledged, each recorded once as accepted."""
+def test_no_puback_while_the_history_is_locked(setup):
+    """The history's write lock is held by someone else (an admin's
+    sqlite3), so the relay cannot store the batch. No PUBACK may leave, and
+    nothing is lost: the relay stops reading from the connection (the
+    batch waits in the socket), keeps it, and once the lock is gone commits
+    the 50 messages, then PUBACKs each, recorded once as accepted. (Before
+    issue 12 it failed the batch and dropped the connection; G6's drop
+    stays for storage that fails, tests/test_faults.py.)"""
     broker, relay, conn = setup
     msgs = [(mid, p) for mid, p in zip(range(101, 151), payloads("g6", 50))]
     expected = dict(msgs)
 
     blocker = sqlite3.connect(str(relay.db_path), isolation_level=None, timeout=5)
-    released = False
     try:
         blocker.execute("BEGIN IMMEDIATE")      # hold the write lock (daemon busy_timeout: 100 ms)
-        t0 = time.monotonic()
         conn.send_burst(msgs)
-        conn.wait_closed(timeout=10)
-        took = conn.closed_at - t0
-        # Give a PUBACK that might trail the close no chance to hide: the reader
-        # has seen EOF/reset, so everything the relay ever sent was read.
+        relay.wait_log("locked by another writer", 5)
+        time.sleep(1.5)
         assert conn.pubacks == [], \
             f"PUBACKs for uncommitted messages: {[c.mid for c in conn.pubacks]}"
-        assert conn.errors == []
-        assert 0.1 <= took <= 10, took   # it waited out busy_timeout, then gave up
-        # It says why: the history error is logged before the connection goes
-        # (the drop itself is logged just after the shutdown() that we saw).
-        relay.wait_for(lambda: any(w in relay.log(since_start=True)
-                                   for w in ("connection lost", "dropped the connection")),
-                       5, "the relay to log the lost connection")
-        lines = relay.log(since_start=True).splitlines()
-        why = [n for n, line in enumerate(lines) if "history:" in line and "database is locked" in line]
-        lost = [n for n, line in enumerate(lines) if "connection lost" in line or "dropped the connection" in line]
-        assert why and lost and why[0] < lost[0], "\n".join(lines)
+        assert conn.errors == [] and conn.closed_at is None
         # Nothing of the batch is in the history (read through WAL while locked).
         marks = ",".join("?" * len(msgs))
         assert relay.query(f"SELECT count(*) FROM messages WHERE payload IN ({marks})",
                            [p for _, p in msgs])[0][0] == 0
         assert relay.running()
+    finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-        released = True
-    finally:
-        if not released:
-            blocker.close()
 
-    # The relay comes back by itself (reconnect min_delay 100 ms); the broker
-    # kept the session (session present = 1) and redelivers with DUP=1 and
-    # the same packet ids.
-    conn2 = broker.wait_connection(1, timeout=10)
-    assert conn2.session_present
-    conn2.send_burst(msgs, dup=True)
-    conn2.wait_pubacks(len(msgs), timeout=15)
-    check_handshake(conn2, relay.client_id, expect_subscribe=False)
-    assert_checks_passed(conn2, expected)
-    assert conn2.closed_at is None
-
-    # Nothing was committed before, so none of them is a 'redelivery' duplicate.
+    conn.wait_pubacks(len(msgs), timeout=15)
+    assert_checks_passed(conn, expected)
+    assert conn.closed_at is None
     rows = [r for r in relay.rows() if bytes(r["payload"]) in set(expected.values())]
     assert len(rows) == 50
     assert sorted(bytes(r["payload"]) for r in rows) == sorted(expected.values())
     for r in rows:
-        assert (r["status"], r["reason"], r["duplicate_of"], r["dup"]) == ("accepted", None, None, 1)
+        assert (r["status"], r["reason"], r["duplicate_of"], r["dup"]) == ("accepted", None, None, 0)
         assert expected[r["mid"]] == bytes(r["payload"])
-    assert relay.count("status = 'duplicate'") == 0
+    assert "dropped the connection" not in relay.log(since_start=True)
 
 
 def test_redelivery_after_lost_puback(setup):

@@ -1,4 +1,4 @@
--- Schema version 14: a bounded retained-replay state (store.max_topics).
+-- Schema version 11: a bounded retained-replay state (store.max_topics).
 --
 -- Only the newest command of the store.max_topics most recently active
 -- topics is kept past retention (topics.last_accepted, found through

@@ -26,7 +26,7 @@ static volatile sig_atomic_t quit_signal;
 static volatile sig_atomic_t reload_signal;
 
 static void
-on_signal(int sig)
+daemon_on_signal(int sig)
 {
 	if (sig == SIGHUP)
 		reload_signal = 1;
@@ -35,7 +35,7 @@ on_signal(int sig)
 }
 
 static void __attribute__((noreturn))
-usage(int status)
+daemon_usage(int status)
 {
 	fprintf(status ? stderr : stdout,
 	    "usage: cmdrelayd [-c FILE] [-t] [-v] [--version]\n"
@@ -70,7 +70,7 @@ struct daemon_state {
 };
 
 static void
-on_corrupt_timer(void *arg)
+daemon_on_corrupt_timer(void *arg)
 {
 	struct daemon_state *d = arg;
 
@@ -79,7 +79,7 @@ on_corrupt_timer(void *arg)
 
 /* "; consumers 1/2 connected, 1 behind": the named ones, from the stats reply. */
 static void
-status_consumers(struct daemon_state *d, char *buf, size_t len)
+daemon_status_consumers(struct daemon_state *d, char *buf, size_t len)
 {
 	json_t *stats = consumers_stats(d->consumers), *list = json_object_get(stats, "consumers"), *c;
 	size_t i, connected = 0, behind = 0, n = strlen(buf);
@@ -95,13 +95,13 @@ status_consumers(struct daemon_state *d, char *buf, size_t len)
 }
 
 static void
-send_status(void *arg)
+daemon_send_status(void *arg)
 {
 	struct daemon_state *d = arg;
 	char status[sizeof(d->status_sent)];
 
 	relay_status(d->relay, status, sizeof(status));
-	status_consumers(d, status, sizeof(status));
+	daemon_status_consumers(d, status, sizeof(status));
 	if (strcmp(status, d->status_sent) == 0)
 		return;
 	sd_notifyf(0, "STATUS=%s", status);
@@ -110,28 +110,28 @@ send_status(void *arg)
 }
 
 static void
-notify_status(void *arg)
+daemon_notify_status(void *arg)
 {
 	struct daemon_state *d = arg;
 	uint64_t next = d->status_sent_ms + STATUS_INTERVAL_MS, now = event_now_ms();
 
 	if (now >= next)
-		send_status(d);
+		daemon_send_status(d);
 	else if (d->status_timer.due_ms == 0)
 		event_timer_arm(d->loop, &d->status_timer, next - now);
 }
 
 static void
-on_status_refresh(void *arg)
+daemon_on_status_refresh(void *arg)
 {
 	struct daemon_state *d = arg;
 
-	notify_status(d);
+	daemon_notify_status(d);
 	event_timer_arm(d->loop, &d->status_refresh, STATUS_REFRESH_MS);
 }
 
 static void
-on_commit(void *arg)
+daemon_on_commit(void *arg)
 {
 	struct daemon_state *d = arg;
 
@@ -139,7 +139,7 @@ on_commit(void *arg)
 }
 
 static void
-on_queued(void *arg)
+daemon_on_queued(void *arg)
 {
 	struct daemon_state *d = arg;
 
@@ -147,7 +147,7 @@ on_queued(void *arg)
 }
 
 static int
-on_inject(const struct delivery *dv, int64_t *row, void *arg)
+daemon_on_inject(const struct delivery *dv, int64_t *row, void *arg)
 {
 	struct daemon_state *d = arg;
 
@@ -155,7 +155,7 @@ on_inject(const struct delivery *dv, int64_t *row, void *arg)
 }
 
 static void
-add_relay_stats(json_t *reply, void *arg)
+daemon_add_relay_stats(json_t *reply, void *arg)
 {
 	struct daemon_state *d = arg;
 
@@ -164,7 +164,7 @@ add_relay_stats(json_t *reply, void *arg)
 }
 
 static void
-on_watchdog(void *arg)
+daemon_on_watchdog(void *arg)
 {
 	struct daemon_state *d = arg;
 
@@ -174,10 +174,10 @@ on_watchdog(void *arg)
 
 /* Blocks our signals except while the loop sleeps, so no wake-up is lost. */
 static void
-setup_signals(sigset_t *sleep_mask)
+daemon_setup_signals(sigset_t *sleep_mask)
 {
 	static const int handled[] = { SIGTERM, SIGINT, SIGHUP };
-	struct sigaction sa = { .sa_handler = on_signal };
+	struct sigaction sa = { .sa_handler = daemon_on_signal };
 	sigset_t block;
 
 	signal(SIGPIPE, SIG_IGN);
@@ -197,7 +197,7 @@ setup_signals(sigset_t *sleep_mask)
  * when valid; what a reload cannot change keeps its running value.
  */
 static void
-reload(struct daemon_state *d, const char *file, bool verbose)
+daemon_reload(struct daemon_state *d, const char *file, bool verbose)
 {
 	const char *changed[16];
 	char err[CONFIG_ERR_MAX];
@@ -232,12 +232,12 @@ reload(struct daemon_state *d, const char *file, bool verbose)
 	log_info("reloaded %s", file);
 	d->status_sent[0] = '\0';
 	sd_notify(0, "READY=1");
-	send_status(d);
+	daemon_send_status(d);
 }
 
 /* -t -v: the values after {hostname}/{machine_id}, as the daemon will use them. */
 static void
-check_print(const struct config *cfg)
+daemon_check_print(const struct config *cfg)
 {
 	printf("broker:");
 	for (size_t i = 0; i < cfg->broker.nhosts; i++)
@@ -262,7 +262,7 @@ main(int argc, char *argv[])
 	char err[CONFIG_ERR_MAX];
 	struct daemon_state d = { 0 };
 	const struct consumers_hooks hooks = {
-		.stats = add_relay_stats, .queued = on_queued, .inject = on_inject, .arg = &d,
+		.stats = daemon_add_relay_stats, .queued = daemon_on_queued, .inject = daemon_on_inject, .arg = &d,
 	};
 	bool check_only = false, verbose = false, corrupt;
 	sigset_t sleep_mask;
@@ -285,13 +285,13 @@ main(int argc, char *argv[])
 			printf("cmdrelayd %s\n", CMDRELAY_VERSION);
 			return 0;
 		case 'h':
-			usage(0);
+			daemon_usage(0);
 		default:
-			usage(64);
+			daemon_usage(64);
 		}
 	}
 	if (optind != argc)
-		usage(64);
+		daemon_usage(64);
 
 	if (config_load(config_file, &d.cfg, err, sizeof(err)) == -1) {
 		log_errx("%s", err);
@@ -304,7 +304,7 @@ main(int argc, char *argv[])
 			return EX_CONFIG_STATUS;
 		}
 		if (verbose)
-			check_print(d.cfg);
+			daemon_check_print(d.cfg);
 		printf("%s: configuration OK\n", config_file);
 		config_free(d.cfg);
 		return 0;
@@ -318,7 +318,7 @@ main(int argc, char *argv[])
 	if (mqtt_library_check(err, sizeof(err)) == -1)
 		fatalx("%s", err);
 	mosquitto_lib_init();
-	setup_signals(&sleep_mask);
+	daemon_setup_signals(&sleep_mask);
 	if ((d.loop = event_loop_new()) == NULL)
 		fatalx("out of memory");
 	if ((d.relay = relay_new(d.loop, d.cfg, err, sizeof(err))) == NULL)
@@ -329,15 +329,15 @@ main(int argc, char *argv[])
 	if ((d.retention = retention_new(d.loop, d.cfg, relay_store(d.relay))) == NULL)
 		fatalx("out of memory");
 	d.metrics = metrics_new(d.loop, d.cfg, d.consumers);
-	event_timer_init(&d.status_timer, send_status, &d);
-	relay_on_status_change(d.relay, notify_status, &d);
-	relay_on_commit(d.relay, on_commit, &d);
+	event_timer_init(&d.status_timer, daemon_send_status, &d);
+	relay_on_status_change(d.relay, daemon_notify_status, &d);
+	relay_on_commit(d.relay, daemon_on_commit, &d);
 	relay_start(d.relay);
 
 	if (sd_watchdog_enabled(0, &usec) > 0) {
 		/* WatchdogSec is in microseconds; pinging at half of it leaves a whole half of slack. */
 		d.watchdog_ms = usec / 1000 / 2;
-		event_timer_init(&d.watchdog, on_watchdog, &d);
+		event_timer_init(&d.watchdog, daemon_on_watchdog, &d);
 		event_timer_arm(d.loop, &d.watchdog, d.watchdog_ms);
 	}
 	if (store_created(relay_store(d.relay)))
@@ -351,15 +351,15 @@ main(int argc, char *argv[])
 		    store_corruption(relay_store(d.relay)));
 	log_info("started %s, history %s", CMDRELAY_VERSION, d.cfg->store.path);
 	sd_notify(0, "READY=1");
-	notify_status(&d);
-	event_timer_init(&d.status_refresh, on_status_refresh, &d);
+	daemon_notify_status(&d);
+	event_timer_init(&d.status_refresh, daemon_on_status_refresh, &d);
 	event_timer_arm(d.loop, &d.status_refresh, STATUS_REFRESH_MS);
 
 	/*
 	 * Damage found while running: nothing more is committed (G6), and the
 	 * restart (Restart=on-failure) recovers it before the broker connection.
 	 */
-	event_timer_init(&d.corrupt_timer, on_corrupt_timer, &d);
+	event_timer_init(&d.corrupt_timer, daemon_on_corrupt_timer, &d);
 	while (!quit_signal && !d.corrupt_exit) {
 		if (store_corrupt(relay_store(d.relay)) && d.corrupt_timer.due_ms == 0)
 			event_timer_arm(d.loop, &d.corrupt_timer, CORRUPT_EXIT_MS);
@@ -367,7 +367,7 @@ main(int argc, char *argv[])
 			fatalx("poll: %s", strerror(errno));
 		if (reload_signal) {
 			reload_signal = 0;
-			reload(&d, config_file, verbose);
+			daemon_reload(&d, config_file, verbose);
 		}
 	}
 

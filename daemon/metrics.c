@@ -50,7 +50,7 @@ static const struct metric metrics_table[] = {
 };
 
 static void
-print_value(FILE *fp, const char *name, const char *labels, json_t *v)
+metrics_print_value(FILE *fp, const char *name, const char *labels, json_t *v)
 {
 	if (json_is_real(v))
 		fprintf(fp, "%s%s %.6f\n", name, labels, json_real_value(v));
@@ -61,7 +61,7 @@ print_value(FILE *fp, const char *name, const char *labels, json_t *v)
 }
 
 static void
-render(FILE *fp, json_t *stats)
+metrics_render(FILE *fp, json_t *stats)
 {
 	json_t *dups = json_object_get(stats, "duplicates"), *consumers = json_object_get(stats, "consumers");
 	json_t *c;
@@ -73,16 +73,16 @@ render(FILE *fp, json_t *stats)
 		if (m->subkey)
 			v = json_object_get(v, m->subkey);
 		fprintf(fp, "# HELP %s %s\n# TYPE %s %s\n", m->name, m->help, m->name, m->type);
-		print_value(fp, m->name, "", v);
+		metrics_print_value(fp, m->name, "", v);
 	}
 	/* build_info: the constant-1 gauge whose labels carry the version */
 	fprintf(fp, "# HELP cmdrelay_build_info The running cmdrelayd's version.\n"
 	    "# TYPE cmdrelay_build_info gauge\ncmdrelay_build_info{version=\"%s\"} 1\n", CMDRELAY_VERSION);
 	fputs("# HELP cmdrelay_duplicates_total Deliveries recorded as repeats, by reason.\n"
 	    "# TYPE cmdrelay_duplicates_total counter\n", fp);
-	print_value(fp, "cmdrelay_duplicates_total", "{reason=\"retained_replay\"}",
+	metrics_print_value(fp, "cmdrelay_duplicates_total", "{reason=\"retained_replay\"}",
 	    json_object_get(dups, "retained_replay"));
-	print_value(fp, "cmdrelay_duplicates_total", "{reason=\"redelivery\"}",
+	metrics_print_value(fp, "cmdrelay_duplicates_total", "{reason=\"redelivery\"}",
 	    json_object_get(dups, "redelivery"));
 	fputs("# HELP cmdrelay_consumer_lag Accepted commands a named consumer has not acknowledged.\n"
 	    "# TYPE cmdrelay_consumer_lag gauge\n", fp);
@@ -90,13 +90,13 @@ render(FILE *fp, json_t *stats)
 	json_array_foreach(consumers, i, c) {
 		char labels[128];
 		snprintf(labels, sizeof(labels), "{consumer=\"%s\"}", json_string_value(json_object_get(c, "name")));
-		print_value(fp, "cmdrelay_consumer_lag", labels, json_object_get(c, "lag"));
+		metrics_print_value(fp, "cmdrelay_consumer_lag", labels, json_object_get(c, "lag"));
 	}
 }
 
 /* Written to a temporary file and renamed, so readers never see half of it. */
 static int
-write_textfile(struct metrics *m, json_t *stats)
+metrics_write_textfile(struct metrics *m, json_t *stats)
 {
 	const char *path = m->cfg->metrics.textfile;
 	char tmp[PATH_MAX + 32];
@@ -105,7 +105,7 @@ write_textfile(struct metrics *m, json_t *stats)
 	snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int)getpid());
 	if ((fp = fopen(tmp, "we")) == NULL)
 		return -1;
-	render(fp, stats);
+	metrics_render(fp, stats);
 	/* metrics.mode, not the umask: the unit's UMask= would keep node_exporter out */
 	if (fchmod(fileno(fp), (mode_t)m->cfg->metrics.mode) == -1 || fflush(fp) != 0 || ferror(fp) || fsync(fileno(fp)) == -1) {
 		int saved = errno;
@@ -124,12 +124,12 @@ write_textfile(struct metrics *m, json_t *stats)
 }
 
 static void
-on_timer(void *arg)
+metrics_on_timer(void *arg)
 {
 	struct metrics *m = arg;
 	json_t *stats = consumers_stats(m->consumers);
 
-	if (stats && write_textfile(m, stats) == -1) {
+	if (stats && metrics_write_textfile(m, stats) == -1) {
 		if (!m->failing)
 			log_warn("metrics.textfile %s", m->cfg->metrics.textfile);
 		m->failing = true;
@@ -154,7 +154,7 @@ metrics_new(struct event_loop *loop, const struct config *cfg, struct consumers 
 	m->loop = loop;
 	m->cfg = cfg;
 	m->consumers = cs;
-	event_timer_init(&m->timer, on_timer, m);
+	event_timer_init(&m->timer, metrics_on_timer, m);
 	event_timer_arm(loop, &m->timer, 0);
 	return m;
 }

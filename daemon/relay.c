@@ -63,7 +63,7 @@ struct relay {
 };
 
 static void
-status_changed(struct relay *r)
+relay_status_changed(struct relay *r)
 {
 	if (r->status_fn)
 		r->status_fn(r->status_arg);
@@ -116,7 +116,7 @@ relay_today_add(struct relay *r, const struct relay_counters *c)
 
 /* The history's size on disk: the database and its WAL. */
 static int64_t
-file_bytes(const char *db)
+relay_file_bytes(const char *db)
 {
 	char wal[PATH_MAX];
 	struct stat st;
@@ -176,7 +176,7 @@ relay_stats(struct relay *r, json_t *obj)
 	json_object_set_new(obj, "session_lost", json_integer((json_int_t)r->session_lost));
 	json_object_set_new(obj, "commit_failures", json_integer((json_int_t)r->total.commit_failures));
 	json_object_set_new(obj, "last_commit_seconds", json_real((double)r->last_commit_us / 1e6));
-	json_object_set_new(obj, "database_bytes", json_integer((json_int_t)file_bytes(r->cfg->store.path)));
+	json_object_set_new(obj, "database_bytes", json_integer((json_int_t)relay_file_bytes(r->cfg->store.path)));
 	json_object_set_new(obj, "wal_bytes", json_integer((json_int_t)store_wal_bytes(r->cfg->store.path)));
 	json_object_set_new(obj, "store_corrupt", json_boolean(store_corrupt(r->store)));
 	json_object_set_new(obj, "store_corruptions", json_integer((json_int_t)store_corruptions(r->store)));
@@ -186,7 +186,7 @@ relay_stats(struct relay *r, json_t *obj)
 
 /* Appends to the STATUS= line; what does not fit is cut, the alarms in front kept. */
 static void __attribute__((format(printf, 4, 5)))
-status_append(char *buf, size_t len, size_t *n, const char *fmt, ...)
+relay_status_append(char *buf, size_t len, size_t *n, const char *fmt, ...)
 {
 	va_list ap;
 	int added;
@@ -211,36 +211,36 @@ relay_status(struct relay *r, char *buf, size_t len)
 
 	buf[0] = '\0';
 	if (store_corrupt(r->store) || store_corruptions(r->store) > 0)
-		status_append(buf, len, &n, "%s; ", store_corrupt(r->store) ?
+		relay_status_append(buf, len, &n, "%s; ", store_corrupt(r->store) ?
 		    "HISTORY CORRUPT, nothing is acknowledged" :
 		    "history recovered from corruption (cmdrelayctl store ack-corruption)");
 	if (connected)
-		status_append(buf, len, &n, "connected to %s:%d", e->host, (int)e->port);
+		relay_status_append(buf, len, &n, "connected to %s:%d", e->host, (int)e->port);
 	else
-		status_append(buf, len, &n, "disconnected%s %s:%d%s%s%s",
+		relay_status_append(buf, len, &n, "disconnected%s %s:%d%s%s%s",
 		    r->cfg->broker.nhosts > 1 ? ", trying" : " from", e->host,
 		    (int)e->port, *err ? " (" : "", err, *err ? ")" : "");
 	if (*mqtt_left(r->mqtt))
-		status_append(buf, len, &n, "; left %s", mqtt_left(r->mqtt));
+		relay_status_append(buf, len, &n, "; left %s", mqtt_left(r->mqtt));
 	if (connected) {
 		wire_time((int64_t)r->connected_wall_ms, since, sizeof(since));
-		status_append(buf, len, &n, "; since %s, session %s", since,
+		relay_status_append(buf, len, &n, "; since %s, session %s", since,
 		    r->session_present ? "present" : "new");
 	}
 	if (r->session_lost_now)
-		status_append(buf, len, &n, "; SESSION LOST: commands queued while away may be lost");
+		relay_status_append(buf, len, &n, "; SESSION LOST: commands queued while away may be lost");
 	if (store_wal_bytes(r->cfg->store.path) > STORE_WAL_PINNED)
-		status_append(buf, len, &n, "; WAL %" PRId64 " MiB: a reader pins it",
+		relay_status_append(buf, len, &n, "; WAL %" PRId64 " MiB: a reader pins it",
 		    store_wal_bytes(r->cfg->store.path) >> 20);
 	relay_today_recount(r);
-	status_append(buf, len, &n, "; today %" PRIu64 " accepted, %" PRIu64 " duplicates, %" PRIu64
+	relay_status_append(buf, len, &n, "; today %" PRIu64 " accepted, %" PRIu64 " duplicates, %" PRIu64
 	    " possible repeats; since start %" PRIu64 " received, %" PRIu64 " accepted",
 	    r->today.accepted, r->today.duplicates, r->today.possible_repeats, r->total.received,
 	    r->total.by_reason[DEDUP_NEW] + r->total.by_reason[DEDUP_POSSIBLE_REPEAT]);
 }
 
 static void
-pending_clear(struct relay *r)
+relay_pending_clear(struct relay *r)
 {
 	for (size_t i = 0; i < r->npending; i++)
 		free(r->pending[i].filter);
@@ -248,7 +248,7 @@ pending_clear(struct relay *r)
 }
 
 static void
-pending_add(struct relay *r, bool unsubscribe, const char *filter, int qos)
+relay_pending_add(struct relay *r, bool unsubscribe, const char *filter, int qos)
 {
 	struct pending_sub *p = &r->pending[r->npending];
 	int rc;
@@ -270,7 +270,7 @@ pending_add(struct relay *r, bool unsubscribe, const char *filter, int qos)
 }
 
 static struct pending_sub *
-pending_take(struct relay *r, int mid, struct pending_sub *out)
+relay_pending_take(struct relay *r, int mid, struct pending_sub *out)
 {
 	for (size_t i = 0; i < r->npending; i++) {
 		if (r->pending[i].mid == mid) {
@@ -290,7 +290,7 @@ pending_take(struct relay *r, int mid, struct pending_sub *out)
  * in flight: the confirmed state (known) changed by the requests after it.
  */
 static bool
-pending_outcome(const struct relay *r, const struct store_subscription *known, size_t nknown,
+relay_pending_outcome(const struct relay *r, const struct store_subscription *known, size_t nknown,
     const char *filter, int *qos)
 {
 	bool held = false;
@@ -310,7 +310,7 @@ pending_outcome(const struct relay *r, const struct store_subscription *known, s
 
 /* Unsubscribes filter if it is not in the config and will be held. */
 static void
-pending_drop_unwanted(struct relay *r, const struct store_subscription *known, size_t nknown,
+relay_pending_drop_unwanted(struct relay *r, const struct store_subscription *known, size_t nknown,
     const char *filter)
 {
 	int mid, qos;
@@ -318,7 +318,7 @@ pending_drop_unwanted(struct relay *r, const struct store_subscription *known, s
 	for (size_t i = 0; i < r->cfg->nsubs; i++)
 		if (strcmp(filter, r->cfg->subs[i].topic) == 0)
 			return;
-	if (!pending_outcome(r, known, nknown, filter, &qos))
+	if (!relay_pending_outcome(r, known, nknown, filter, &qos))
 		return;
 	/*
 	 * RabbitMQ 3.10 answers UNSUBSCRIBE with UNSUBACK but keeps the
@@ -327,11 +327,11 @@ pending_drop_unwanted(struct relay *r, const struct store_subscription *known, s
 	 * brings is recorded and recognised like any other.
 	 */
 	if (mqtt_subscribe(r->mqtt, filter, qos, &mid) == 0)
-		pending_add(r, true, filter, 0);
+		relay_pending_add(r, true, filter, 0);
 }
 
 static void
-report_if_settled(struct relay *r)
+relay_report_if_settled(struct relay *r)
 {
 	if (r->npending == 0)
 		log_info("subscriptions in place: %zu filters", r->cfg->nsubs);
@@ -345,7 +345,7 @@ report_if_settled(struct relay *r)
  * must neither forget those nor lose their late answers.
  */
 static void
-sync_subscriptions(struct relay *r, bool session_present)
+relay_sync_subscriptions(struct relay *r, bool session_present)
 {
 	struct store_subscription *known = NULL;
 	size_t nknown = 0, nsent;
@@ -359,17 +359,17 @@ sync_subscriptions(struct relay *r, bool session_present)
 	for (size_t i = 0; i < r->cfg->nsubs; i++) {
 		const struct config_subscription *s = &r->cfg->subs[i];
 		int qos;
-		if (!pending_outcome(r, known, nknown, s->topic, &qos) || qos != s->qos)
-			pending_add(r, false, s->topic, (int)s->qos);
+		if (!relay_pending_outcome(r, known, nknown, s->topic, &qos) || qos != s->qos)
+			relay_pending_add(r, false, s->topic, (int)s->qos);
 	}
 	nsent = r->npending;	/* those added below are unsubscriptions */
 	for (size_t j = 0; j < nknown; j++)
-		pending_drop_unwanted(r, known, nknown, known[j].filter);
+		relay_pending_drop_unwanted(r, known, nknown, known[j].filter);
 	for (size_t i = 0; i < nsent; i++)
 		if (!r->pending[i].unsubscribe)
-			pending_drop_unwanted(r, known, nknown, r->pending[i].filter);
+			relay_pending_drop_unwanted(r, known, nknown, r->pending[i].filter);
 	store_subscriptions_free(known, nknown);
-	report_if_settled(r);
+	relay_report_if_settled(r);
 }
 
 /*
@@ -431,7 +431,7 @@ relay_check_session(struct relay *r, bool session_present)
 }
 
 static void
-on_connected(void *arg, bool session_present)
+relay_on_connected(void *arg, bool session_present)
 {
 	struct relay *r = arg;
 
@@ -447,50 +447,50 @@ on_connected(void *arg, bool session_present)
 	r->connected_wall_ms = event_wall_ms();
 	r->session_present = session_present;
 	relay_check_session(r, session_present);
-	sync_subscriptions(r, session_present);
+	relay_sync_subscriptions(r, session_present);
 	uplink_connected(r->uplink);
-	status_changed(r);
+	relay_status_changed(r);
 }
 
 static void
-on_disconnected(void *arg, const char *why)
+relay_on_disconnected(void *arg, const char *why)
 {
 	struct relay *r = arg;
 
 	(void)why;
-	pending_clear(r);	/* none of them is answered on the next connection */
+	relay_pending_clear(r);	/* none of them is answered on the next connection */
 	uplink_disconnected(r->uplink);
-	status_changed(r);
+	relay_status_changed(r);
 }
 
 static void
-on_subscribed(void *arg, int mid, bool granted)
+relay_on_subscribed(void *arg, int mid, bool granted)
 {
 	struct relay *r = arg;
 	struct pending_sub p;
 
-	if (pending_take(r, mid, &p) == NULL)
+	if (relay_pending_take(r, mid, &p) == NULL)
 		return;
 	if (!granted)
 		log_errx("broker refused the subscription to %s", p.filter);
 	else if (store_subscription_set(r->store, p.filter, p.qos) == -1)
 		log_warnx("%s", store_errmsg(r->store));
 	free(p.filter);
-	report_if_settled(r);
+	relay_report_if_settled(r);
 }
 
 static void
-on_unsubscribed(void *arg, int mid)
+relay_on_unsubscribed(void *arg, int mid)
 {
 	struct relay *r = arg;
 	struct pending_sub p;
 
-	if (pending_take(r, mid, &p) == NULL)
+	if (relay_pending_take(r, mid, &p) == NULL)
 		return;
 	if (store_subscription_del(r->store, p.filter) == -1)
 		log_warnx("%s", store_errmsg(r->store));
 	free(p.filter);
-	report_if_settled(r);
+	relay_report_if_settled(r);
 }
 
 /* The barrier's news goes into the history with the next transaction. */
@@ -593,7 +593,7 @@ relay_begin(struct relay *r)
  * messages read, which would cost the broker connection (G6).
  */
 static int
-on_ready(void *arg)
+relay_on_ready(void *arg)
 {
 	struct relay *r = arg;
 
@@ -615,7 +615,7 @@ on_ready(void *arg)
 }
 
 static int
-on_message(void *arg, const struct delivery *d)
+relay_on_message(void *arg, const struct delivery *d)
 {
 	struct relay *r = arg;
 	struct dedup_verdict v;
@@ -639,7 +639,7 @@ fail:
 }
 
 static void
-on_abort(void *arg)
+relay_on_abort(void *arg)
 {
 	struct relay *r = arg;
 
@@ -648,7 +648,7 @@ on_abort(void *arg)
 	store_rollback(r->store);
 	r->in_txn = false;
 	r->total.commit_failures++;
-	status_changed(r);
+	relay_status_changed(r);
 }
 
 /*
@@ -665,7 +665,7 @@ relay_barrier(struct relay *r)
 }
 
 static void
-on_confirm_timer(void *arg)
+relay_on_confirm_timer(void *arg)
 {
 	struct relay *r = arg;
 
@@ -685,7 +685,7 @@ on_confirm_timer(void *arg)
 #define CONFIRM_IDLE_MS 200
 
 static void
-on_barrier(void *arg)
+relay_on_barrier(void *arg)
 {
 	struct relay *r = arg;
 
@@ -698,7 +698,7 @@ on_barrier(void *arg)
 }
 
 static int
-on_commit(void *arg)
+relay_commit_batch(void *arg)
 {
 	struct relay *r = arg;
 
@@ -711,7 +711,7 @@ on_commit(void *arg)
 		log_errx("history: %s", store_errmsg(r->store));
 		store_rollback(r->store);
 		r->total.commit_failures++;
-		status_changed(r);
+		relay_status_changed(r);
 		return -1;
 	}
 	if (r->staged.received == 0)
@@ -727,14 +727,14 @@ on_commit(void *arg)
 	if (store_puback_mark(r->store, r->connection, r->committed_row) == -1)
 		log_warnx("history: %s", store_errmsg(r->store));
 	relay_barrier(r);
-	status_changed(r);
+	relay_status_changed(r);
 	if (r->commit_fn)
 		r->commit_fn(r->commit_arg);
 	return 0;
 }
 
 static void
-on_published(void *arg, int mid)
+relay_on_published(void *arg, int mid)
 {
 	struct relay *r = arg;
 
@@ -742,19 +742,19 @@ on_published(void *arg, int mid)
 }
 
 static const struct mqtt_handler *
-handler(struct relay *r)
+relay_handler(struct relay *r)
 {
 	static struct mqtt_handler h = {
-		.connected = on_connected,
-		.disconnected = on_disconnected,
-		.ready = on_ready,
-		.message = on_message,
-		.commit = on_commit,
-		.abort = on_abort,
-		.subscribed = on_subscribed,
-		.unsubscribed = on_unsubscribed,
-		.published = on_published,
-		.barrier = on_barrier,
+		.connected = relay_on_connected,
+		.disconnected = relay_on_disconnected,
+		.ready = relay_on_ready,
+		.message = relay_on_message,
+		.commit = relay_commit_batch,
+		.abort = relay_on_abort,
+		.subscribed = relay_on_subscribed,
+		.unsubscribed = relay_on_unsubscribed,
+		.published = relay_on_published,
+		.barrier = relay_on_barrier,
 	};
 
 	h.arg = r;
@@ -762,7 +762,7 @@ handler(struct relay *r)
 }
 
 static void
-set_config(struct relay *r, const struct config *cfg)
+relay_set_config(struct relay *r, const struct config *cfg)
 {
 	r->cfg = cfg;
 	snprintf(r->session_key, sizeof(r->session_key), "%s@%s:%d", cfg->broker.client_id,
@@ -778,27 +778,27 @@ relay_reload(struct relay *r, const struct config *cfg, char *err, size_t errlen
 	if (pattern == NULL)
 		return -1;
 	if (!mqtt_same_broker(r->cfg, cfg) &&
-	    (fresh = mqtt_new(r->loop, cfg, handler(r), err, errlen)) == NULL) {
+	    (fresh = mqtt_new(r->loop, cfg, relay_handler(r), err, errlen)) == NULL) {
 		topic_pattern_free(pattern);
 		return -1;
 	}
 	topic_pattern_free(r->pattern);
 	r->pattern = pattern;
-	set_config(r, cfg);
+	relay_set_config(r, cfg);
 	if (fresh) {
 		log_info("reload: broker settings changed; reconnecting");
 		mqtt_stop(r->mqtt);
 		mqtt_free(r->mqtt);
-		pending_clear(r);
+		relay_pending_clear(r);
 		r->mqtt = fresh;
 		uplink_attach(r->uplink, r->mqtt);
 		mqtt_start(r->mqtt);
 	} else {
 		mqtt_set_config(r->mqtt, cfg);
 		if (mqtt_is_connected(r->mqtt))
-			sync_subscriptions(r, true);
+			relay_sync_subscriptions(r, true);
 	}
-	status_changed(r);
+	relay_status_changed(r);
 	return 0;
 }
 
@@ -812,14 +812,14 @@ relay_new(struct event_loop *loop, const struct config *cfg, char *err, size_t e
 		return NULL;
 	}
 	r->loop = loop;
-	event_timer_init(&r->confirm_timer, on_confirm_timer, r);
+	event_timer_init(&r->confirm_timer, relay_on_confirm_timer, r);
 	r->started_mono_ms = event_now_ms();
 	r->started_wall_ms = event_wall_ms();
-	set_config(r, cfg);
+	relay_set_config(r, cfg);
 	if ((r->pattern = topic_pattern_new(cfg->topic_fields, err, errlen)) == NULL ||
 	    (r->store = store_new(cfg->store.path,
 	    strcmp(cfg->store.on_corruption, "recover") == 0, err, errlen)) == NULL ||
-	    (r->mqtt = mqtt_new(loop, cfg, handler(r), err, errlen)) == NULL ||
+	    (r->mqtt = mqtt_new(loop, cfg, relay_handler(r), err, errlen)) == NULL ||
 	    (r->uplink = uplink_new(r->store)) == NULL) {
 		if (r->store && r->mqtt && !r->uplink)
 			snprintf(err, errlen, "out of memory");
@@ -836,7 +836,7 @@ relay_free(struct relay *r)
 {
 	if (r == NULL)
 		return;
-	pending_clear(r);
+	relay_pending_clear(r);
 	event_timer_disarm(r->loop, &r->confirm_timer);
 	dedup_state_clear(&r->dedup);
 	mqtt_free(r->mqtt);

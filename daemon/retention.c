@@ -44,7 +44,7 @@ retention_watch_wal(struct retention *ret)
 }
 
 static void
-on_timer(void *arg)
+retention_on_timer(void *arg)
 {
 	struct retention *ret = arg;
 	uint64_t start = event_now_ms(), took;
@@ -95,7 +95,7 @@ retention_new(struct event_loop *loop, const struct config *cfg, struct store *s
 	ret->store = st;
 	ret->batch = 256;
 	ret->saved_ms = event_now_ms();		/* store_new saved it */
-	event_timer_init(&ret->timer, on_timer, ret);
+	event_timer_init(&ret->timer, retention_on_timer, ret);
 	event_timer_arm(loop, &ret->timer, IDLE_INTERVAL_MS);
 	return ret;
 }

@@ -53,7 +53,7 @@ uplink_attach(struct uplink *u, struct mqtt *m)
 }
 
 static void
-mark_sent(struct uplink *u, int64_t id)
+uplink_mark_sent(struct uplink *u, int64_t id)
 {
 	if (store_outbox_sent(u->store, id) == -1)
 		log_warnx("uplink: #%" PRId64 " was sent but not marked: %s", id, store_errmsg(u->store));
@@ -61,7 +61,7 @@ mark_sent(struct uplink *u, int64_t id)
 }
 
 static int
-hand(const struct outbox_msg *msg, void *arg)
+uplink_send_next(const struct outbox_msg *msg, void *arg)
 {
 	struct uplink *u = arg;
 	int mid;
@@ -97,7 +97,7 @@ hand(const struct outbox_msg *msg, void *arg)
 		log_warnx("uplink: %s", store_errmsg(u->store));
 	/* QoS 0 is at most once: handed over is as sent as it gets. */
 	if (msg->qos == 0)
-		mark_sent(u, msg->id);
+		uplink_mark_sent(u, msg->id);
 	else
 		u->inflight[u->ninflight++] = (struct handed){ mid, msg->id };
 	return u->ninflight < UPLINK_WINDOW ? 0 : -1;
@@ -111,7 +111,7 @@ uplink_kick(struct uplink *u)
 	u->stalled = false;
 	while (u->connected && !u->stalled && u->ninflight < UPLINK_WINDOW) {
 		int want = (int)(UPLINK_WINDOW - u->ninflight);
-		if ((n = store_outbox_next(u->store, u->cursor, want, hand, u)) < 0)
+		if ((n = store_outbox_next(u->store, u->cursor, want, uplink_send_next, u)) < 0)
 			log_warnx("uplink: %s", store_errmsg(u->store));
 		if (n < want)
 			break;
@@ -137,7 +137,7 @@ uplink_published(struct uplink *u, int mid)
 	for (size_t i = 0; i < u->ninflight; i++) {
 		if (u->inflight[i].mid != mid)
 			continue;
-		mark_sent(u, u->inflight[i].id);
+		uplink_mark_sent(u, u->inflight[i].id);
 		u->inflight[i] = u->inflight[--u->ninflight];
 		uplink_kick(u);
 		return;

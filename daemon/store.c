@@ -23,19 +23,7 @@ enum stmt_id {
 	STMT_BEGIN,
 	STMT_COMMIT,
 	STMT_ROLLBACK,
-	STMT_INSERT,
 	STMT_CONNECTION_NEXT,
-	STMT_TOPIC_ADD,
-	STMT_FILTERS,
-	STMT_FILTER_KNOWN,
-	STMT_FILTER_TOPIC_ADD,
-	STMT_TOPICS_ALL,
-	STMT_OVERSIZE,
-	STMT_MARK_INJECTED,
-	STMT_FETCH_FILTERED,
-	STMT_FETCH_ALL,
-	STMT_MAX_ID,
-	STMT_TOPIC_LAST,
 	STMT_COUNT
 };
 
@@ -43,45 +31,17 @@ static const char *const stmt_sql[STMT_COUNT] = {
 	[STMT_BEGIN] = "BEGIN IMMEDIATE",
 	[STMT_COMMIT] = "COMMIT",
 	[STMT_ROLLBACK] = "ROLLBACK",
-	[STMT_INSERT] =
-	    "INSERT INTO messages (received_at, topic, payload, payload_hash, qos, retain, dup,"
-	    " mid, connection, status, reason, duplicate_of, device, fields, age_ms)"
-	    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, age_clock())",
 	[STMT_CONNECTION_NEXT] =
 	    "INSERT INTO meta (key, value) VALUES ('connection', '1')"
 	    " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
 	    " RETURNING CAST(value AS INTEGER)",
-	[STMT_TOPIC_ADD] = "INSERT OR IGNORE INTO topics (topic) VALUES (?1)",
-	[STMT_FILTERS] = "SELECT DISTINCT filter FROM consumers",
-	[STMT_FILTER_KNOWN] = "SELECT 1 FROM consumers WHERE filter = ?1 LIMIT 1",
-	[STMT_FILTER_TOPIC_ADD] = "INSERT OR IGNORE INTO filter_topics (filter, topic) VALUES (?1, ?2)",
-	[STMT_TOPICS_ALL] = "SELECT topic FROM topics",
-	[STMT_MARK_INJECTED] = "UPDATE messages SET injected = 1 WHERE id = ?1",
-	/*
-	 * The unary + keeps SQLite off the (topic, payload_hash) index: walking
-	 * the rowids after ?1 stops at LIMIT, while the index would read and
-	 * sort every row of the topic at each fetch (measured: 66 % of a drain).
-	 * ?4 bounds the rowids walked, however few of them match.
-	 */
-	[STMT_OVERSIZE] = "UPDATE messages SET oversize = ?2 WHERE id = ?1",
-	[STMT_FETCH_FILTERED] =
-	    "SELECT id, received_at, topic, payload, qos, retain, fields,"
-	    " CASE reason WHEN 'possible_repeat' THEN duplicate_of END FROM messages"
-	    " WHERE id > ?1 AND id <= ?4 AND +status = 'accepted' AND oversize IS NULL"
-	    " AND +topic IN (SELECT topic FROM filter_topics WHERE filter = ?2) ORDER BY id LIMIT ?3",
-	[STMT_FETCH_ALL] =
-	    "SELECT id, received_at, topic, payload, qos, retain, fields,"
-	    " CASE reason WHEN 'possible_repeat' THEN duplicate_of END FROM messages"
-	    " WHERE id > ?1 AND id <= ?4 AND +status = 'accepted' AND oversize IS NULL"
-	    " ORDER BY id LIMIT ?3",
-	[STMT_MAX_ID] = "SELECT coalesce(max(id), 0) FROM messages",
-	[STMT_TOPIC_LAST] = "UPDATE topics SET last_accepted = ?2 WHERE topic = ?1",
 };
 
 static int store_corruption_load(struct store *st);
 
 /* The store's files that keep their statements beside their code. */
 static const struct store_sql *const store_parts[STORE_NPARTS] = {
+	[STORE_PART_INGEST] = &store_ingest_sql,
 	[STORE_PART_CONSUMERS] = &store_consumers_sql,
 	[STORE_PART_OUTBOX] = &store_outbox_sql,
 	[STORE_PART_SESSION] = &store_session_sql,
@@ -94,9 +54,7 @@ struct store {
 	int64_t connection;
 	bool created;		/* the file did not exist: a new, empty history */
 	bool check_complete;	/* the start-up integrity check ran to its end */
-	int64_t age_base_ms;	/* the age clock at age_boot_ms */
-	int64_t age_boot_ms;	/* CLOCK_BOOTTIME when this process took the clock over */
-	char boot_id[40];	/* /proc/sys/kernel/random/boot_id of this boot */
+	struct store_age_clock age;	/* store_clock.c */
 	struct store_dedup *dedup;	/* store_dedup.c */
 	sqlite3_stmt **parts[STORE_NPARTS];	/* the statements of store_parts[] */
 	bool corrupt;		/* SQLite said SQLITE_CORRUPT or SQLITE_NOTADB: nothing commits */
@@ -115,6 +73,12 @@ int64_t
 store_connection(const struct store *st)
 {
 	return st->connection;
+}
+
+struct store_age_clock *
+store_age_clock_of(struct store *st)
+{
+	return &st->age;
 }
 
 struct store_dedup *
@@ -345,89 +309,6 @@ store_create_file(struct store *st, const char *path)
 	return 0;
 }
 
-/*
- * The age clock, in ms, decides retention (messages.age_ms, outbox
- * sent_age_ms): CLOCK_BOOTTIME carried on across restarts in meta
- * 'age_clock' ("boot-id boottime-ms clock-ms"), so a wall-clock step in
- * either direction ages nothing. Within one boot it is exact; after a
- * reboot it goes on from its last save, so time the host was down (and
- * since that save) does not count: a row is then kept longer, never less.
- * A new history starts it at the wall clock, which makes age_ms read like
- * received_at until the first step.
- */
-static int64_t
-age_clock_now(const struct store *st)
-{
-	return st->age_base_ms + ((int64_t)event_boot_ms() - st->age_boot_ms);
-}
-
-static void
-age_clock_sql(sqlite3_context *ctx, int argc, sqlite3_value **argv)
-{
-	(void)argc;
-	(void)argv;
-	sqlite3_result_int64(ctx, age_clock_now(sqlite3_user_data(ctx)));
-}
-
-int
-store_age_clock_save(struct store *st)
-{
-	sqlite3_stmt *s = NULL;
-	char value[96];
-	int rc;
-
-	snprintf(value, sizeof(value), "%s %" PRId64 " %" PRId64, st->boot_id,
-	    (int64_t)event_boot_ms(), age_clock_now(st));
-	if (sqlite3_prepare_v2(st->db, "INSERT OR REPLACE INTO meta (key, value)"
-	    " VALUES ('age_clock', ?1)", -1, &s, NULL) != SQLITE_OK)
-		return store_fail(st, "saving the age clock");
-	sqlite3_bind_text(s, 1, value, -1, SQLITE_STATIC);
-	rc = sqlite3_step(s);
-	sqlite3_finalize(s);
-	return rc == SQLITE_DONE ? 0 : store_fail(st, "saving the age clock");
-}
-
-static int
-age_clock_resume(struct store *st)
-{
-	sqlite3_stmt *s = NULL;
-	char saved_boot[40] = "";
-	long long saved_boot_ms = 0, saved_clock = 0;
-	bool have = false;
-	FILE *fp;
-
-	if ((fp = fopen("/proc/sys/kernel/random/boot_id", "re")) != NULL) {
-		if (fgets(st->boot_id, sizeof(st->boot_id), fp) == NULL)
-			st->boot_id[0] = '\0';
-		st->boot_id[strcspn(st->boot_id, "\n")] = '\0';
-		fclose(fp);
-	}
-	if (st->boot_id[0] == '\0')	/* no /proc: every start counts as a reboot */
-		snprintf(st->boot_id, sizeof(st->boot_id), "unknown");
-	if (sqlite3_prepare_v2(st->db, "SELECT value FROM meta WHERE key = 'age_clock'", -1, &s,
-	    NULL) != SQLITE_OK)
-		return store_fail(st, "reading the age clock");
-	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_text(s, 0) != NULL)
-		have = sscanf((const char *)sqlite3_column_text(s, 0), "%39s %lld %lld", saved_boot,
-		    &saved_boot_ms, &saved_clock) == 3;
-	sqlite3_finalize(s);
-	st->age_boot_ms = (int64_t)event_boot_ms();
-	if (!have)
-		st->age_base_ms = (int64_t)event_wall_ms();
-	else if (strcmp(saved_boot, st->boot_id) == 0 && strcmp(saved_boot, "unknown") != 0 &&
-	    st->age_boot_ms >= saved_boot_ms)
-		st->age_base_ms = saved_clock + (st->age_boot_ms - saved_boot_ms);
-	else
-		st->age_base_ms = saved_clock;
-	/*
-	 * Not fatal: a full disk must not keep the relay from starting (G6).
-	 * Retention saves it again later; until then a reboot resumes from the
-	 * older save, which only keeps rows longer.
-	 */
-	store_age_clock_save(st);
-	return 0;
-}
-
 static int
 store_prepare(struct store *st, const char *const *sql, int n, sqlite3_stmt **out)
 {
@@ -485,7 +366,7 @@ store_open(struct store *st, const char *path)
 		return -1;
 	}
 	sqlite3_extended_result_codes(st->db, 1);
-	if (sqlite3_create_function(st->db, "age_clock", 0, SQLITE_UTF8, st, age_clock_sql,
+	if (sqlite3_create_function(st->db, "age_clock", 0, SQLITE_UTF8, st, store_age_clock_sql,
 	    NULL, NULL) != SQLITE_OK) {
 		store_fail(st, "cannot set up");
 		return -1;
@@ -496,7 +377,7 @@ store_open(struct store *st, const char *path)
 		store_fail(st, "cannot set up");
 		return -1;
 	}
-	if (migrate(st) == -1 || age_clock_resume(st) == -1)
+	if (migrate(st) == -1 || store_age_clock_resume(st) == -1)
 		return -1;
 	if (store_prepare(st, stmt_sql, STMT_COUNT, st->stmt) == -1)
 		return -1;
@@ -561,7 +442,7 @@ store_recover(struct store *st, const char *path)
 	st->corrupt = false;
 	/* The age clock again: the salvaged rows' ages were measured on the old one. */
 	if (store_open(st, path) == -1 || store_salvage(st, aside, report, sizeof(report)) == -1 ||
-	    age_clock_resume(st) == -1)
+	    store_age_clock_resume(st) == -1)
 		return -1;
 	st->created = false;
 	st->corruptions++;
@@ -686,69 +567,6 @@ store_connection_start(struct store *st)
 	return next;
 }
 
-static int
-add_filter_topic(struct store *st, const char *filter, const char *topic)
-{
-	sqlite3_bind_text(st->stmt[STMT_FILTER_TOPIC_ADD], 1, filter, -1, SQLITE_TRANSIENT);
-	sqlite3_bind_text(st->stmt[STMT_FILTER_TOPIC_ADD], 2, topic, -1, SQLITE_TRANSIENT);
-	return step_int(st, STMT_FILTER_TOPIC_ADD, NULL);
-}
-
-/* A topic seen for the first time: note which consumer filters match it. */
-static int
-register_topic(struct store *st, const char *topic)
-{
-	sqlite3_stmt *s = st->stmt[STMT_FILTERS];
-	int rc;
-
-	sqlite3_bind_text(st->stmt[STMT_TOPIC_ADD], 1, topic, -1, SQLITE_STATIC);
-	if (step_int(st, STMT_TOPIC_ADD, NULL) == -1)
-		return -1;
-	if (sqlite3_changes(st->db) == 0)
-		return 0;
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		const char *filter = (const char *)sqlite3_column_text(s, 0);
-		if (topic_matches(filter, topic) && add_filter_topic(st, filter, topic) == -1) {
-			sqlite3_reset(s);
-			return -1;
-		}
-	}
-	sqlite3_reset(s);
-	return rc == SQLITE_DONE ? 0 : store_fail(st, "%s", stmt_sql[STMT_FILTERS]);
-}
-
-/* A filter no consumer had: note which known topics it matches. */
-int
-store_register_filter(struct store *st, const char *filter)
-{
-	sqlite3_stmt *s = st->stmt[STMT_TOPICS_ALL];
-	int64_t known;
-	int rc;
-
-	sqlite3_bind_text(st->stmt[STMT_FILTER_KNOWN], 1, filter, -1, SQLITE_STATIC);
-	if (step_int(st, STMT_FILTER_KNOWN, &known) == -1)
-		return -1;
-	if (known)
-		return 0;
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		const char *topic = (const char *)sqlite3_column_text(s, 0);
-		if (topic_matches(filter, topic) && add_filter_topic(st, filter, topic) == -1) {
-			sqlite3_reset(s);
-			return -1;
-		}
-	}
-	sqlite3_reset(s);
-	return rc == SQLITE_DONE ? 0 : store_fail(st, "%s", stmt_sql[STMT_TOPICS_ALL]);
-}
-
-int64_t
-store_last_id(struct store *st)
-{
-	int64_t id;
-
-	return step_int(st, STMT_MAX_ID, &id) == 0 ? id : -1;
-}
-
 int
 store_today(struct store *st, int64_t now_ms, struct store_day *day)
 {
@@ -756,114 +574,3 @@ store_today(struct store *st, int64_t now_ms, struct store_day *day)
 		return store_fail(st, "counting today's rows");
 	return 0;
 }
-
-int
-store_fetch(struct store *st, const char *filter, int64_t after_id, int64_t upto_id, int limit,
-    store_command_fn *fn, void *arg)
-{
-	enum stmt_id id = filter ? STMT_FETCH_FILTERED : STMT_FETCH_ALL;
-	sqlite3_stmt *s = st->stmt[id];
-	int n = 0, rc;
-
-	sqlite3_bind_int64(s, 1, after_id);
-	if (filter)
-		sqlite3_bind_text(s, 2, filter, -1, SQLITE_STATIC);
-	sqlite3_bind_int(s, 3, limit);
-	sqlite3_bind_int64(s, 4, upto_id);
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		struct stored_command c = {
-			.id = sqlite3_column_int64(s, 0),
-			.received_at_ms = sqlite3_column_int64(s, 1),
-			.topic = (const char *)sqlite3_column_text(s, 2),
-			.payload = sqlite3_column_blob(s, 3),
-			.payloadlen = (size_t)sqlite3_column_bytes(s, 3),
-			.qos = sqlite3_column_int(s, 4),
-			.retain = sqlite3_column_int(s, 5),
-			.fields_json = (const char *)sqlite3_column_text(s, 6),
-			.possible_repeat_of = sqlite3_column_int64(s, 7),
-		};
-		n++;
-		if (fn(&c, arg) == -1)
-			break;
-	}
-	sqlite3_reset(s);
-	sqlite3_clear_bindings(s);
-	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-		return store_fail(st, "%s", stmt_sql[id]);
-	return n;
-}
-
-static char *
-fields_json(const struct topic_fields *fields)
-{
-	json_t *obj = json_object();
-	char *text;
-
-	if (obj == NULL)
-		return NULL;
-	for (size_t i = 0; i < fields->count; i++)
-		json_object_set_new(obj, fields->field[i].name, json_string(fields->field[i].value));
-	text = json_dumps(obj, JSON_COMPACT);
-	json_decref(obj);
-	return text;
-}
-
-int
-store_insert(struct store *st, const struct delivery *d, const struct dedup_verdict *v,
-    const struct topic_fields *fields, int64_t *id)
-{
-	sqlite3_stmt *s = st->stmt[STMT_INSERT];
-	const struct dedup_reason_info *info = &dedup_reasons[v->reason];
-	char *json = NULL;
-	int64_t row;
-	int rc;
-
-	if (fields->count > 0 && (json = fields_json(fields)) == NULL)
-		return store_fail(st, "topic fields of %s", d->topic);
-	sqlite3_bind_int64(s, 1, d->received_at_ms);
-	sqlite3_bind_text(s, 2, d->topic, -1, SQLITE_STATIC);
-	store_bind_payload(s, 3, d->payload, d->payloadlen);
-	sqlite3_bind_int64(s, 4, (int64_t)dedup_hash(d->payload, d->payloadlen));
-	sqlite3_bind_int(s, 5, d->qos);
-	sqlite3_bind_int(s, 6, d->retain);
-	sqlite3_bind_int(s, 7, d->dup);
-	sqlite3_bind_int(s, 8, d->mid);
-	sqlite3_bind_int64(s, 9, st->connection);
-	sqlite3_bind_text(s, 10, info->accepted ? "accepted" : "duplicate", -1, SQLITE_STATIC);
-	if (info->name) {
-		sqlite3_bind_text(s, 11, info->name, -1, SQLITE_STATIC);
-		sqlite3_bind_int64(s, 12, v->duplicate_of);
-	}
-	sqlite3_bind_text(s, 13, topic_fields_get(fields, "device"), -1, SQLITE_STATIC);
-	sqlite3_bind_text(s, 14, json, -1, SQLITE_STATIC);
-	rc = step_int(st, STMT_INSERT, NULL);
-	free(json);
-	if (rc == -1)
-		return -1;
-	row = sqlite3_last_insert_rowid(st->db);
-	if (id)
-		*id = row;
-	if (register_topic(st, d->topic) == -1)
-		return -1;
-	if (!info->accepted)
-		return 0;
-	sqlite3_bind_text(st->stmt[STMT_TOPIC_LAST], 1, d->topic, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(st->stmt[STMT_TOPIC_LAST], 2, row);
-	return step_int(st, STMT_TOPIC_LAST, NULL);
-}
-
-int
-store_mark_oversize(struct store *st, int64_t id, size_t payloadlen)
-{
-	sqlite3_bind_int64(st->stmt[STMT_OVERSIZE], 1, id);
-	sqlite3_bind_int64(st->stmt[STMT_OVERSIZE], 2, (int64_t)payloadlen);
-	return step_int(st, STMT_OVERSIZE, NULL);
-}
-
-int
-store_mark_injected(struct store *st, int64_t row)
-{
-	sqlite3_bind_int64(st->stmt[STMT_MARK_INJECTED], 1, row);
-	return step_int(st, STMT_MARK_INJECTED, NULL);
-}
-

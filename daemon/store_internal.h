@@ -21,6 +21,18 @@ sqlite3 *store_db(struct store *st);
 int64_t store_connection(const struct store *st);
 struct store_dedup *store_dedup_of(struct store *st);
 
+/* The age clock (store_clock.c): what retention measures ages with. */
+struct store_age_clock {
+	int64_t base_ms;	/* the age clock at boot_ms */
+	int64_t boot_ms;	/* CLOCK_BOOTTIME when this process took the clock over */
+	char boot_id[40];	/* /proc/sys/kernel/random/boot_id of this boot */
+};
+struct store_age_clock *store_age_clock_of(struct store *st);
+/* Takes the clock over from the history's last save (meta age_clock), at open. */
+int store_age_clock_resume(struct store *st);
+/* SQL age_clock(), registered with the store as its user data. */
+void store_age_clock_sql(sqlite3_context *ctx, int argc, sqlite3_value **argv);
+
 /* Sets the error that store_errmsg() returns, with SQLite's message; returns -1. */
 int store_fail(struct store *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Like store_fail, for damage SQLite reported in a result rather than a code. */
@@ -45,6 +57,7 @@ void store_bind_payload(sqlite3_stmt *s, int col, const void *payload, size_t le
  * history opens and finalizes them when it closes.
  */
 enum store_part {
+	STORE_PART_INGEST,	/* store_ingest.c */
 	STORE_PART_CONSUMERS,	/* store_consumers.c */
 	STORE_PART_OUTBOX,	/* store_outbox.c */
 	STORE_PART_SESSION,	/* store_session.c */
@@ -55,7 +68,7 @@ struct store_sql {
 	const char *const *sql;
 	int n;
 };
-extern const struct store_sql store_consumers_sql, store_outbox_sql, store_session_sql,
+extern const struct store_sql store_ingest_sql, store_consumers_sql, store_outbox_sql, store_session_sql,
     store_prune_sql;
 /* The prepared statement i of a part's table, and store_step() of it. */
 sqlite3_stmt *store_stmt(struct store *st, enum store_part part, int i);

@@ -36,6 +36,43 @@ history_parse_limit(const char *arg)
 	return limit;
 }
 
+/* What history and outbox both take: --status (one of statuses), --limit, --json. */
+struct listing {
+	const char *const *statuses;	/* NULL-ended, "all" last */
+	const char *status;
+	long limit;
+	bool json;
+};
+
+/* One of the shared options; false when ch is none of them. */
+static bool
+listing_option(struct listing *l, int ch, const char *arg)
+{
+	char allowed[128] = "";
+	size_t i;
+
+	switch (ch) {
+	case 'S':
+		for (i = 0; l->statuses[i] && strcmp(arg, l->statuses[i]) != 0; i++)
+			;
+		if (l->statuses[i] == NULL) {
+			for (i = 0; l->statuses[i]; i++)
+				snprintf(allowed + strlen(allowed), sizeof(allowed) - strlen(allowed), "%s%s",
+				    i == 0 ? "" : l->statuses[i + 1] ? ", " : " or ", l->statuses[i]);
+			ctl_die(EX_USAGE_STATUS, "--status: '%s' is not %s", arg, allowed);
+		}
+		l->status = arg;
+		return true;
+	case 'l':
+		l->limit = history_parse_limit(arg);
+		return true;
+	case 'j':
+		l->json = true;
+		return true;
+	}
+	return false;
+}
+
 /* One history row, as a table line or JSON. */
 static void
 history_row(const struct ctl *ctl, FILE *out, sqlite3_stmt *s, bool json)
@@ -138,10 +175,11 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		{ "json", no_argument, NULL, 'j' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *device = NULL, *topic = NULL, *status = "all";
+	static const char *const statuses[] = { "accepted", "duplicate", "all", NULL };
+	struct listing l = { statuses, "all", 100, false };
+	const char *device = NULL, *topic = NULL;
 	int64_t since = 0, until = INT64_MAX;
-	long limit = 100, rows = 0;
-	bool json = false;
+	long rows = 0;
 	struct history_filter filter;
 	int64_t first, last;
 	sqlite3_stmt *s;
@@ -166,19 +204,9 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 				    "today, yesterday or an age like 2h",
 				    ch == 's' ? "since" : "until", optarg);
 			break;
-		case 'S':
-			if (strcmp(optarg, "accepted") && strcmp(optarg, "duplicate") && strcmp(optarg, "all"))
-				ctl_die(EX_USAGE_STATUS, "--status: '%s' is not accepted, duplicate or all", optarg);
-			status = optarg;
-			break;
-		case 'l':
-			limit = history_parse_limit(optarg);
-			break;
-		case 'j':
-			json = true;
-			break;
 		default:
-			ctl_usage(EX_USAGE_STATUS);
+			if (!listing_option(&l, ch, optarg))
+				ctl_usage(EX_USAGE_STATUS);
 		}
 	}
 	if (optind != argc)
@@ -198,10 +226,10 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	    -1, &s, NULL);
 	if (rc != SQLITE_OK)
 		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
-	filter = (struct history_filter){ device, topic, status, since, until };
+	filter = (struct history_filter){ device, topic, l.status, since, until };
 	history_bind(s, &filter);
-	history_range(ctl, db, &filter, limit, &first, &last);
-	if (!json)
+	history_range(ctl, db, &filter, l.limit, &first, &last);
+	if (!l.json)
 		printf("%-6s %-*s %-14s %-9s %-15s %-6s %-3s %-3s %s\n", "ID", CTL_TIME_WIDTH, "RECEIVED", "DEVICE",
 		    "STATUS", "REASON", "DUP_OF", "RET", "DUP", "PAYLOAD");
 	sqlite3_bind_int(s, 8, HISTORY_PAGE);
@@ -216,7 +244,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		sqlite3_bind_int64(s, 7, last);
 		for (n = 0; (rc = sqlite3_step(s)) == SQLITE_ROW; n++) {
 			first = sqlite3_column_int64(s, 0) + 1;
-			history_row(ctl, out, s, json);
+			history_row(ctl, out, s, l.json);
 		}
 		if (rc != SQLITE_DONE)
 			ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
@@ -227,13 +255,13 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 		free(buf);
 	}
 	sqlite3_finalize(s);
-	if (rows == limit) {
+	if (rows == l.limit) {
 		/* a cut that says nothing reads as "that is all there is" */
 		if (sqlite3_prepare_v2(db, "SELECT count(*) - ?6 FROM messages" HISTORY_WHERE, -1, &s,
 		    NULL) != SQLITE_OK)
 			ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
 		history_bind(s, &filter);
-		sqlite3_bind_int64(s, 6, limit);
+		sqlite3_bind_int64(s, 6, l.limit);
 		if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_int64(s, 0) > 0)
 			fprintf(stderr, "cmdrelayctl: %lld more rows match; use --limit N (up to %d) or "
 			    "--since\n", (long long)sqlite3_column_int64(s, 0), HISTORY_MAX_LIMIT);
@@ -252,9 +280,8 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 		{ "json", no_argument, NULL, 'j' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *status = "all";
-	bool json = false;
-	long limit = 100;
+	static const char *const statuses[] = { "queued", "sent", "failed", "all", NULL };
+	struct listing l = { statuses, "all", 100, false };
 	sqlite3_stmt *s;
 	sqlite3 *db;
 	int ch, rc;
@@ -262,20 +289,9 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 	optind = 0;	/* 0: GNU getopt starts afresh, options may follow operands */
 	while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (ch) {
-		case 'S':
-			if (strcmp(optarg, "queued") && strcmp(optarg, "sent") && strcmp(optarg, "failed") &&
-			    strcmp(optarg, "all"))
-				ctl_die(EX_USAGE_STATUS, "--status: '%s' is not queued, sent, failed or all", optarg);
-			status = optarg;
-			break;
-		case 'l':
-			limit = history_parse_limit(optarg);
-			break;
-		case 'j':
-			json = true;
-			break;
 		default:
-			ctl_usage(EX_USAGE_STATUS);
+			if (!listing_option(&l, ch, optarg))
+				ctl_usage(EX_USAGE_STATUS);
 		}
 	}
 	if (optind != argc)
@@ -285,9 +301,9 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 	    " status, sent_at, attempts, origin FROM outbox WHERE ?1 = 'all' OR status = ?1"
 	    " ORDER BY id DESC LIMIT ?2) ORDER BY id", -1, &s, NULL) != SQLITE_OK)
 		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
-	sqlite3_bind_text(s, 1, status, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(s, 2, limit);
-	if (!json)
+	sqlite3_bind_text(s, 1, l.status, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 2, l.limit);
+	if (!l.json)
 		printf("%-6s %-*s %-6s %-*s %-3s %-3s %-8s %s\n", "ID", CTL_TIME_WIDTH, "QUEUED", "STATUS",
 		    CTL_TIME_WIDTH, "SENT",
 		    "QOS", "RET", "ATTEMPTS", "TOPIC / PAYLOAD");
@@ -296,12 +312,12 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 		int plen = sqlite3_column_bytes(s, 3);
 		char queued[CTL_TIME_MAX], sent[CTL_TIME_MAX] = "-";
 		/* JSON in UTC, as the socket protocol has it; the table for people */
-		const struct ctl *as = json ? &(const struct ctl){ .utc = true } : ctl;
+		const struct ctl *as = l.json ? &(const struct ctl){ .utc = true } : ctl;
 
 		ctl_time(as, sqlite3_column_int64(s, 1), queued, sizeof(queued));
 		if (sqlite3_column_type(s, 7) != SQLITE_NULL)
 			ctl_time(as, sqlite3_column_int64(s, 7), sent, sizeof(sent));
-		if (json) {
+		if (l.json) {
 			const char *encoding;
 			json_t *o = json_pack("{s:I, s:s, s:s, s:o, s:i, s:b, s:s, s:s?, s:i, s:s}",
 			    "id", (json_int_t)sqlite3_column_int64(s, 0), "queued_at", queued,

@@ -333,7 +333,9 @@ static void
 on_disconnect_v5(struct mosquitto *mosq, void *arg, int rc, const mosquitto_property *props)
 {
 	(void)mosq;
-	log_reason(arg, "DISCONNECT", rc, props);
+	/* Without a DISCONNECT from the broker rc is libmosquitto's error, logged by on_disconnect. */
+	if (rc >= MQTT_RC_UNSPECIFIED || props)
+		log_reason(arg, "DISCONNECT", rc, props);
 }
 
 static void

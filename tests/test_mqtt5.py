@@ -174,6 +174,7 @@ def test_auto_falls_back_to_311_on_rabbitmq_and_keeps_the_session(rabbitmq, tmp_
     relay.start()
     log = relay.log(since_start=True)
     assert "no CONNACK to MQTT 5" in log and "refused MQTT 5 and took MQTT 3.1.1" in log, log
+    assert "DISCONNECT: reason code" not in log, log      # the broker sent none
     log = queued_while_away_arrive(relay, rabbitmq, topic, "mqttv311")
     assert "refused MQTT 5 and took MQTT 3.1.1" in log, log
     relay.stop()

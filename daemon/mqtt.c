@@ -278,7 +278,7 @@ on_connect_v5(struct mosquitto *mosq, void *arg, int rc, int flags, const mosqui
  * network.
  */
 static int
-set_protocol(struct mqtt *m, bool v5)
+mqtt_set_protocol(struct mqtt *m, bool v5)
 {
 	mosquitto_property *props = NULL;
 	int rc = MOSQ_ERR_SUCCESS;
@@ -305,7 +305,7 @@ set_protocol(struct mqtt *m, bool v5)
  * one without MQTT 5.
  */
 static bool
-try_v311_now(struct mqtt *m, int rc)
+mqtt_try_v311_now(struct mqtt *m, int rc)
 {
 	/* A 3.1.1-only broker's CONNACK (return code 1) does not parse as MQTT 5. */
 	bool refused_v5 = m->refused ? rc == MQTT_RC_UNSUPPORTED_PROTOCOL_VERSION :
@@ -315,13 +315,13 @@ try_v311_now(struct mqtt *m, int rc)
 		return false;
 	if (!m->v5 || !refused_v5) {
 		m->v311_retry = false;
-		if (!m->v5 && set_protocol(m, true) != MOSQ_ERR_SUCCESS)
+		if (!m->v5 && mqtt_set_protocol(m, true) != MOSQ_ERR_SUCCESS)
 			log_warnx("MQTT 5 again: out of memory; staying with MQTT 3.1.1");
 		return false;
 	}
 	log_info("%s:%d: no CONNACK to MQTT 5 (%s); trying MQTT 3.1.1 with the same session (broker.protocol auto)",
 	    ep(m)->host, (int)ep(m)->port, m->last_error);
-	if (set_protocol(m, false) != MOSQ_ERR_SUCCESS)
+	if (mqtt_set_protocol(m, false) != MOSQ_ERR_SUCCESS)
 		return false;
 	m->v311_retry = true;
 	m->state = MQTT_IDLE;
@@ -364,7 +364,7 @@ on_disconnect(struct mosquitto *mosq, void *arg, int rc)
 	if (!m->dropping && !m->refused)
 		set_error(m, "connection lost: %s", why);
 	log_warnx("%s:%d: %s", ep(m)->host, (int)ep(m)->port, m->last_error);
-	if (try_v311_now(m, m->refused ? m->refused_rc : rc))
+	if (mqtt_try_v311_now(m, m->refused ? m->refused_rc : rc))
 		return;
 	schedule_reconnect(m);
 	m->h.disconnected(m->h.arg, m->last_error);
@@ -670,7 +670,7 @@ configure(struct mqtt *m, char *err, size_t errlen)
 		mosquitto_connect_v5_callback_set(m->mosq, on_connect_v5);
 		mosquitto_disconnect_v5_callback_set(m->mosq, on_disconnect_v5);
 		mosquitto_subscribe_v5_callback_set(m->mosq, on_subscribe_v5);
-		if ((rc = set_protocol(m, true)) != MOSQ_ERR_SUCCESS) {
+		if ((rc = mqtt_set_protocol(m, true)) != MOSQ_ERR_SUCCESS) {
 			snprintf(err, errlen, "broker.session_expiry: %s", mosquitto_strerror(rc));
 			return -1;
 		}

@@ -26,8 +26,10 @@ static const struct config_key config_keys[] = {
 	{ "broker.hosts", KEY_HOSTS, 1, CONFIG_MAX_HOSTS, NULL, 0, false },
 	{ "broker.client_id", KEY_STRING, 1, 256, NULL, CFG(broker.client_id), false },
 	{ "broker.keepalive", KEY_INT, 5, 65535, "60", CFG(broker.keepalive), false },
-	{ "broker.protocol", KEY_STRING, 1, 16, "mqttv311", CFG(broker.protocol), false },
+	{ "broker.protocol", KEY_STRING, 1, 16, "auto", CFG(broker.protocol), false },
 	{ "broker.session_expiry", KEY_DURATION, 1000, 4294967295LL * 1000, "7d", CFG(broker.session_expiry_ms), false },
+	/* One read pass commits at most 1024 messages (MQTT_MAX_BATCH): a window of that fills it. */
+	{ "broker.receive_maximum", KEY_INT, 1, 65535, "1024", CFG(broker.receive_maximum), false },
 	{ "broker.packet_ids", KEY_STRING, 1, 16, "renumbered", CFG(broker.packet_ids), false },
 	{ "broker.barrier_topic", KEY_STRING, 1, 1024, "$cmdrelay/barrier", CFG(broker.barrier_topic), false },
 	{ "broker.username", KEY_STRING, 1, 256, NULL, CFG(broker.username), false },

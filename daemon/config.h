@@ -48,8 +48,9 @@ struct config {
 		size_t nhosts;
 		char *client_id;
 		int64_t keepalive;
-		char *protocol;			/* "mqttv311" or "mqttv5" */
+		char *protocol;			/* "auto", "mqttv311" or "mqttv5" */
 		int64_t session_expiry_ms;	/* MQTT 5 only */
+		int64_t receive_maximum;	/* MQTT 5 only: the broker's window toward us */
 		char *packet_ids;		/* "kept" or "renumbered" on redelivery */
 		char *barrier_topic;		/* subscribed and unsubscribed as a barrier */
 		char *username;

@@ -142,9 +142,10 @@ validate(struct parser *p, yaml_node_t *root)
 	if (strcmp(cfg->store.on_corruption, "recover") != 0 && strcmp(cfg->store.on_corruption, "stop") != 0)
 		return config_fail_at(p, key_node(p, root, "store.on_corruption"),
 		    "store.on_corruption: '%s' is not recover or stop", cfg->store.on_corruption);
-	if (strcmp(cfg->broker.protocol, "mqttv311") != 0 && strcmp(cfg->broker.protocol, "mqttv5") != 0)
+	if (strcmp(cfg->broker.protocol, "mqttv311") != 0 && strcmp(cfg->broker.protocol, "mqttv5") != 0 &&
+	    strcmp(cfg->broker.protocol, "auto") != 0)
 		return config_fail_at(p, key_node(p, root, "broker.protocol"),
-		    "broker.protocol: '%s' is not mqttv311 or mqttv5", cfg->broker.protocol);
+		    "broker.protocol: '%s' is not auto, mqttv311 or mqttv5", cfg->broker.protocol);
 	if (strcmp(cfg->broker.packet_ids, "kept") != 0 && strcmp(cfg->broker.packet_ids, "renumbered") != 0)
 		return config_fail_at(p, key_node(p, root, "broker.packet_ids"),
 		    "broker.packet_ids: '%s' is not kept or renumbered", cfg->broker.packet_ids);

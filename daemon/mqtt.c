@@ -50,7 +50,10 @@ enum mqtt_state {
 
 struct mqtt {
 	struct mosquitto *mosq;
-	bool v5;
+	bool v5;		/* the protocol of this connection or attempt */
+	bool proto_auto;	/* broker.protocol auto: MQTT 5, else 3.1.1 */
+	bool v311_retry;	/* this attempt follows a refused MQTT 5 CONNECT */
+	bool v5_refused;	/* auto settled on 3.1.1 for this process */
 	struct event_loop *loop;
 	const struct config *cfg;
 	struct mqtt_handler h;
@@ -67,6 +70,7 @@ struct mqtt {
 	bool batch_failed;
 	bool dropping;		/* closing unacknowledged: ignore what is still read */
 	bool refused;		/* this attempt's CONNACK said no: last_error says why */
+	int refused_rc;		/* and its return or reason code */
 	char publish_log_prefix[300];	/* "Client <client_id>" */
 	struct {
 		bool valid;
@@ -112,6 +116,12 @@ set_error(struct mqtt *m, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(m->last_error, sizeof(m->last_error), fmt, ap);
 	va_end(ap);
+}
+
+const char *
+mqtt_protocol(const struct mqtt *m)
+{
+	return m->v5 ? "mqttv5" : "mqttv311";
 }
 
 const char *
@@ -207,13 +217,21 @@ on_connect(struct mosquitto *mosq, void *arg, int rc, int flags)
 
 	(void)mosq;
 	if (rc != 0) {
-		set_error(m, "broker refused the connection: %s", mosquitto_connack_string(rc));
+		set_error(m, "broker refused the connection: %s", m->v5 ? mosquitto_reason_string(rc) :
+		    mosquitto_connack_string(rc));
 		m->refused = true;
+		m->refused_rc = rc;
 		log_errx("%s", m->last_error);
 		return;		/* libmosquitto closes; on_disconnect follows */
 	}
 	m->state = MQTT_CONNECTED;
 	m->connected_at_ms = event_now_ms();
+	if (m->v311_retry && !m->v5_refused) {
+		m->v5_refused = true;
+		log_warnx("%s:%d refused MQTT 5 and took MQTT 3.1.1 (broker.protocol auto): using MQTT 3.1.1 "
+		    "from now on, with the broker's own window", ep(m)->host, (int)ep(m)->port);
+	}
+	m->v311_retry = false;
 	m->barrier_mid = 0;
 	m->barrier_subscribed = false;
 	m->last_error[0] = '\0';
@@ -238,16 +256,86 @@ log_reason(struct mqtt *m, const char *what, int rc, const mosquitto_property *p
 static void
 on_connect_v5(struct mosquitto *mosq, void *arg, int rc, int flags, const mosquitto_property *props)
 {
+	struct mqtt *m = arg;
+	uint16_t theirs = 65535;	/* absent: no limit but the packet ids' */
+
 	(void)mosq;
 	(void)flags;
-	log_reason(arg, "CONNACK", rc, props);
+	log_reason(m, "CONNACK", rc, props);
+	if (rc != 0 || !m->v5)
+		return;
+	mosquitto_property_read_int16(props, MQTT_PROP_RECEIVE_MAXIMUM, &theirs, false);
+	log_info("MQTT 5: the broker sends us up to %d unacknowledged messages (broker.receive_maximum) "
+	    "and takes up to %u from us (CONNACK Receive Maximum)", (int)m->cfg->broker.receive_maximum,
+	    (unsigned)theirs);
+}
+
+/*
+ * clean_start = 0 keeps an MQTT 5 session only for its expiry interval.
+ * libmosquitto 2.0 has no asynchronous connect with properties, but keeps
+ * those of a connect for every reconnect: a connect with port -1 stores
+ * them (none for 3.1.1, which refuses any) and fails before it touches the
+ * network.
+ */
+static int
+mqtt_set_protocol(struct mqtt *m, bool v5)
+{
+	mosquitto_property *props = NULL;
+	int rc = MOSQ_ERR_SUCCESS;
+
+	m->v5 = v5;
+	mosquitto_int_option(m->mosq, MOSQ_OPT_PROTOCOL_VERSION, v5 ? MQTT_PROTOCOL_V5 : MQTT_PROTOCOL_V311);
+	if (v5)
+		rc = mosquitto_property_add_int32(&props, MQTT_PROP_SESSION_EXPIRY_INTERVAL,
+		    (uint32_t)(m->cfg->broker.session_expiry_ms / 1000));
+	if (rc == MOSQ_ERR_SUCCESS)
+		rc = mosquitto_connect_bind_v5(m->mosq, m->cfg->broker.host, -1, (int)m->cfg->broker.keepalive,
+		    NULL, props);
+	mosquitto_property_free_all(&props);
+	return rc == MOSQ_ERR_INVAL ? MOSQ_ERR_SUCCESS : rc;
+}
+
+/*
+ * broker.protocol auto: a broker without MQTT 5 (RabbitMQ 3.10) closes the
+ * connection on its CONNECT without a CONNACK (measured), or answers with
+ * "unsupported protocol version". Then 3.1.1 is tried at once, on the same
+ * endpoint, with the same client id and clean_session = 0: the same
+ * durable session. Only a 3.1.1 CONNACK settles it; a failed retry goes
+ * back to MQTT 5 with the usual backoff, so a dead broker is not taken for
+ * one without MQTT 5.
+ */
+static bool
+mqtt_try_v311_now(struct mqtt *m, int rc)
+{
+	/* A 3.1.1-only broker's CONNACK (return code 1) does not parse as MQTT 5. */
+	bool refused_v5 = m->refused ? rc == MQTT_RC_UNSUPPORTED_PROTOCOL_VERSION :
+	    rc == MOSQ_ERR_CONN_LOST || rc == MOSQ_ERR_MALFORMED_PACKET || rc == MOSQ_ERR_PROTOCOL;
+
+	if (!m->proto_auto || m->v5_refused || m->state != MQTT_CONNECTING)
+		return false;
+	if (!m->v5 || !refused_v5) {
+		m->v311_retry = false;
+		if (!m->v5 && mqtt_set_protocol(m, true) != MOSQ_ERR_SUCCESS)
+			log_warnx("MQTT 5 again: out of memory; staying with MQTT 3.1.1");
+		return false;
+	}
+	log_info("%s:%d: no CONNACK to MQTT 5 (%s); trying MQTT 3.1.1 with the same session (broker.protocol auto)",
+	    ep(m)->host, (int)ep(m)->port, m->last_error);
+	if (mqtt_set_protocol(m, false) != MOSQ_ERR_SUCCESS)
+		return false;
+	m->v311_retry = true;
+	m->state = MQTT_IDLE;
+	event_timer_arm(m->loop, &m->reconnect_timer, 0);
+	return true;
 }
 
 static void
 on_disconnect_v5(struct mosquitto *mosq, void *arg, int rc, const mosquitto_property *props)
 {
 	(void)mosq;
-	log_reason(arg, "DISCONNECT", rc, props);
+	/* Without a DISCONNECT from the broker rc is libmosquitto's error, logged by on_disconnect. */
+	if (rc >= MQTT_RC_UNSPECIFIED || props)
+		log_reason(arg, "DISCONNECT", rc, props);
 }
 
 static void
@@ -276,6 +364,8 @@ on_disconnect(struct mosquitto *mosq, void *arg, int rc)
 	if (!m->dropping && !m->refused)
 		set_error(m, "connection lost: %s", why);
 	log_warnx("%s:%d: %s", ep(m)->host, (int)ep(m)->port, m->last_error);
+	if (mqtt_try_v311_now(m, m->refused ? m->refused_rc : rc))
+		return;
 	schedule_reconnect(m);
 	m->h.disconnected(m->h.arg, m->last_error);
 }
@@ -575,25 +665,12 @@ configure(struct mqtt *m, char *err, size_t errlen)
 	mosquitto_publish_callback_set(m->mosq, on_publish);
 	mosquitto_log_callback_set(m->mosq, on_log);
 	if (m->v5) {
-		mosquitto_property *props = NULL;
-
-		mosquitto_int_option(m->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5);
+		/* Sent in CONNECT; Mosquitto 2.0 takes it as its window as it is. */
+		mosquitto_int_option(m->mosq, MOSQ_OPT_RECEIVE_MAXIMUM, (int)cfg->broker.receive_maximum);
 		mosquitto_connect_v5_callback_set(m->mosq, on_connect_v5);
 		mosquitto_disconnect_v5_callback_set(m->mosq, on_disconnect_v5);
 		mosquitto_subscribe_v5_callback_set(m->mosq, on_subscribe_v5);
-		/*
-		 * clean_start = 0 keeps the session only for its expiry interval.
-		 * libmosquitto 2.0 has no asynchronous connect with properties,
-		 * but keeps those of a connect for every reconnect: a connect with
-		 * port -1 stores them and fails before it touches the network.
-		 */
-		rc = mosquitto_property_add_int32(&props, MQTT_PROP_SESSION_EXPIRY_INTERVAL,
-		    (uint32_t)(cfg->broker.session_expiry_ms / 1000));
-		if (rc == MOSQ_ERR_SUCCESS)
-			rc = mosquitto_connect_bind_v5(m->mosq, cfg->broker.host, -1, (int)cfg->broker.keepalive,
-			    NULL, props);
-		mosquitto_property_free_all(&props);
-		if (rc != MOSQ_ERR_INVAL) {
+		if ((rc = mqtt_set_protocol(m, true)) != MOSQ_ERR_SUCCESS) {
 			snprintf(err, errlen, "broker.session_expiry: %s", mosquitto_strerror(rc));
 			return -1;
 		}
@@ -634,7 +711,8 @@ mqtt_new(struct event_loop *loop, const struct config *cfg, const struct mqtt_ha
 	event_timer_init(&m->reconnect_timer, on_reconnect_timer, m);
 	event_timer_init(&m->misc_timer, on_misc_timer, m);
 	event_timer_init(&m->storage_timer, on_storage_timer, m);
-	m->v5 = strcmp(cfg->broker.protocol, "mqttv5") == 0;
+	m->proto_auto = strcmp(cfg->broker.protocol, "auto") == 0;
+	m->v5 = m->proto_auto || strcmp(cfg->broker.protocol, "mqttv5") == 0;
 	snprintf(m->publish_log_prefix, sizeof(m->publish_log_prefix), "Client %s", cfg->broker.client_id);
 	/* clean_session = false: the broker keeps our queue while we are away. */
 	if ((m->mosq = mosquitto_new(cfg->broker.client_id, false, m)) == NULL) {
@@ -690,7 +768,8 @@ mqtt_same_broker(const struct config *a, const struct config *b)
 			return false;
 	return a->broker.port == b->broker.port && a->broker.keepalive == b->broker.keepalive &&
 	    strcmp(a->broker.protocol, b->broker.protocol) == 0 &&
-	    a->broker.session_expiry_ms == b->broker.session_expiry_ms;
+	    a->broker.session_expiry_ms == b->broker.session_expiry_ms &&
+	    a->broker.receive_maximum == b->broker.receive_maximum;
 }
 
 void

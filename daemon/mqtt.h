@@ -71,6 +71,8 @@ bool mqtt_same_broker(const struct config *a, const struct config *b);
 void mqtt_stop(struct mqtt *m);
 bool mqtt_is_connected(const struct mqtt *m);
 const char *mqtt_last_error(const struct mqtt *m);
+/* "mqttv5" or "mqttv311": the protocol of the connection, or of the next attempt. */
+const char *mqtt_protocol(const struct mqtt *m);
 /* The broker.hosts entry in use, or tried next while disconnected. */
 const struct config_endpoint *mqtt_endpoint(const struct mqtt *m);
 /* "host:port: why" of the endpoint last failed over from; "" if none. */

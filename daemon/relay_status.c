@@ -75,7 +75,7 @@ relay_stats(struct relay *r, json_t *obj)
 	    json_integer((json_int_t)((event_now_ms() - r->started_mono_ms) / 1000)));
 	json_object_set_new(obj, "broker", json_pack("{s:s, s:i, s:s, s:s, s:b, s:s?, s:o?, s:s, s:o, s:s?}",
 	    "host", e->host, "port", (int)e->port,
-	    "protocol", r->cfg->broker.protocol, "client_id", r->cfg->broker.client_id,
+	    "protocol", mqtt_protocol(r->mqtt), "client_id", r->cfg->broker.client_id,
 	    "connected", connected, "connected_since", connected ? since : NULL,
 	    "session_present", connected ? json_boolean(r->session_present) : NULL,
 	    "last_error", mqtt_last_error(r->mqtt), "hosts", hosts,

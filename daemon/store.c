@@ -16,6 +16,7 @@
 #include <sqlite3.h>
 
 #include "event.h"
+#include "log.h"
 #include "migrations.h"
 #include "store_internal.h"
 
@@ -57,6 +58,7 @@ struct store {
 	struct store_age_clock age;	/* store_clock.c */
 	struct store_dedup *dedup;	/* store_dedup.c */
 	sqlite3_stmt **parts[STORE_NPARTS];	/* the statements of store_parts[] */
+	struct store_checkpointer *checkpointer;	/* store_checkpoint.c */
 	bool corrupt;		/* SQLite said SQLITE_CORRUPT or SQLITE_NOTADB: nothing commits */
 	int64_t corruptions;	/* recoveries an admin has not acknowledged (meta) */
 	char corruption[STORE_ERR_MAX * 2 + PATH_MAX + 64];	/* what the last recovery did */
@@ -356,6 +358,7 @@ store_open(struct store *st, const char *path)
 	    "PRAGMA busy_timeout = 100;"
 	    /* A checkpointed WAL is cut back, so retention bounds the files. */
 	    "PRAGMA journal_size_limit = 8388608;"
+	    /* Only if the checkpoint thread cannot start (store_checkpoint.c). */
 	    "PRAGMA wal_autocheckpoint = 256;";
 	st->created = access(path, F_OK) == -1;
 	if (st->created && store_create_file(st, path) == -1)
@@ -389,12 +392,17 @@ store_open(struct store *st, const char *path)
 	}
 	if ((st->dedup = store_dedup_new(st, st->created)) == NULL)
 		return -1;
+	if ((st->checkpointer = store_checkpointer_start(st->db, path)) == NULL)
+		log_warnx("history: no checkpoint thread; SQLite checkpoints inside commits");
 	return store_corruption_load(st);
 }
 
 static void
 store_close(struct store *st)
 {
+	/* First: the last connection to close checkpoints and removes the WAL. */
+	store_checkpointer_stop(st->checkpointer);
+	st->checkpointer = NULL;
 	store_finalize(st->stmt, STMT_COUNT);
 	for (int p = 0; p < STORE_NPARTS; p++) {
 		if (st->parts[p])

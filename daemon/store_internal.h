@@ -84,4 +84,11 @@ int store_register_filter(struct store *st, const char *filter);
 struct store_dedup *store_dedup_new(struct store *st, bool fresh);
 void store_dedup_free(struct store_dedup *sd);
 
+/*
+ * Takes the WAL checkpoint off writer's commits onto a thread of its own
+ * (store_checkpoint.c); NULL if it cannot, and SQLite's own stays.
+ */
+struct store_checkpointer *store_checkpointer_start(sqlite3 *writer, const char *path);
+void store_checkpointer_stop(struct store_checkpointer *cp);
+
 #endif

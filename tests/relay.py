@@ -91,6 +91,11 @@ class Relay:
                 cfg.setdefault(section, {})[name] = value
             else:
                 cfg[section] = value
+        # The daemon's default is auto; these tests were written for MQTT
+        # 3.1.1 (retained replays, packet ids): protocol None means the default.
+        cfg["broker"].setdefault("protocol", "mqttv311")
+        if cfg["broker"]["protocol"] is None:
+            del cfg["broker"]["protocol"]
         self.conf_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     # -- process control ------------------------------------------------------

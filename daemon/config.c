@@ -27,7 +27,8 @@ static const struct config_key config_keys[] = {
 	{ "broker.client_id", KEY_STRING, 1, 256, NULL, CFG(broker.client_id), false },
 	{ "broker.keepalive", KEY_INT, 5, 65535, "60", CFG(broker.keepalive), false },
 	{ "broker.protocol", KEY_STRING, 1, 16, "auto", CFG(broker.protocol), false },
-	{ "broker.session_expiry", KEY_DURATION, 1000, 4294967295LL * 1000, "7d", CFG(broker.session_expiry_ms), false },
+	/* MQTT 5's 0xFFFFFFFF s: the session never expires, as a 3.1.1 one under protocol auto. */
+	{ "broker.session_expiry", KEY_DURATION, 1000, 4294967295LL * 1000, "4294967295s", CFG(broker.session_expiry_ms), false },
 	/* One read pass commits at most 1024 messages (MQTT_MAX_BATCH): a window of that fills it. */
 	{ "broker.receive_maximum", KEY_INT, 1, 65535, "1024", CFG(broker.receive_maximum), false },
 	{ "broker.packet_ids", KEY_STRING, 1, 16, "renumbered", CFG(broker.packet_ids), false },

@@ -281,6 +281,9 @@ TEST(test_config_shipped)
 	assert_int_equal(cfg->broker.port, 1883);
 	assert_string_equal(cfg->broker.client_id, "gateway-012C000003AX");
 	assert_int_equal(cfg->broker.keepalive, 60);
+	assert_string_equal(cfg->broker.protocol, "auto");
+	/* MQTT 5's "never expires": auto must not shorten the session 3.1.1 keeps */
+	assert_int_equal(cfg->broker.session_expiry_ms, 4294967295LL * 1000);
 	assert_null(cfg->broker.username);
 	assert_null(cfg->broker.password_file);
 	assert_null(cfg->broker.password);

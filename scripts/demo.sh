@@ -58,7 +58,11 @@ mosquitto -c "$dir/mosquitto.conf" >"$dir/mosquitto.log" 2>&1 &
 mosq_pid=$!
 for _ in $(seq 50); do mosquitto_pub -p "$port" -t /demo/ping -n 2>/dev/null && break; sleep 0.1; done
 
+# MQTT 3.1.1, where the broker replays the retained copy at SUBSCRIBE: the
+# seed scenario. The default (auto) speaks MQTT 5 to Mosquitto and asks it not
+# to (Retain Handling 1), so there the history would hold one row only.
 sed -e "s|^  port: .*|  port: $port|" \
+    -e "s|^  protocol: .*|  protocol: mqttv311|" \
     -e "s|/var/lib/cmdrelay/history.db|$dir/history.db|" \
     -e "s|/run/cmdrelay/cmdrelay.sock|$dir/cmdrelay.sock|" \
     conf/cmdrelay.yaml >"$dir/cmdrelay.yaml"
@@ -71,7 +75,7 @@ step "cmdrelayd is down; a command is published retain=1, qos=1"
 mosquitto_pub -p "$port" -t "$TOPIC" -q 1 -r -m "$PAYLOAD"
 echo "published $PAYLOAD to $TOPIC"
 
-step "cmdrelayd starts: the broker sends the queued copy, then the retained replay"
+step "cmdrelayd starts (MQTT 3.1.1): the broker sends the queued copy, then the retained replay"
 start_relay
 wait_rows 2
 stop_relay

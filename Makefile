@@ -34,7 +34,7 @@ export PYTEST_ADDOPTS ?= \
 endif
 
 B ?= build
-COMMON := log config config_lists config_file topic event dedup store store_clock store_ingest store_consumers store_outbox store_session store_dedup store_prune store_salvage store_today store_checkpoint mqtt relay relay_session relay_status wire server request consumer consumer_admin retention metrics uplink
+COMMON := log config config_lists config_file topic event dedup store store_clock store_ingest store_consumers store_outbox store_session store_dedup store_prune store_salvage store_today store_checkpoint mqtt mqtt_connect relay relay_session relay_status wire server request consumer consumer_admin retention metrics uplink
 COMMON_OBJS := $(COMMON:%=$(B)/%.o) $(B)/migrations.o
 MIGRATIONS := $(sort $(wildcard sql/[0-9][0-9][0-9]_*.sql))
 

@@ -1,4 +1,5 @@
 #include "mqtt.h"
+#include "mqtt_internal.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -6,9 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/random.h>
 #include <sys/socket.h>
-#include <time.h>
 
 #include <mosquitto.h>
 #include <mqtt_protocol.h>
@@ -26,13 +25,6 @@
  */
 #define PUBLISH_LOG_FORMAT " received PUBLISH (d%d, q%d, r%d, m%d, "
 
-/* A connection that lasted this long resets the reconnect backoff (see on_disconnect). */
-#define STABLE_CONNECTION_MS 10000
-/*
- * How long a stop (reload, shutdown) blocks the loop to let the last PUBACKs
- * and the DISCONNECT out to a broker that reads slowly. What does not leave
- * in time the broker redelivers, and the dedup knows it (broker_unacked).
- */
 #define MQTT_STOP_FLUSH_MS 1000
 /*
  * Between read passes refused by a locked history: each try may wait out
@@ -41,51 +33,6 @@
 #define STORAGE_RETRY_MIN_MS 50
 #define STORAGE_RETRY_MAX_MS 1000
 
-enum mqtt_state {
-	MQTT_IDLE,		/* waiting for the reconnect timer */
-	MQTT_CONNECTING,	/* TCP and CONNECT under way */
-	MQTT_CONNECTED,		/* CONNACK accepted */
-	MQTT_STOPPED,
-};
-
-struct mqtt {
-	struct mosquitto *mosq;
-	bool v5;		/* the protocol of this connection or attempt */
-	bool proto_auto;	/* broker.protocol auto: MQTT 5, else 3.1.1 */
-	bool v311_retry;	/* this attempt follows a refused MQTT 5 CONNECT */
-	bool v5_refused;	/* auto settled on 3.1.1 for this process */
-	struct event_loop *loop;
-	const struct config *cfg;
-	struct mqtt_handler h;
-	enum mqtt_state state;
-	bool started;		/* mosquitto_connect_async succeeded once */
-	int watched_fd;
-	unsigned attempt;	/* connects since the last one that lasted */
-	uint64_t connected_at_ms;	/* of the current connection; 0: none */
-	struct event_timer reconnect_timer;
-	struct event_timer misc_timer;
-	struct event_timer storage_timer;	/* a refused read pass is tried again */
-	uint64_t storage_retry_ms;	/* its delay now; 0: reading */
-	size_t batch_messages;
-	bool batch_failed;
-	bool dropping;		/* closing unacknowledged: ignore what is still read */
-	bool refused;		/* this attempt's CONNACK said no: last_error says why */
-	int refused_rc;		/* and its return or reason code */
-	char publish_log_prefix[300];	/* "Client <client_id>" */
-	struct {
-		bool valid;
-		int dup, qos, retain, mid;
-	} logged;		/* the fields of the last PUBLISH libmosquitto logged */
-	bool dup_unreadable;	/* a PUBLISH came without its log line */
-	int barrier_mid;	/* the barrier request in flight; 0: none */
-	bool barrier_subscribed;	/* on this connection: the next barrier unsubscribes */
-	const char *abort_reason;	/* drop the connection when the read pass ends */
-	char last_error[256];
-	char lib_error[256];	/* libmosquitto's last error or warning message */
-	size_t endpoint;	/* broker.hosts[]: the one in use or tried next */
-	size_t connect_endpoint;	/* the one libmosquitto was last given */
-	char left[512];		/* "host:port: why" of the endpoint last failed over from */
-};
 
 int
 mqtt_library_check(char *err, size_t errlen)
@@ -108,8 +55,8 @@ mqtt_dup_readable(const struct mqtt *m)
 	return !m->dup_unreadable;
 }
 
-static void __attribute__((format(printf, 2, 3)))
-set_error(struct mqtt *m, const char *fmt, ...)
+void
+mqtt_set_error(struct mqtt *m, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -136,8 +83,8 @@ mqtt_is_connected(const struct mqtt *m)
 	return m->state == MQTT_CONNECTED;
 }
 
-static const struct config_endpoint *
-ep(const struct mqtt *m)
+const struct config_endpoint *
+mqtt_ep(const struct mqtt *m)
 {
 	return &m->cfg->broker.hosts[m->endpoint];
 }
@@ -145,7 +92,7 @@ ep(const struct mqtt *m)
 const struct config_endpoint *
 mqtt_endpoint(const struct mqtt *m)
 {
-	return ep(m);
+	return mqtt_ep(m);
 }
 
 const char *
@@ -154,225 +101,29 @@ mqtt_left(const struct mqtt *m)
 	return m->left;
 }
 
-/*
- * With several endpoints a lost or failed connection moves on to the next
- * (the same client id, so a clustered broker resumes the session); the
- * backoff runs across them, so a dead cluster is not hammered.
- */
-static void
-fail_over(struct mqtt *m)
-{
-	const struct config_endpoint *from = ep(m);
 
-	if (m->cfg->broker.nhosts < 2)
-		return;
-	snprintf(m->left, sizeof(m->left), "%s:%d: %s", from->host, (int)from->port, m->last_error);
-	m->endpoint = (m->endpoint + 1) % m->cfg->broker.nhosts;
-	log_warnx("failing over from %s:%d to %s:%d: %s", from->host, (int)from->port, ep(m)->host,
-	    (int)ep(m)->port, m->last_error);
-}
 
-/* Exponential backoff with jitter: a random delay in [d/2, d]. */
-static uint64_t
-backoff_ms(struct mqtt *m)
-{
-	uint64_t d = (uint64_t)m->cfg->broker.reconnect_min_ms;
-	uint32_t r = 0;
 
-	for (unsigned i = 0; i < m->attempt && d < (uint64_t)m->cfg->broker.reconnect_max_ms; i++)
-		d *= 2;
-	if (d > (uint64_t)m->cfg->broker.reconnect_max_ms)
-		d = (uint64_t)m->cfg->broker.reconnect_max_ms;
-	if (getrandom(&r, sizeof(r), GRND_NONBLOCK) != sizeof(r))
-		r = (uint32_t)rand();
-	m->attempt++;
-	return d / 2 + r % (d / 2 + 1);
-}
+
+
+
+
+
 
 static void
-schedule_reconnect(struct mqtt *m)
-{
-	uint64_t delay;
-
-	/*
-	 * Only a connection that lasted resets the backoff: one that fails
-	 * right after CONNACK (the history cannot commit) must back off too.
-	 */
-	if (m->connected_at_ms && event_now_ms() - m->connected_at_ms >= STABLE_CONNECTION_MS)
-		m->attempt = 0;
-	m->connected_at_ms = 0;
-	delay = backoff_ms(m);
-	fail_over(m);
-
-	m->state = MQTT_IDLE;
-	log_info("reconnecting to %s:%d in %llu ms", ep(m)->host,
-	    (int)ep(m)->port, (unsigned long long)delay);
-	event_timer_arm(m->loop, &m->reconnect_timer, delay);
-}
-
-static void
-on_connect(struct mosquitto *mosq, void *arg, int rc, int flags)
-{
-	struct mqtt *m = arg;
-
-	(void)mosq;
-	if (rc != 0) {
-		set_error(m, "broker refused the connection: %s", m->v5 ? mosquitto_reason_string(rc) :
-		    mosquitto_connack_string(rc));
-		m->refused = true;
-		m->refused_rc = rc;
-		log_errx("%s", m->last_error);
-		return;		/* libmosquitto closes; on_disconnect follows */
-	}
-	m->state = MQTT_CONNECTED;
-	m->connected_at_ms = event_now_ms();
-	if (m->v311_retry && !m->v5_refused) {
-		m->v5_refused = true;
-		log_warnx("%s:%d refused MQTT 5 and took MQTT 3.1.1 (broker.protocol auto): using MQTT 3.1.1 "
-		    "from now on, with the broker's own window", ep(m)->host, (int)ep(m)->port);
-	}
-	m->v311_retry = false;
-	m->barrier_mid = 0;
-	m->barrier_subscribed = false;
-	m->last_error[0] = '\0';
-	log_info("connected to %s:%d as %s (session present: %s)", ep(m)->host,
-	    (int)ep(m)->port, m->cfg->broker.client_id, (flags & 1) ? "yes" : "no");
-	m->h.connected(m->h.arg, flags & 1);
-}
-
-/* MQTT 5 says why in a reason code and maybe a reason string: log both. */
-static void
-log_reason(struct mqtt *m, const char *what, int rc, const mosquitto_property *props)
-{
-	char *reason = NULL;
-
-	mosquitto_property_read_string(props, MQTT_PROP_REASON_STRING, &reason, false);
-	if (rc != 0 || reason)
-		log_warnx("%s:%d: %s: reason code %d (%s)%s%s", ep(m)->host, (int)ep(m)->port,
-		    what, rc, mosquitto_reason_string(rc), reason ? ": " : "", reason ? reason : "");
-	free(reason);
-}
-
-static void
-on_connect_v5(struct mosquitto *mosq, void *arg, int rc, int flags, const mosquitto_property *props)
-{
-	struct mqtt *m = arg;
-	uint16_t theirs = 65535;	/* absent: no limit but the packet ids' */
-
-	(void)mosq;
-	(void)flags;
-	log_reason(m, "CONNACK", rc, props);
-	if (rc != 0 || !m->v5)
-		return;
-	mosquitto_property_read_int16(props, MQTT_PROP_RECEIVE_MAXIMUM, &theirs, false);
-	log_info("MQTT 5: the broker sends us up to %d unacknowledged messages (broker.receive_maximum) "
-	    "and takes up to %u from us (CONNACK Receive Maximum)", (int)m->cfg->broker.receive_maximum,
-	    (unsigned)theirs);
-}
-
-/*
- * clean_start = 0 keeps an MQTT 5 session only for its expiry interval.
- * libmosquitto 2.0 has no asynchronous connect with properties, but keeps
- * those of a connect for every reconnect: a connect with port -1 stores
- * them (none for 3.1.1, which refuses any) and fails before it touches the
- * network.
- */
-static int
-mqtt_set_protocol(struct mqtt *m, bool v5)
-{
-	mosquitto_property *props = NULL;
-	int rc = MOSQ_ERR_SUCCESS;
-
-	m->v5 = v5;
-	mosquitto_int_option(m->mosq, MOSQ_OPT_PROTOCOL_VERSION, v5 ? MQTT_PROTOCOL_V5 : MQTT_PROTOCOL_V311);
-	if (v5)
-		rc = mosquitto_property_add_int32(&props, MQTT_PROP_SESSION_EXPIRY_INTERVAL,
-		    (uint32_t)(m->cfg->broker.session_expiry_ms / 1000));
-	if (rc == MOSQ_ERR_SUCCESS)
-		rc = mosquitto_connect_bind_v5(m->mosq, m->cfg->broker.host, -1, (int)m->cfg->broker.keepalive,
-		    NULL, props);
-	mosquitto_property_free_all(&props);
-	return rc == MOSQ_ERR_INVAL ? MOSQ_ERR_SUCCESS : rc;
-}
-
-/*
- * broker.protocol auto: a broker without MQTT 5 (RabbitMQ 3.10) closes the
- * connection on its CONNECT without a CONNACK (measured), or answers with
- * "unsupported protocol version". Then 3.1.1 is tried at once, on the same
- * endpoint, with the same client id and clean_session = 0: the same
- * durable session. Only a 3.1.1 CONNACK settles it; a failed retry goes
- * back to MQTT 5 with the usual backoff, so a dead broker is not taken for
- * one without MQTT 5.
- */
-static bool
-mqtt_try_v311_now(struct mqtt *m, int rc)
-{
-	/* A 3.1.1-only broker's CONNACK (return code 1) does not parse as MQTT 5. */
-	bool refused_v5 = m->refused ? rc == MQTT_RC_UNSUPPORTED_PROTOCOL_VERSION :
-	    rc == MOSQ_ERR_CONN_LOST || rc == MOSQ_ERR_MALFORMED_PACKET || rc == MOSQ_ERR_PROTOCOL;
-
-	if (!m->proto_auto || m->v5_refused || m->state != MQTT_CONNECTING)
-		return false;
-	if (!m->v5 || !refused_v5) {
-		m->v311_retry = false;
-		if (!m->v5 && mqtt_set_protocol(m, true) != MOSQ_ERR_SUCCESS)
-			log_warnx("MQTT 5 again: out of memory; staying with MQTT 3.1.1");
-		return false;
-	}
-	log_info("%s:%d: no CONNACK to MQTT 5 (%s); trying MQTT 3.1.1 with the same session (broker.protocol auto)",
-	    ep(m)->host, (int)ep(m)->port, m->last_error);
-	if (mqtt_set_protocol(m, false) != MOSQ_ERR_SUCCESS)
-		return false;
-	m->v311_retry = true;
-	m->state = MQTT_IDLE;
-	event_timer_arm(m->loop, &m->reconnect_timer, 0);
-	return true;
-}
-
-static void
-on_disconnect_v5(struct mosquitto *mosq, void *arg, int rc, const mosquitto_property *props)
-{
-	(void)mosq;
-	/* Without a DISCONNECT from the broker rc is libmosquitto's error, logged by on_disconnect. */
-	if (rc >= MQTT_RC_UNSPECIFIED || props)
-		log_reason(arg, "DISCONNECT", rc, props);
-}
-
-static void
-on_subscribe_v5(struct mosquitto *mosq, void *arg, int mid, int count, const int *granted,
+mqtt_on_subscribe_v5(struct mosquitto *mosq, void *arg, int mid, int count, const int *granted,
     const mosquitto_property *props)
 {
 	(void)mosq;
 	(void)mid;
 	for (int i = 0; i < count; i++)
-		log_reason(arg, "SUBACK", granted[i] >= 0x80 ? granted[i] : 0, props);
+		mqtt_log_reason(arg, "SUBACK", granted[i] >= 0x80 ? granted[i] : 0, props);
 }
 
-static void
-on_disconnect(struct mosquitto *mosq, void *arg, int rc)
-{
-	struct mqtt *m = arg;
-	const char *why = rc == 0 ? "disconnected" : m->lib_error[0] ? m->lib_error : mosquitto_strerror(rc);
-
-	(void)mosq;
-	if (m->state == MQTT_STOPPED)
-		return;
-	/*
-	 * A connection we dropped ourselves keeps the reason we gave, a refused
-	 * one the broker's; any other loss is new news, also while connecting.
-	 */
-	if (!m->dropping && !m->refused)
-		set_error(m, "connection lost: %s", why);
-	log_warnx("%s:%d: %s", ep(m)->host, (int)ep(m)->port, m->last_error);
-	if (mqtt_try_v311_now(m, m->refused ? m->refused_rc : rc))
-		return;
-	schedule_reconnect(m);
-	m->h.disconnected(m->h.arg, m->last_error);
-}
 
 /* DUP as libmosquitto logged it just before calling on_message. */
 static bool
-publish_dup(struct mqtt *m, const struct mosquitto_message *msg)
+mqtt_publish_dup(struct mqtt *m, const struct mosquitto_message *msg)
 {
 	bool fits = m->logged.valid && m->logged.qos == msg->qos &&
 	    m->logged.retain == (int)msg->retain && m->logged.mid == msg->mid;
@@ -388,7 +139,7 @@ publish_dup(struct mqtt *m, const struct mosquitto_message *msg)
 }
 
 static void
-on_message(struct mosquitto *mosq, void *arg, const struct mosquitto_message *msg)
+mqtt_on_message(struct mosquitto *mosq, void *arg, const struct mosquitto_message *msg)
 {
 	struct mqtt *m = arg;
 	struct delivery d = {
@@ -397,7 +148,7 @@ on_message(struct mosquitto *mosq, void *arg, const struct mosquitto_message *ms
 		.payloadlen = (size_t)msg->payloadlen,
 		.qos = msg->qos,
 		.retain = msg->retain,
-		.dup = publish_dup(m, msg),
+		.dup = mqtt_publish_dup(m, msg),
 		.mid = msg->qos > 0 ? msg->mid : 0,
 		.received_at_ms = (int64_t)event_wall_ms(),
 	};
@@ -412,7 +163,7 @@ on_message(struct mosquitto *mosq, void *arg, const struct mosquitto_message *ms
 
 /* True for the answer to the barrier in flight, which is then done. */
 static bool
-barrier_answered(struct mqtt *m, int mid)
+mqtt_barrier_answered(struct mqtt *m, int mid)
 {
 	if (m->barrier_mid == 0 || mid != m->barrier_mid)
 		return false;
@@ -422,29 +173,29 @@ barrier_answered(struct mqtt *m, int mid)
 }
 
 static void
-on_subscribe(struct mosquitto *mosq, void *arg, int mid, int count, const int *granted)
+mqtt_on_subscribe(struct mosquitto *mosq, void *arg, int mid, int count, const int *granted)
 {
 	struct mqtt *m = arg;
 
 	(void)mosq;
-	if (barrier_answered(m, mid))
+	if (mqtt_barrier_answered(m, mid))
 		return;
 	m->h.subscribed(m->h.arg, mid, count > 0 && granted[0] >= 0 && granted[0] <= 2);
 }
 
 static void
-on_unsubscribe(struct mosquitto *mosq, void *arg, int mid)
+mqtt_on_unsubscribe(struct mosquitto *mosq, void *arg, int mid)
 {
 	struct mqtt *m = arg;
 
 	(void)mosq;
-	if (barrier_answered(m, mid))
+	if (mqtt_barrier_answered(m, mid))
 		return;
 	m->h.unsubscribed(m->h.arg, mid);
 }
 
 static void
-on_publish(struct mosquitto *mosq, void *arg, int mid)
+mqtt_on_publish(struct mosquitto *mosq, void *arg, int mid)
 {
 	struct mqtt *m = arg;
 
@@ -453,7 +204,7 @@ on_publish(struct mosquitto *mosq, void *arg, int mid)
 }
 
 static bool
-socket_has_data(int fd)
+mqtt_socket_has_data(int fd)
 {
 	int n = 0;
 
@@ -466,11 +217,11 @@ socket_has_data(int fd)
  * and the next read sees the end and runs the normal loss path.
  */
 static void
-drop_connection(struct mqtt *m, const char *why)
+mqtt_drop_connection(struct mqtt *m, const char *why)
 {
 	int fd = mosquitto_socket(m->mosq);
 
-	set_error(m, "%s", why);
+	mqtt_set_error(m, "%s", why);
 	if (fd < 0)
 		return;
 	m->dropping = true;
@@ -481,14 +232,14 @@ drop_connection(struct mqtt *m, const char *why)
 }
 
 static int
-read_pass(struct mqtt *m)
+mqtt_read_pass(struct mqtt *m)
 {
 	int fd = mosquitto_socket(m->mosq), rc = MOSQ_ERR_SUCCESS;
 
 	m->batch_messages = 0;
 	m->batch_failed = false;
 	if (m->h.ready(m->h.arg) == -1) {
-		/* The socket is not watched meanwhile (before_sleep): its data waits in the kernel. */
+		/* The socket is not watched meanwhile (mqtt_before_sleep): its data waits in the kernel. */
 		m->storage_retry_ms = m->storage_retry_ms ? m->storage_retry_ms * 2 : STORAGE_RETRY_MIN_MS;
 		if (m->storage_retry_ms > STORAGE_RETRY_MAX_MS)
 			m->storage_retry_ms = STORAGE_RETRY_MAX_MS;
@@ -498,67 +249,44 @@ read_pass(struct mqtt *m)
 	m->storage_retry_ms = 0;
 	for (size_t i = 0; i < MQTT_MAX_BATCH; i++) {
 		if ((rc = mosquitto_loop_read(m->mosq, 1)) != MOSQ_ERR_SUCCESS ||
-		    mosquitto_socket(m->mosq) != fd || !socket_has_data(fd))
+		    mosquitto_socket(m->mosq) != fd || !mqtt_socket_has_data(fd))
 			break;
 	}
 	if (m->abort_reason) {
 		const char *why = m->abort_reason;
 		m->abort_reason = NULL;
 		m->h.abort(m->h.arg);
-		drop_connection(m, why);
+		mqtt_drop_connection(m, why);
 		return rc;
 	}
 	if (m->batch_failed) {
 		m->h.abort(m->h.arg);
-		drop_connection(m, "could not store a message; dropped the connection unacknowledged");
+		mqtt_drop_connection(m, "could not store a message; dropped the connection unacknowledged");
 	} else if (m->h.commit(m->h.arg) == -1) {
-		drop_connection(m, "could not commit to the history; dropped the connection unacknowledged");
+		mqtt_drop_connection(m, "could not commit to the history; dropped the connection unacknowledged");
 	}
 	return rc;
 }
 
-/* A connect that failed, in libmosquitto's words if it had any, then the next try. */
-static void
-connect_failed(struct mqtt *m, int rc)
-{
-	if (m->lib_error[0])
-		set_error(m, "cannot connect: %s", m->lib_error);
-	else
-		set_error(m, "cannot connect: %s", rc == MOSQ_ERR_ERRNO ? strerror(errno) :
-		    mosquitto_strerror(rc));
-	log_warnx("%s:%d: %s", ep(m)->host, (int)ep(m)->port, m->last_error);
-	schedule_reconnect(m);
-	m->h.disconnected(m->h.arg, m->last_error);
-}
 
-/*
- * libmosquitto closes the socket of a failed TLS handshake itself and
- * calls no disconnect callback; without this the relay would wait forever.
- */
-static void
-check_connect_failed(struct mqtt *m, int rc)
-{
-	if (m->state == MQTT_CONNECTING && mosquitto_socket(m->mosq) < 0)
-		connect_failed(m, rc);
-}
 
 static void
-on_io(int fd, short revents, void *arg)
+mqtt_on_io(int fd, short revents, void *arg)
 {
 	struct mqtt *m = arg;
 	int rc = MOSQ_ERR_SUCCESS;
 
 	(void)fd;
 	if (revents & (POLLIN | POLLHUP | POLLERR))
-		rc = read_pass(m);
+		rc = mqtt_read_pass(m);
 	if (mosquitto_socket(m->mosq) >= 0 && mosquitto_want_write(m->mosq))
 		rc = mosquitto_loop_write(m->mosq, 1);
-	check_connect_failed(m, rc);
+	mqtt_check_connect_failed(m, rc);
 }
 
 /* libmosquitto's own errors (TLS, certificates) name the cause: keep the last. */
 static void
-on_log(struct mosquitto *mosq, void *arg, int level, const char *text)
+mqtt_on_log(struct mosquitto *mosq, void *arg, int level, const char *text)
 {
 	struct mqtt *m = arg;
 
@@ -596,7 +324,7 @@ on_log(struct mosquitto *mosq, void *arg, int level, const char *text)
 
 /* Keeps the event loop watching whatever socket libmosquitto has now. */
 static void
-before_sleep(void *arg)
+mqtt_before_sleep(void *arg)
 {
 	struct mqtt *m = arg;
 	int fd = mosquitto_socket(m->mosq);
@@ -608,11 +336,11 @@ before_sleep(void *arg)
 	m->watched_fd = fd;
 	if (fd >= 0)
 		event_io_set(m->loop, fd, POLLIN | (mosquitto_want_write(m->mosq) ? POLLOUT : 0),
-		    on_io, m);
+		    mqtt_on_io, m);
 }
 
 static void
-on_misc_timer(void *arg)
+mqtt_on_misc_timer(void *arg)
 {
 	struct mqtt *m = arg;
 
@@ -623,53 +351,33 @@ on_misc_timer(void *arg)
 
 /* before_sleep watches the socket again: a pass is tried when it is readable. */
 static void
-on_storage_timer(void *arg)
+mqtt_on_storage_timer(void *arg)
 {
 	(void)arg;
 }
 
-static void
-on_reconnect_timer(void *arg)
-{
-	struct mqtt *m = arg;
-	int rc;
 
-	m->state = MQTT_CONNECTING;
-	m->lib_error[0] = '\0';
-	m->refused = false;
-	if (m->started && m->connect_endpoint == m->endpoint)
-		rc = mosquitto_reconnect_async(m->mosq);
-	else
-		rc = mosquitto_connect_async(m->mosq, ep(m)->host, (int)ep(m)->port,
-		    (int)m->cfg->broker.keepalive);
-	if (rc == MOSQ_ERR_SUCCESS) {
-		m->started = true;
-		m->connect_endpoint = m->endpoint;
-		return;
-	}
-	connect_failed(m, rc);
-}
 
 static int
-configure(struct mqtt *m, char *err, size_t errlen)
+mqtt_configure(struct mqtt *m, char *err, size_t errlen)
 {
 	const struct config *cfg = m->cfg;
 	int rc;
 
 	mosquitto_threaded_set(m->mosq, true);	/* queue packets; we write them */
-	mosquitto_connect_with_flags_callback_set(m->mosq, on_connect);
-	mosquitto_disconnect_callback_set(m->mosq, on_disconnect);
-	mosquitto_message_callback_set(m->mosq, on_message);
-	mosquitto_subscribe_callback_set(m->mosq, on_subscribe);
-	mosquitto_unsubscribe_callback_set(m->mosq, on_unsubscribe);
-	mosquitto_publish_callback_set(m->mosq, on_publish);
-	mosquitto_log_callback_set(m->mosq, on_log);
+	mosquitto_connect_with_flags_callback_set(m->mosq, mqtt_on_connect);
+	mosquitto_disconnect_callback_set(m->mosq, mqtt_on_disconnect);
+	mosquitto_message_callback_set(m->mosq, mqtt_on_message);
+	mosquitto_subscribe_callback_set(m->mosq, mqtt_on_subscribe);
+	mosquitto_unsubscribe_callback_set(m->mosq, mqtt_on_unsubscribe);
+	mosquitto_publish_callback_set(m->mosq, mqtt_on_publish);
+	mosquitto_log_callback_set(m->mosq, mqtt_on_log);
 	if (m->v5) {
 		/* Sent in CONNECT; Mosquitto 2.0 takes it as its window as it is. */
 		mosquitto_int_option(m->mosq, MOSQ_OPT_RECEIVE_MAXIMUM, (int)cfg->broker.receive_maximum);
-		mosquitto_connect_v5_callback_set(m->mosq, on_connect_v5);
-		mosquitto_disconnect_v5_callback_set(m->mosq, on_disconnect_v5);
-		mosquitto_subscribe_v5_callback_set(m->mosq, on_subscribe_v5);
+		mosquitto_connect_v5_callback_set(m->mosq, mqtt_on_connect_v5);
+		mosquitto_disconnect_v5_callback_set(m->mosq, mqtt_on_disconnect_v5);
+		mosquitto_subscribe_v5_callback_set(m->mosq, mqtt_on_subscribe_v5);
 		if ((rc = mqtt_set_protocol(m, true)) != MOSQ_ERR_SUCCESS) {
 			snprintf(err, errlen, "broker.session_expiry: %s", mosquitto_strerror(rc));
 			return -1;
@@ -708,9 +416,9 @@ mqtt_new(struct event_loop *loop, const struct config *cfg, const struct mqtt_ha
 	m->h = *handler;
 	m->watched_fd = -1;
 	m->state = MQTT_IDLE;
-	event_timer_init(&m->reconnect_timer, on_reconnect_timer, m);
-	event_timer_init(&m->misc_timer, on_misc_timer, m);
-	event_timer_init(&m->storage_timer, on_storage_timer, m);
+	event_timer_init(&m->reconnect_timer, mqtt_on_reconnect_timer, m);
+	event_timer_init(&m->misc_timer, mqtt_on_misc_timer, m);
+	event_timer_init(&m->storage_timer, mqtt_on_storage_timer, m);
 	m->proto_auto = strcmp(cfg->broker.protocol, "auto") == 0;
 	m->v5 = m->proto_auto || strcmp(cfg->broker.protocol, "mqttv5") == 0;
 	snprintf(m->publish_log_prefix, sizeof(m->publish_log_prefix), "Client %s", cfg->broker.client_id);
@@ -720,11 +428,11 @@ mqtt_new(struct event_loop *loop, const struct config *cfg, const struct mqtt_ha
 		free(m);
 		return NULL;
 	}
-	if (configure(m, err, errlen) == -1) {
+	if (mqtt_configure(m, err, errlen) == -1) {
 		mqtt_free(m);
 		return NULL;
 	}
-	event_set_before_sleep(loop, before_sleep, m);
+	event_set_before_sleep(loop, mqtt_before_sleep, m);
 	return m;
 }
 
@@ -749,28 +457,6 @@ mqtt_set_config(struct mqtt *m, const struct config *cfg)
 	m->cfg = cfg;
 }
 
-bool
-mqtt_same_broker(const struct config *a, const struct config *b)
-{
-	const char *const sa[] = { a->broker.host, a->broker.client_id, a->broker.barrier_topic, a->broker.username,
-		a->broker.password, a->broker.tls_ca_file, a->broker.tls_cert_file, a->broker.tls_key_file };
-	const char *const sb[] = { b->broker.host, b->broker.client_id, b->broker.barrier_topic, b->broker.username,
-		b->broker.password, b->broker.tls_ca_file, b->broker.tls_cert_file, b->broker.tls_key_file };
-
-	for (size_t i = 0; i < sizeof(sa) / sizeof(sa[0]); i++)
-		if ((sa[i] == NULL) != (sb[i] == NULL) || (sa[i] && strcmp(sa[i], sb[i]) != 0))
-			return false;
-	if (a->broker.nhosts != b->broker.nhosts)
-		return false;
-	for (size_t i = 0; i < a->broker.nhosts; i++)
-		if (strcmp(a->broker.hosts[i].host, b->broker.hosts[i].host) != 0 ||
-		    a->broker.hosts[i].port != b->broker.hosts[i].port)
-			return false;
-	return a->broker.port == b->broker.port && a->broker.keepalive == b->broker.keepalive &&
-	    strcmp(a->broker.protocol, b->broker.protocol) == 0 &&
-	    a->broker.session_expiry_ms == b->broker.session_expiry_ms &&
-	    a->broker.receive_maximum == b->broker.receive_maximum;
-}
 
 void
 mqtt_start(struct mqtt *m)

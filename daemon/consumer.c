@@ -122,11 +122,10 @@ consumer_send_tail(const struct stored_command *c, void *arg)
 static int
 consumer_mark_sent(struct client *cl, int64_t sent_id, int64_t scanned_id, size_t count)
 {
-	int rc = 0;
+	/* The history's mark covers the hello's and everything before this fill. */
+	int64_t marked = sent_id > cl->sent_before ? sent_id : cl->sent_before;
+	int rc = cl->sent_id > marked ? store_consumer_sent(cl->cs->store, cl->name, cl->sent_id) : 0;
 
-	if (cl->sent_id > cl->sent_marked &&
-	    (rc = store_consumer_sent(cl->cs->store, cl->name, cl->sent_id)) == 0)
-		cl->sent_marked = cl->sent_id;
 	conn_uncork(cl->conn, rc == -1);
 	if (rc == -1) {
 		cl->sent_id = sent_id;
@@ -271,7 +270,6 @@ consumer_op_hello(struct client *cl, const struct request *req)
 		cl->mode = CLIENT_TAIL;
 	}
 	cl->sent_id = cl->acked_id = cl->scanned_id = resume_after;
-	cl->sent_marked = cl->sent_before > resume_after ? cl->sent_before : resume_after;
 	cl->since_ms = (int64_t)event_wall_ms();
 	log_info("consumer %s (pid %d uid %d): filter %s, resuming after #%" PRId64,
 	    cl->mode == CLIENT_NAMED ? cl->name : "(tail)", (int)conn_pid(cl->conn),

@@ -37,7 +37,6 @@ struct client {
 	int64_t since_ms;	/* when hello was said, for stats */
 	int64_t acked_id;
 	int64_t sent_before;	/* the highest id sent to this name before this hello */
-	int64_t sent_marked;	/* the highest id the history knows was sent */
 	int64_t *inflight;	/* ring of sent, unacknowledged ids; socket.window long */
 	uint64_t errors;	/* error lines sent on this connection */
 	size_t head, count;

@@ -136,6 +136,22 @@ ctl_open_history(struct ctl *ctl)
 	return db;
 }
 
+void
+ctl_die_history(struct ctl *ctl, sqlite3 *db)
+{
+	ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+}
+
+sqlite3_stmt *
+ctl_prepare(struct ctl *ctl, sqlite3 *db, const char *sql)
+{
+	sqlite3_stmt *s;
+
+	if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) != SQLITE_OK)
+		ctl_die_history(ctl, db);
+	return s;
+}
+
 static int
 cmd_check_config(struct ctl *ctl, int argc, char *argv[])
 {

@@ -37,6 +37,10 @@ const char *ctl_history_path(struct ctl *ctl);
 const char *ctl_socket_path(struct ctl *ctl);
 /* The history, read-only; exits with a clear message when it is missing. */
 sqlite3 *ctl_open_history(struct ctl *ctl);
+/* The history refused a statement: its path and SQLite's message, exit status 1. */
+void ctl_die_history(struct ctl *ctl, sqlite3 *db) __attribute__((noreturn));
+/* A statement on the history, or ctl_die_history(). */
+sqlite3_stmt *ctl_prepare(struct ctl *ctl, sqlite3 *db, const char *sql);
 
 /* T of --since/--until (ISO 8601, today, yesterday, an age) as Unix ms; false when it is none. */
 bool ctl_parse_time(const char *text, int64_t *out_ms);

@@ -159,11 +159,9 @@ cmd_consumers(struct ctl *ctl, int argc, char *argv[])
 	if (optind != argc)
 		ctl_usage(EX_USAGE_STATUS);
 	db = ctl_open_history(ctl);
-	if (sqlite3_prepare_v2(db, "SELECT l.consumer, l.filter, l.acked_id, l.lag,"
+	s = ctl_prepare(ctl, db, "SELECT l.consumer, l.filter, l.acked_id, l.lag,"
 	    " strftime('%Y-%m-%dT%H:%M:%fZ', c.acked_at / 1000.0, 'unixepoch')"
-	    " FROM consumer_lag l JOIN consumers c ON c.name = l.consumer ORDER BY l.consumer",
-	    -1, &s, NULL) != SQLITE_OK)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	    " FROM consumer_lag l JOIN consumers c ON c.name = l.consumer ORDER BY l.consumer");
 	connected = consumers_connected(ctl);
 	if (!json)
 		printf("%-20s %-36s %-8s %-8s %-*s %s\n", "CONSUMER", "FILTER", "ACKED", "LAG", CTL_TIME_WIDTH,
@@ -199,7 +197,7 @@ cmd_consumers(struct ctl *ctl, int argc, char *argv[])
 		}
 	}
 	if (rc != SQLITE_DONE)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+		ctl_die_history(ctl, db);
 	json_decref(connected);
 	sqlite3_finalize(s);
 	sqlite3_close(db);

@@ -150,9 +150,8 @@ history_range(struct ctl *ctl, sqlite3 *db, const struct history_filter *f, long
 
 	*first = 1;
 	*last = 0;
-	if (sqlite3_prepare_v2(db, "SELECT min(id), max(id) FROM (SELECT id FROM messages"
-	    HISTORY_WHERE " ORDER BY id DESC LIMIT ?6)", -1, &s, NULL) != SQLITE_OK)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	s = ctl_prepare(ctl, db, "SELECT min(id), max(id) FROM (SELECT id FROM messages"
+	    HISTORY_WHERE " ORDER BY id DESC LIMIT ?6)");
 	history_bind(s, f);
 	sqlite3_bind_int64(s, 6, limit);
 	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL) {
@@ -219,13 +218,10 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	 * that a stalled pager holds no read transaction (which would keep the
 	 * daemon's WAL from being reused, and growing).
 	 */
-	rc = sqlite3_prepare_v2(db,
+	s = ctl_prepare(ctl, db,
 	    "SELECT id, received_at, topic, payload, qos, retain, dup, status,"
 	    " reason, duplicate_of, device FROM messages"
-	    HISTORY_WHERE " AND id BETWEEN ?6 AND ?7 ORDER BY id LIMIT ?8",
-	    -1, &s, NULL);
-	if (rc != SQLITE_OK)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	    HISTORY_WHERE " AND id BETWEEN ?6 AND ?7 ORDER BY id LIMIT ?8");
 	filter = (struct history_filter){ device, topic, l.status, since, until };
 	history_bind(s, &filter);
 	history_range(ctl, db, &filter, l.limit, &first, &last);
@@ -247,7 +243,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 			history_row(ctl, out, s, l.json);
 		}
 		if (rc != SQLITE_DONE)
-			ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+			ctl_die_history(ctl, db);
 		rows += n;
 		sqlite3_reset(s);	/* the read transaction ends here */
 		fclose(out);
@@ -257,9 +253,7 @@ cmd_history(struct ctl *ctl, int argc, char *argv[])
 	sqlite3_finalize(s);
 	if (rows == l.limit) {
 		/* a cut that says nothing reads as "that is all there is" */
-		if (sqlite3_prepare_v2(db, "SELECT count(*) - ?6 FROM messages" HISTORY_WHERE, -1, &s,
-		    NULL) != SQLITE_OK)
-			ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+		s = ctl_prepare(ctl, db, "SELECT count(*) - ?6 FROM messages" HISTORY_WHERE);
 		history_bind(s, &filter);
 		sqlite3_bind_int64(s, 6, l.limit);
 		if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_int64(s, 0) > 0)
@@ -297,10 +291,9 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 	if (optind != argc)
 		ctl_usage(EX_USAGE_STATUS);
 	db = ctl_open_history(ctl);
-	if (sqlite3_prepare_v2(db, "SELECT * FROM (SELECT id, queued_at, topic, payload, qos, retain,"
+	s = ctl_prepare(ctl, db, "SELECT * FROM (SELECT id, queued_at, topic, payload, qos, retain,"
 	    " status, sent_at, attempts, origin FROM outbox WHERE ?1 = 'all' OR status = ?1"
-	    " ORDER BY id DESC LIMIT ?2) ORDER BY id", -1, &s, NULL) != SQLITE_OK)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+	    " ORDER BY id DESC LIMIT ?2) ORDER BY id");
 	sqlite3_bind_text(s, 1, l.status, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(s, 2, l.limit);
 	if (!l.json)
@@ -344,7 +337,7 @@ cmd_outbox(struct ctl *ctl, int argc, char *argv[])
 		}
 	}
 	if (rc != SQLITE_DONE)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+		ctl_die_history(ctl, db);
 	sqlite3_finalize(s);
 	sqlite3_close(db);
 	return 0;

@@ -129,7 +129,7 @@ stats_from_history(struct ctl *ctl)
 	if (sqlite3_prepare_v2(db, "SELECT count(*), coalesce(sum(status = 'accepted'), 0),"
 	    " coalesce(sum(reason = 'retained_replay'), 0), coalesce(sum(reason = 'redelivery'), 0)"
 	    " FROM messages", -1, &s, NULL) != SQLITE_OK || sqlite3_step(s) != SQLITE_ROW)
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+		ctl_die_history(ctl, db);
 	reply = json_pack("{s:s, s:s}", "type", "stats", "source", "history (cmdrelayd is not running)");
 	json_object_set_new(reply, "received", json_integer(sqlite3_column_int64(s, 0)));
 	json_object_set_new(reply, "accepted", json_integer(sqlite3_column_int64(s, 1)));
@@ -139,13 +139,13 @@ stats_from_history(struct ctl *ctl)
 	sqlite3_finalize(s);
 	if (store_day_count(db, (int64_t)time(NULL) * 1000, &today) == -1) {
 		json_decref(reply);
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+		ctl_die_history(ctl, db);
 	}
 	json_object_set_new(reply, "today", wire_day(&today));
 	if (sqlite3_prepare_v2(db, "SELECT consumer, filter, acked_id, lag FROM consumer_lag ORDER BY consumer",
 	    -1, &s, NULL) != SQLITE_OK) {
 		json_decref(reply);
-		ctl_die(1, "%s: %s", ctl_history_path(ctl), sqlite3_errmsg(db));
+		ctl_die_history(ctl, db);
 	}
 	consumers = json_array();
 	while (sqlite3_step(s) == SQLITE_ROW)

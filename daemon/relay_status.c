@@ -1,6 +1,5 @@
 /* The relay as it reports itself: the stats reply, the STATUS= line, today's counts. */
 #include <inttypes.h>
-#include <limits.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -40,16 +39,9 @@ relay_today_add(struct relay *r, const struct relay_counters *c)
 static int64_t
 relay_file_bytes(const char *db)
 {
-	char wal[PATH_MAX];
 	struct stat st;
-	int64_t total = 0;
 
-	snprintf(wal, sizeof(wal), "%s-wal", db);
-	if (stat(db, &st) == 0)
-		total += st.st_size;
-	if (stat(wal, &st) == 0)
-		total += st.st_size;
-	return total;
+	return (stat(db, &st) == 0 ? st.st_size : 0) + store_wal_bytes(db);
 }
 
 void
@@ -130,6 +122,7 @@ relay_status(struct relay *r, char *buf, size_t len)
 	bool connected = mqtt_is_connected(r->mqtt);
 	char since[40];
 	size_t n = 0;
+	int64_t wal;
 
 	buf[0] = '\0';
 	if (store_corrupt(r->store) || store_corruptions(r->store) > 0)
@@ -151,9 +144,8 @@ relay_status(struct relay *r, char *buf, size_t len)
 	}
 	if (r->session_lost_now)
 		relay_status_append(buf, len, &n, "; SESSION LOST: commands queued while away may be lost");
-	if (store_wal_bytes(r->cfg->store.path) > STORE_WAL_PINNED)
-		relay_status_append(buf, len, &n, "; WAL %" PRId64 " MiB: a reader pins it",
-		    store_wal_bytes(r->cfg->store.path) >> 20);
+	if ((wal = store_wal_bytes(r->cfg->store.path)) > STORE_WAL_PINNED)
+		relay_status_append(buf, len, &n, "; WAL %" PRId64 " MiB: a reader pins it", wal >> 20);
 	relay_today_recount(r);
 	relay_status_append(buf, len, &n, "; today %" PRIu64 " accepted, %" PRIu64 " duplicates, %" PRIu64
 	    " possible repeats; since start %" PRIu64 " received, %" PRIu64 " accepted",
